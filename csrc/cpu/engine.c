@@ -1,0 +1,81 @@
+/* engine.c — the CPU engine: instantiates simd.inc + attn.inc for float and double and
+ * exposes the lca.h entry points.  OpenMP threads over (batch, kv head, query tile).
+ *
+ * The tile functions are compiled once per instruction set (AVX-512, AVX2+FMA, baseline x86-64)
+ * and picked at load time (GCC target_clones), so one build runs well on any x86-64 machine.
+ */
+#include <math.h>
+#include <omp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "lca.h"
+
+#define LCA_INLINE static inline __attribute__((always_inline))
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(LCA_NO_CLONES)
+#define LCA_CLONES __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+#else
+#define LCA_CLONES
+#endif
+
+#define NK 64            /* keys per block */
+#define TILE_ROWS 128    /* score rows (query positions x heads) per tile */
+
+static inline int64_t clamp64(int64_t x, int64_t lo, int64_t hi) {
+    return x < lo ? lo : x > hi ? hi : x;
+}
+
+#define REAL float
+#define FN(x) x##_f32
+#define IS_F32 1
+#include "simd.inc"
+#include "attn.inc"
+#undef REAL
+#undef FN
+#undef IS_F32
+#undef VW
+#undef VEC
+#undef LOADV
+#undef STOREV
+
+#define REAL double
+#define FN(x) x##_f64
+#define IS_F32 0
+#include "simd.inc"
+#include "attn.inc"
+#undef REAL
+#undef FN
+#undef IS_F32
+
+int lca_cpu_max_threads(void) { return omp_get_max_threads(); }
+
+static int threads_for(const lca_params *p) {
+    return p->num_threads > 0 ? p->num_threads : omp_get_max_threads();
+}
+
+static int finish(int status, const char *what, char *err, int errlen) {
+    if (status == LCA_ERR_NOMEM)
+        snprintf(err, (size_t)errlen, "%s: out of memory allocating the CPU workspace", what);
+    return status;
+}
+
+int lca_cpu_condense(const lca_params *p, char *err, int errlen) {
+    if (p->B == 0 || p->L / p->g == 0 || p->Hkv == 0) return LCA_OK;
+    int s = p->dtype == LCA_F32 ? condense_f32(p, threads_for(p)) : condense_f64(p, threads_for(p));
+    return finish(s, "condense", err, errlen);
+}
+
+int lca_cpu_attend_fwd(const lca_params *p, char *err, int errlen) {
+    if (p->B == 0 || p->L == 0) return LCA_OK;
+    int s = p->dtype == LCA_F32 ? attend_fwd_f32(p, threads_for(p))
+                                : attend_fwd_f64(p, threads_for(p));
+    return finish(s, "attention", err, errlen);
+}
+
+int lca_cpu_attention_bwd(const lca_params *p, char *err, int errlen) {
+    if (p->B == 0 || p->L == 0) return LCA_OK;
+    int s = p->dtype == LCA_F32 ? attention_bwd_f32(p, threads_for(p))
+                                : attention_bwd_f64(p, threads_for(p));
+    return finish(s, "attention backward", err, errlen);
+}

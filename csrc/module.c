@@ -1,0 +1,258 @@
+/* module.c — lca._C: the only file that includes Python.h and NumPy.
+ *
+ * Three functions, called by lca/__init__.py with validated, batched NumPy arrays (the Python
+ * layer gives users the argument-naming errors; the checks here only guard the engine against
+ * direct misuse).  Each builds one lca_params, releases the GIL, runs the engine and raises on
+ * failure.  Outputs are preallocated by the caller and written in place.
+ *
+ *   condense(q, k, v, kbar, vbar, anchor, alpha, g, n, scale, d_score, d_pool, v_in_k)
+ *   attend(q, k, v, kbar, vbar, out, lse, g, w, scale, rep_bias, v_in_k)
+ *   backward(dout, q, k, v, out, lse, dq, dk, dv, g, w, n, scale, rep_bias, d_score, d_pool,
+ *            v_in_k)
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <numpy/arrayobject.h>
+
+#include "lca.h"
+
+/* Check that o is a NumPy array of rank ndim, dtype typenum (writable if asked), with a
+ * contiguous last dimension and non-negative strides; fill shape and the element-stride view. */
+static int view_of(PyObject *o, const char *name, int ndim, int typenum, int writable,
+                   npy_intp *shape, lca_view *v) {
+    if (!PyArray_Check(o)) {
+        PyErr_Format(PyExc_TypeError, "%s: expected a NumPy array", name);
+        return -1;
+    }
+    PyArrayObject *a = (PyArrayObject *)o;
+    if (PyArray_NDIM(a) != ndim) {
+        PyErr_Format(PyExc_ValueError, "%s: expected %d dimensions, got %d", name, ndim,
+                     PyArray_NDIM(a));
+        return -1;
+    }
+    if (PyArray_TYPE(a) != typenum) {
+        PyErr_Format(PyExc_TypeError, "%s: unexpected dtype", name);
+        return -1;
+    }
+    if (writable && !PyArray_ISWRITEABLE(a)) {
+        PyErr_Format(PyExc_ValueError, "%s: output array is read-only", name);
+        return -1;
+    }
+    const npy_intp item = PyArray_ITEMSIZE(a), *st = PyArray_STRIDES(a);
+    for (int i = 0; i < ndim; i++) {
+        shape[i] = PyArray_DIM(a, i);
+        if (st[i] < 0 || st[i] % item || (i == ndim - 1 && shape[i] > 1 && st[i] != item)) {
+            PyErr_Format(PyExc_ValueError, "%s: strides must be non-negative, whole elements, "
+                         "with a contiguous last dimension", name);
+            return -1;
+        }
+    }
+    v->p = PyArray_DATA(a);
+    v->sb = st[0] / item;
+    v->st = st[1] / item;
+    v->sh = ndim > 2 ? st[2] / item : 0;
+    return 0;
+}
+
+static int same_shape(const char *name, const npy_intp *got, const npy_intp *want, int ndim) {
+    for (int i = 0; i < ndim; i++)
+        if (got[i] != want[i]) {
+            PyErr_Format(PyExc_ValueError, "%s: dimension %d is %zd, expected %zd", name, i,
+                         (Py_ssize_t)got[i], (Py_ssize_t)want[i]);
+            return -1;
+        }
+    return 0;
+}
+
+static int same_view(const lca_view *a, const lca_view *b) {
+    return a->p == b->p && a->sb == b->sb && a->st == b->st && a->sh == b->sh;
+}
+
+/* q, k, v and the sizes, dtype and kv geometry shared by all three entry points. */
+static int qkv_params(lca_params *p, PyObject *q, PyObject *k, PyObject *v) {
+    npy_intp sq[4], sk[4], sv[4];
+    if (!PyArray_Check(q)) {
+        PyErr_SetString(PyExc_TypeError, "q: expected a NumPy array");
+        return -1;
+    }
+    int typenum = PyArray_TYPE((PyArrayObject *)q);
+    if (typenum != NPY_FLOAT32 && typenum != NPY_FLOAT64) {
+        PyErr_SetString(PyExc_TypeError, "q: expected dtype float32 or float64");
+        return -1;
+    }
+    p->dtype = typenum == NPY_FLOAT32 ? LCA_F32 : LCA_F64;
+    if (view_of(q, "q", 4, typenum, 0, sq, &p->q) || view_of(k, "k", 4, typenum, 0, sk, &p->k) ||
+        view_of(v, "v", 4, typenum, 0, sv, &p->v))
+        return -1;
+    p->B = sq[0], p->L = sq[1], p->H = sq[2], p->D = sq[3], p->Hkv = sk[2], p->Dv = sv[3];
+    npy_intp wk[4] = {p->B, p->L, p->Hkv, p->D}, wv[4] = {p->B, p->L, p->Hkv, p->Dv};
+    if (same_shape("k", sk, wk, 4) || same_shape("v", sv, wv, 3)) return -1;
+    if (p->Hkv < 1 || p->H % p->Hkv || p->D < 1 || p->Dv < 1) {
+        PyErr_SetString(PyExc_ValueError, "q, k, v: heads must be a multiple of kv heads >= 1 "
+                        "and widths >= 1");
+        return -1;
+    }
+    return typenum;
+}
+
+static int lca_params_check(lca_params *p) {
+    if (p->g < 1 || p->g > INT32_MAX || p->w < 0 || p->n < 1 || p->n > p->g) {
+        PyErr_SetString(PyExc_ValueError, "group_size, window or n_summary out of range");
+        return -1;
+    }
+    if (p->w > p->L) p->w = p->L;
+    if (p->d_score < 1 || p->d_score > p->D || p->d_pool < 0 || p->d_pool > p->D) {
+        PyErr_SetString(PyExc_ValueError, "d_score or d_pool out of range");
+        return -1;
+    }
+    if (p->v_in_k && (p->Dv > p->d_pool || !same_view(&p->v, &p->k))) {
+        PyErr_SetString(PyExc_ValueError, "v_in_k: v must be a prefix view of k within d_pool");
+        return -1;
+    }
+    if (!isfinite(p->scale) || !isfinite(p->rep_bias)) {
+        PyErr_SetString(PyExc_ValueError, "softmax_scale and rep_bias must be finite");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *finish(int status, const char *err) {
+    if (status != LCA_OK) {
+        PyErr_SetString(status == LCA_ERR_NOMEM ? PyExc_MemoryError : PyExc_RuntimeError, err);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(condense_doc, "condense(q, k, v, kbar, vbar, anchor, alpha, g, n, scale, d_score, "
+             "d_pool, v_in_k): SPEC §2/§4 condensation into kbar, vbar, anchor, alpha.");
+
+static PyObject *py_condense(PyObject *self, PyObject *args) {
+    PyObject *q, *k, *v, *kbar, *vbar, *anchor, *alpha;
+    lca_params p = {0};
+    if (!PyArg_ParseTuple(args, "OOOOOOOLLdLLi", &q, &k, &v, &kbar, &vbar, &anchor, &alpha, &p.g,
+                          &p.n, &p.scale, &p.d_score, &p.d_pool, &p.v_in_k))
+        return NULL;
+    int typenum = qkv_params(&p, q, k, v);
+    if (typenum < 0 || lca_params_check(&p)) return NULL;
+    p.m = p.L / p.g;
+    npy_intp s[4], wk[4] = {p.B, p.m, p.Hkv, p.D}, wv[4] = {p.B, p.m, p.Hkv, p.Dv};
+    npy_intp wa[4] = {p.B, p.m, p.Hkv, p.g};
+    if (view_of(kbar, "kbar", 4, typenum, 1, s, &p.kbar) || same_shape("kbar", s, wk, 4) ||
+        view_of(vbar, "vbar", 4, typenum, 1, s, &p.vbar) || same_shape("vbar", s, wv, 4) ||
+        view_of(anchor, "anchor", 3, NPY_INT32, 1, s, &p.anchor) ||
+        same_shape("anchor", s, wa, 3) || view_of(alpha, "alpha", 4, typenum, 1, s, &p.alpha) ||
+        same_shape("alpha", s, wa, 4))
+        return NULL;
+    if (p.v_in_k && !same_view(&p.vbar, &p.kbar)) {
+        PyErr_SetString(PyExc_ValueError, "v_in_k: vbar must be a prefix view of kbar");
+        return NULL;
+    }
+    char err[256] = "";
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = lca_cpu_condense(&p, err, sizeof err);
+    Py_END_ALLOW_THREADS
+    return finish(status, err);
+}
+
+/* kbar/vbar (any number m >= the last query's G_t of rows), out, lse: shared by attend and
+ * backward. */
+static int attend_views(lca_params *p, int typenum, PyObject *out, PyObject *lse, int writable) {
+    npy_intp s[4], wo[4] = {p->B, p->L, p->H, p->Dv}, wl[3] = {p->B, p->H, p->L};
+    if (view_of(out, "out", 4, typenum, writable, s, &p->out) || same_shape("out", s, wo, 4) ||
+        view_of(lse, "lse", 3, typenum, writable, s, &p->lse) || same_shape("lse", s, wl, 3))
+        return -1;
+    return 0;
+}
+
+PyDoc_STRVAR(attend_doc, "attend(q, k, v, kbar, vbar, out, lse, g, w, scale, rep_bias, v_in_k): "
+             "SPEC §3 attention into out and lse.");
+
+static PyObject *py_attend(PyObject *self, PyObject *args) {
+    PyObject *q, *k, *v, *kbar, *vbar, *out, *lse;
+    lca_params p = {0};
+    if (!PyArg_ParseTuple(args, "OOOOOOOLLddi", &q, &k, &v, &kbar, &vbar, &out, &lse, &p.g, &p.w,
+                          &p.scale, &p.rep_bias, &p.v_in_k))
+        return NULL;
+    int typenum = qkv_params(&p, q, k, v);
+    p.n = 1, p.d_score = p.d_pool = p.D;
+    if (typenum < 0 || lca_params_check(&p)) return NULL;
+    npy_intp sk[4], sv[4];
+    if (view_of(kbar, "kbar", 4, typenum, 0, sk, &p.kbar) ||
+        view_of(vbar, "vbar", 4, typenum, 0, sv, &p.vbar) || attend_views(&p, typenum, out, lse, 1))
+        return NULL;
+    p.m = sk[1];
+    const int64_t need = p.L ? lca_num_condensed(p.L - 1, p.g, p.w) : 0;
+    npy_intp wk[4] = {p.B, p.m, p.Hkv, p.D}, wv[4] = {p.B, p.m, p.Hkv, p.Dv};
+    if (same_shape("kbar", sk, wk, 4) || same_shape("vbar", sv, wv, 4)) return NULL;
+    if (p.m < need) {
+        PyErr_Format(PyExc_ValueError, "kbar: %zd condensed entries, the last query needs %zd",
+                     (Py_ssize_t)p.m, (Py_ssize_t)need);
+        return NULL;
+    }
+    if (p.v_in_k && !same_view(&p.vbar, &p.kbar)) {
+        PyErr_SetString(PyExc_ValueError, "v_in_k: vbar must be a prefix view of kbar");
+        return NULL;
+    }
+    char err[256] = "";
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = lca_cpu_attend_fwd(&p, err, sizeof err);
+    Py_END_ALLOW_THREADS
+    return finish(status, err);
+}
+
+PyDoc_STRVAR(backward_doc, "backward(dout, q, k, v, out, lse, dq, dk, dv, g, w, n, scale, "
+             "rep_bias, d_score, d_pool, v_in_k): SPEC §5 gradients, accumulated into the "
+             "zeroed dq, dk, dv.");
+
+static PyObject *py_backward(PyObject *self, PyObject *args) {
+    PyObject *dout, *q, *k, *v, *out, *lse, *dq, *dk, *dv;
+    lca_params p = {0};
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOLLLddLLi", &dout, &q, &k, &v, &out, &lse, &dq, &dk,
+                          &dv, &p.g, &p.w, &p.n, &p.scale, &p.rep_bias, &p.d_score, &p.d_pool,
+                          &p.v_in_k))
+        return NULL;
+    int typenum = qkv_params(&p, q, k, v);
+    if (typenum < 0 || lca_params_check(&p) || attend_views(&p, typenum, out, lse, 0))
+        return NULL;
+    npy_intp s[4], wq[4] = {p.B, p.L, p.H, p.D}, wk[4] = {p.B, p.L, p.Hkv, p.D};
+    npy_intp wv[4] = {p.B, p.L, p.Hkv, p.Dv}, wo[4] = {p.B, p.L, p.H, p.Dv};
+    if (view_of(dout, "dout", 4, typenum, 0, s, &p.dout) || same_shape("dout", s, wo, 4) ||
+        view_of(dq, "dq", 4, typenum, 1, s, &p.dq) || same_shape("dq", s, wq, 4) ||
+        view_of(dk, "dk", 4, typenum, 1, s, &p.dk) || same_shape("dk", s, wk, 4) ||
+        view_of(dv, "dv", 4, typenum, 1, s, &p.dv) || same_shape("dv", s, wv, 4))
+        return NULL;
+    if (p.v_in_k && !same_view(&p.dv, &p.dk)) {
+        PyErr_SetString(PyExc_ValueError, "v_in_k: dv must be a prefix view of dk");
+        return NULL;
+    }
+    char err[256] = "";
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = lca_cpu_attention_bwd(&p, err, sizeof err);
+    Py_END_ALLOW_THREADS
+    return finish(status, err);
+}
+
+static PyObject *py_max_threads(PyObject *self, PyObject *noargs) {
+    return PyLong_FromLong(lca_cpu_max_threads());
+}
+
+static PyMethodDef methods[] = {
+    {"condense", py_condense, METH_VARARGS, condense_doc},
+    {"attend", py_attend, METH_VARARGS, attend_doc},
+    {"backward", py_backward, METH_VARARGS, backward_doc},
+    {"max_threads", py_max_threads, METH_NOARGS, "Threads the CPU engine uses by default."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "lca._C",
+                                    "lca's C engine (see lca/__init__.py for the API).", -1,
+                                    methods};
+
+PyMODINIT_FUNC PyInit__C(void) {
+    import_array();
+    return PyModule_Create(&module);
+}

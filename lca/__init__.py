@@ -1,0 +1,313 @@
+"""lca — Latent-Condensed Attention (arXiv 2604.12452) for MLA and GQA layers.
+
+The public API of SPEC §7: defaults, validation, dispatch.  The math lives in the C engine
+(lca._C, csrc/); the float64 executable spec in lca.reference.
+
+Shapes (a leading batch dim B is optional, on every input or on none):
+    MLA: q (B, L, H, Dc+Dr), latent (B, L, Dc), kpos (B, L, Dr)      -> out (B, L, H, Dc)
+    GQA: q (B, L, H, D),     k (B, L, Hkv, D),  v (B, L, Hkv, Dv)     -> out (B, L, H, Dv)
+    lse (B, H, L): float32, or float64 for float64 inputs.
+NumPy float32 and float64 arrays run on the CPU engine, multi-threaded, GIL released.
+"""
+import math
+
+import numpy as np
+
+from . import _C
+from ._arrays import (as_array, check_dim, check_rank, choice_param, float_param, for_engine,
+                      int_param, same_dtype, window_param)
+
+__all__ = ["attention", "attention_backward", "gqa_attention", "gqa_attention_backward",
+           "condense", "gqa_condense", "attend", "gqa_attend", "num_condensed",
+           "cache_entries", "HAS_CUDA"]
+__version__ = "0.1.0"
+
+HAS_CUDA = False          # the CUDA engine is not part of this build
+
+
+# ---------------------------------------------------------------------------------------------
+# intake: validated, batched (B, L, heads, width) arrays for the engine
+
+def _mla_inputs(q, latent, kpos):
+    """Validate MLA inputs; return (batched, q, k, v) in GQA form: k = [c; r] with one kv head,
+    v = its first Dc columns (a view)."""
+    q, c, r = as_array(q, "q"), as_array(latent, "latent"), as_array(kpos, "kpos")
+    same_dtype([q, c, r], ["q", "latent", "kpos"])
+    batched = q.ndim == 4
+    if q.ndim not in (3, 4):
+        raise ValueError(f"q: expected shape (B, L, H, Dc+Dr) or (L, H, Dc+Dr), got {q.shape}")
+    check_rank([c, r], ["latent", "kpos"], [2, 2], batched)
+    if not batched:
+        q, c, r = q[None], c[None], r[None]
+    B, L, H, Dq = q.shape
+    for a, nm in ((c, "latent"), (r, "kpos")):
+        check_dim(nm, a.shape, 0, "batch", B, "q's batch")
+        check_dim(nm, a.shape, 1, "length", L, "q's length")
+    Dc, Dr = c.shape[2], r.shape[2]
+    if H < 1:
+        raise ValueError(f"q: needs at least one head, got shape {q.shape}")
+    if Dc < 1:
+        raise ValueError(f"latent: width Dc must be >= 1, got shape {c.shape}")
+    if Dq != Dc + Dr:
+        raise ValueError(f"q: last dim must be Dc+Dr = {Dc}+{Dr} = {Dc + Dr} (latent and "
+                         f"kpos widths), got {Dq}")
+    k = np.empty((B, L, 1, Dc + Dr), q.dtype)
+    k[:, :, 0, :Dc] = c
+    k[:, :, 0, Dc:] = r
+    return batched, for_engine(q), k, k[..., :Dc]
+
+
+def _gqa_inputs(q, k, v):
+    q, k, v = as_array(q, "q"), as_array(k, "k"), as_array(v, "v")
+    same_dtype([q, k, v], ["q", "k", "v"])
+    batched = q.ndim == 4
+    if q.ndim not in (3, 4):
+        raise ValueError(f"q: expected shape (B, L, H, D) or (L, H, D), got {q.shape}")
+    check_rank([k, v], ["k", "v"], [3, 3], batched)
+    if not batched:
+        q, k, v = q[None], k[None], v[None]
+    B, L, H, D = q.shape
+    for a, nm in ((k, "k"), (v, "v")):
+        check_dim(nm, a.shape, 0, "batch", B, "q's batch")
+        check_dim(nm, a.shape, 1, "length", L, "q's length")
+    check_dim("v", v.shape, 2, "kv heads", k.shape[2], "k's kv heads")
+    check_dim("k", k.shape, 3, "head dim", D, "q's head dim")
+    Hkv = k.shape[2]
+    if H < 1 or Hkv < 1 or H % Hkv:
+        raise ValueError(f"k: query heads ({H}) must be a positive multiple of kv heads ({Hkv})")
+    if D < 1 or v.shape[3] < 1:
+        raise ValueError(f"q, v: head dims must be >= 1, got D={D}, Dv={v.shape[3]}")
+    return batched, for_engine(q), for_engine(k), for_engine(v)
+
+
+class _Cfg:
+    """The LCA keywords, validated once."""
+
+    def __init__(self, L, D, group_size=16, window=1024, n_summary=None, softmax_scale=None,
+                 rep_bias=0.0):
+        self.g = int_param(group_size, "group_size", 1)
+        self.w = window_param(window, L)
+        self.n = self.g if n_summary is None else int_param(n_summary, "n_summary", 1, self.g)
+        self.scale = float_param(softmax_scale, "softmax_scale", 1.0 / math.sqrt(D))
+        self.rep_bias = float_param(rep_bias, "rep_bias")
+        self.m = L // self.g
+
+
+def _unbatch(batched, *arrays):
+    return arrays if batched else tuple(a[0] for a in arrays)
+
+
+# ---------------------------------------------------------------------------------------------
+# the engine calls shared by MLA and GQA
+
+def _condense(q, k, v, cfg, d_score, d_pool, v_in_k):
+    B, L, H, D = q.shape
+    Hkv, Dv = k.shape[2], v.shape[3]
+    kbar = np.empty((B, cfg.m, Hkv, D), q.dtype)
+    vbar = kbar[..., :Dv] if v_in_k else np.empty((B, cfg.m, Hkv, Dv), q.dtype)
+    anchor = np.empty((B, cfg.m, Hkv), np.int32)
+    alpha = np.empty((B, cfg.m, Hkv, cfg.g), q.dtype)
+    _C.condense(q, k, v, kbar, vbar, anchor, alpha, cfg.g, cfg.n, cfg.scale, d_score, d_pool,
+                v_in_k)
+    return kbar, vbar, anchor, alpha
+
+
+def _attend(q, k, v, kbar, vbar, cfg, v_in_k):
+    B, L, H, _ = q.shape
+    out = np.empty((B, L, H, v.shape[3]), q.dtype)
+    lse = np.empty((B, H, L), q.dtype)
+    _C.attend(q, k, v, kbar, vbar, out, lse, cfg.g, cfg.w, cfg.scale, cfg.rep_bias, v_in_k)
+    return out, lse
+
+
+def _backward(dout, q, k, v, out, lse, cfg, d_score, d_pool, v_in_k):
+    B, L, H, D = q.shape
+    Dv = v.shape[3]
+    for a, nm in ((dout, "dout"), (out, "out")):
+        if a.shape != (B, L, H, Dv):
+            raise ValueError(f"{nm}: expected shape {(B, L, H, Dv)}, got {a.shape}")
+    if lse.shape != (B, H, L):
+        raise ValueError(f"lse: expected shape {(B, H, L)} (B, H, L), got {lse.shape}")
+    dq = np.zeros_like(q, order="C")
+    dk = np.zeros(k.shape, q.dtype)
+    dv = dk[..., :Dv] if v_in_k else np.zeros(v.shape, q.dtype)
+    _C.backward(for_engine(dout.astype(q.dtype, copy=False)), q, k, v,
+                for_engine(out.astype(q.dtype, copy=False)),
+                np.ascontiguousarray(lse, q.dtype), dq, dk, dv,
+                cfg.g, cfg.w, cfg.n, cfg.scale, cfg.rep_bias, d_score, d_pool, v_in_k)
+    return dq, dk, dv
+
+
+def _backward_inputs(dout, out, lse, batched):
+    dout, out, lse = as_array(dout, "dout"), as_array(out, "out"), as_array(lse, "lse")
+    check_rank([dout, out, lse], ["dout", "out", "lse"], [3, 3, 2], batched)
+    if not batched:
+        dout, out, lse = dout[None], out[None], lse[None]
+    return dout, out, lse
+
+
+# ---------------------------------------------------------------------------------------------
+# MLA (absorbed form): SPEC §2, §3, §5
+
+def _mla_cfg(q, kw):
+    return _Cfg(q.shape[1], q.shape[3], **kw)
+
+
+def _score_dims(score, Dc, Dq):
+    return Dq if choice_param(score, "score", ("full", "latent")) == "full" else Dc
+
+
+def condense(q, latent, kpos, *, group_size=16, n_summary=None, softmax_scale=None,
+             score="full"):
+    """SPEC §2 condensation of every complete group.
+
+    Returns (latent_bar (B, m, Dc), kpos_bar (B, m, Dr), anchor (B, m) int32, alpha (B, m, g)),
+    m = L // group_size; alpha in the input dtype."""
+    batched, q, k, v = _mla_inputs(q, latent, kpos)
+    cfg = _mla_cfg(q, dict(group_size=group_size, n_summary=n_summary,
+                           softmax_scale=softmax_scale))
+    Dc = v.shape[3]
+    kbar, _, anchor, alpha = _condense(q, k, v, cfg, _score_dims(score, Dc, q.shape[3]), Dc, 1)
+    return _unbatch(batched, np.ascontiguousarray(kbar[:, :, 0, :Dc]),
+                    np.ascontiguousarray(kbar[:, :, 0, Dc:]), anchor[:, :, 0], alpha[:, :, 0])
+
+
+def attend(q, latent, kpos, latent_bar, kpos_bar, *, group_size=16, window=1024,
+           softmax_scale=None, rep_bias=0.0, return_lse=False):
+    """SPEC §3 attention over given condensed entries (latent_bar (B, m, Dc), kpos_bar (B, m, Dr),
+    m >= the G_t of the last query) and the exact tokens.  attention == attend(condense(...))."""
+    batched, q, k, v = _mla_inputs(q, latent, kpos)
+    cfg = _mla_cfg(q, dict(group_size=group_size, window=window, softmax_scale=softmax_scale,
+                           rep_bias=rep_bias))
+    cb, rb = as_array(latent_bar, "latent_bar"), as_array(kpos_bar, "kpos_bar")
+    same_dtype([q, cb, rb], ["q", "latent_bar", "kpos_bar"])
+    check_rank([cb, rb], ["latent_bar", "kpos_bar"], [2, 2], batched)
+    if not batched:
+        cb, rb = cb[None], rb[None]
+    B, L, _, Dq = q.shape
+    Dc = v.shape[3]
+    need = num_condensed(L - 1, cfg.g, cfg.w) if L else 0
+    for a, nm, width in ((cb, "latent_bar", Dc), (rb, "kpos_bar", Dq - Dc)):
+        check_dim(nm, a.shape, 0, "batch", B, "q's batch")
+        check_dim(nm, a.shape, 2, "width", width, "the matching input's width")
+        if a.shape[1] < need:
+            raise ValueError(f"{nm}: has {a.shape[1]} condensed entries, the last query needs "
+                             f"{need} (shape {a.shape})")
+    check_dim("kpos_bar", rb.shape, 1, "entries", cb.shape[1], "latent_bar's entries")
+    kbar = np.empty((B, cb.shape[1], 1, Dq), q.dtype)
+    kbar[:, :, 0, :Dc], kbar[:, :, 0, Dc:] = cb, rb
+    out, lse = _attend(q, k, v, kbar, kbar[..., :Dc], cfg, 1)
+    out, lse = _unbatch(batched, out, lse)
+    return (out, lse) if return_lse else out
+
+
+def attention(q, latent, kpos, *, group_size=16, window=1024, n_summary=None,
+              softmax_scale=None, score="full", rep_bias=0.0, return_lse=False):
+    """LCA attention for MLA in absorbed form (SPEC §2 + §3).
+
+    q (B, L, H, Dc+Dr), latent (B, L, Dc), kpos (B, L, Dr) -> out (B, L, H, Dc)
+    [, lse (B, H, L)].  With window >= L this is exact causal MLA attention."""
+    batched, q, k, v = _mla_inputs(q, latent, kpos)
+    cfg = _mla_cfg(q, dict(group_size=group_size, window=window, n_summary=n_summary,
+                           softmax_scale=softmax_scale, rep_bias=rep_bias))
+    Dc = v.shape[3]
+    kbar, vbar, _, _ = _condense(q, k, v, cfg, _score_dims(score, Dc, q.shape[3]), Dc, 1)
+    out, lse = _unbatch(batched, *_attend(q, k, v, kbar, vbar, cfg, 1))
+    return (out, lse) if return_lse else out
+
+
+def attention_backward(dout, q, latent, kpos, out, lse, *, group_size=16, window=1024,
+                       n_summary=None, softmax_scale=None, score="full", rep_bias=0.0):
+    """Exact gradient of attention() (SPEC §5): (dq, dlatent, dkpos), through the summary
+    queries, the pooling weights and the anchor copy.  out and lse are attention()'s."""
+    batched, q, k, v = _mla_inputs(q, latent, kpos)
+    cfg = _mla_cfg(q, dict(group_size=group_size, window=window, n_summary=n_summary,
+                           softmax_scale=softmax_scale, rep_bias=rep_bias))
+    dout, out, lse = _backward_inputs(dout, out, lse, batched)
+    Dc = v.shape[3]
+    dq, dk, _ = _backward(dout, q, k, v, out, lse, cfg, _score_dims(score, Dc, q.shape[3]),
+                          Dc, 1)
+    return _unbatch(batched, dq, np.ascontiguousarray(dk[:, :, 0, :Dc]),
+                    np.ascontiguousarray(dk[:, :, 0, Dc:]))
+
+
+# ---------------------------------------------------------------------------------------------
+# GQA / MHA: SPEC §4, §5
+
+def _gqa_pool(key_mode, D):
+    return D if choice_param(key_mode, "key_mode", ("anchor", "pool")) == "pool" else 0
+
+
+def gqa_condense(q, k, v, *, group_size=16, n_summary=None, softmax_scale=None,
+                 key_mode="anchor"):
+    """SPEC §4 condensation: (kbar (B, m, Hkv, D), vbar (B, m, Hkv, Dv), anchor (B, m, Hkv)
+    int32, alpha (B, m, Hkv, g))."""
+    batched, q, k, v = _gqa_inputs(q, k, v)
+    cfg = _Cfg(q.shape[1], q.shape[3], group_size=group_size, n_summary=n_summary,
+               softmax_scale=softmax_scale)
+    D = q.shape[3]
+    return _unbatch(batched, *_condense(q, k, v, cfg, D, _gqa_pool(key_mode, D), 0))
+
+
+def gqa_attend(q, k, v, kbar, vbar, *, group_size=16, window=1024, softmax_scale=None,
+               rep_bias=0.0, return_lse=False):
+    """SPEC §3 for GQA over given condensed entries kbar (B, m, Hkv, D), vbar (B, m, Hkv, Dv)."""
+    batched, q, k, v = _gqa_inputs(q, k, v)
+    B, L, H, D = q.shape
+    cfg = _Cfg(L, D, group_size=group_size, window=window, softmax_scale=softmax_scale,
+               rep_bias=rep_bias)
+    kb, vb = as_array(kbar, "kbar"), as_array(vbar, "vbar")
+    same_dtype([q, kb, vb], ["q", "kbar", "vbar"])
+    check_rank([kb, vb], ["kbar", "vbar"], [3, 3], batched)
+    if not batched:
+        kb, vb = kb[None], vb[None]
+    need = num_condensed(L - 1, cfg.g, cfg.w) if L else 0
+    for a, nm, width in ((kb, "kbar", D), (vb, "vbar", v.shape[3])):
+        check_dim(nm, a.shape, 0, "batch", B, "q's batch")
+        check_dim(nm, a.shape, 2, "kv heads", k.shape[2], "k's kv heads")
+        check_dim(nm, a.shape, 3, "width", width, "the matching input's width")
+        if a.shape[1] < need:
+            raise ValueError(f"{nm}: has {a.shape[1]} condensed entries, the last query needs "
+                             f"{need} (shape {a.shape})")
+    check_dim("vbar", vb.shape, 1, "entries", kb.shape[1], "kbar's entries")
+    out, lse = _unbatch(batched, *_attend(q, k, v, for_engine(kb), for_engine(vb), cfg, 0))
+    return (out, lse) if return_lse else out
+
+
+def gqa_attention(q, k, v, *, group_size=16, window=1024, n_summary=None, softmax_scale=None,
+                  key_mode="anchor", rep_bias=0.0, return_lse=False):
+    """LCA attention for GQA/MHA (SPEC §4): q (B, L, H, D), k (B, L, Hkv, D), v (B, L, Hkv, Dv)
+    -> out (B, L, H, Dv) [, lse (B, H, L)].  Query head i uses kv head i // (H // Hkv)."""
+    batched, q, k, v = _gqa_inputs(q, k, v)
+    D = q.shape[3]
+    cfg = _Cfg(q.shape[1], D, group_size=group_size, window=window, n_summary=n_summary,
+               softmax_scale=softmax_scale, rep_bias=rep_bias)
+    kbar, vbar, _, _ = _condense(q, k, v, cfg, D, _gqa_pool(key_mode, D), 0)
+    out, lse = _unbatch(batched, *_attend(q, k, v, kbar, vbar, cfg, 0))
+    return (out, lse) if return_lse else out
+
+
+def gqa_attention_backward(dout, q, k, v, out, lse, *, group_size=16, window=1024,
+                           n_summary=None, softmax_scale=None, key_mode="anchor", rep_bias=0.0):
+    """Exact gradient of gqa_attention() (SPEC §5): (dq, dk, dv)."""
+    batched, q, k, v = _gqa_inputs(q, k, v)
+    D = q.shape[3]
+    cfg = _Cfg(q.shape[1], D, group_size=group_size, window=window, n_summary=n_summary,
+               softmax_scale=softmax_scale, rep_bias=rep_bias)
+    dout, out, lse = _backward_inputs(dout, out, lse, batched)
+    return _unbatch(batched, *_backward(dout, q, k, v, out, lse, cfg, D,
+                                        _gqa_pool(key_mode, D), 0))
+
+
+# ---------------------------------------------------------------------------------------------
+# counting
+
+def num_condensed(t, group_size=16, window=1024):
+    """G_t: condensed entries seen by the query at position t (SPEC §3)."""
+    return max(0, (t - window + 1) // group_size)
+
+
+def cache_entries(T, group_size=16, window=1024):
+    """Entries a condensed cache holds after T tokens (SPEC §6): G + (T - G*g)."""
+    G = min(num_condensed(T, group_size, window), T // group_size)
+    return G + (T - G * group_size)
