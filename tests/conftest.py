@@ -46,6 +46,12 @@ def rel_err(got, want):
     return d / n if n > 0 else d
 
 
+def assert_rel(got, want, bound, name="result"):
+    """rel_err(got, want) <= bound, with a short message (not two array reprs)."""
+    e = rel_err(got, want)
+    assert e <= bound, f"{name}: relative error {e:.3e} > {bound:.1e}"
+
+
 def assert_close(got, want, dtype, name="", factor=1.0):
     e = rel_err(got, want)
     assert e <= factor * tol(dtype), f"{name}: relative error {e:.3e} > {factor * tol(dtype):.1e}"

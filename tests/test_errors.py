@@ -6,12 +6,14 @@ Also: huge integers, non-contiguous / transposed / negative-stride / broadcast /
 views (compared with the contiguous copy), and empty inputs (L = 0, B = 0).
 """
 import re
+import sys
+import tracemalloc
 
 import numpy as np
 import pytest
 
 import lca
-from conftest import gqa_inputs, mla_inputs, ref, rel_err
+from conftest import assert_rel, gqa_inputs, mla_inputs, ref
 
 B, L, H, Dc, Dr = 2, 10, 2, 4, 2
 GH, GHkv, GD, GDv = 4, 2, 5, 3
@@ -198,7 +200,7 @@ def test_big_endian_is_rejected_or_right(mla):
     except TypeError as e:
         assert re.search(named("q"), str(e))
     else:
-        assert rel_err(out, lca.attention(q, c, r, **KW)) <= 1e-15
+        assert_rel(out, lca.attention(q, c, r, **KW), 1e-15)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,9 +281,10 @@ def test_huge_window_is_exact_attention(mla, gqa, window):
     out, lse = lca.attention(*mla, group_size=4, window=window, return_lse=True)
     q, c, r = mla
     cout, clse = ref.causal_attention(q, np.concatenate([c, r], 2)[:, :, None], c[:, :, None])
-    assert rel_err(out, cout) <= 1e-12 and rel_err(lse, clse) <= 1e-12
+    assert_rel(out, cout, 1e-12)
+    assert_rel(lse, clse, 1e-12)
     out = lca.gqa_attention(*gqa, group_size=4, window=window)
-    assert rel_err(out, ref.causal_attention(*gqa)[0]) <= 1e-12
+    assert_rel(out, ref.causal_attention(*gqa)[0], 1e-12)
 
 
 def test_largest_group_size_works(mla, gqa):
@@ -290,11 +293,11 @@ def test_largest_group_size_works(mla, gqa):
     out = lca.attention(*mla, group_size=g, window=0)
     q, c, r = mla
     cout, _ = ref.causal_attention(q, np.concatenate([c, r], 2)[:, :, None], c[:, :, None])
-    assert rel_err(out, cout) <= 1e-12
+    assert_rel(out, cout, 1e-12)
     cb, rb, anchor, alpha = lca.condense(*mla, group_size=g)
     assert cb.shape == (B, 0, Dc) and alpha.shape == (B, 0, g) and anchor.shape == (B, 0)
     out = lca.gqa_attention(*gqa, group_size=g, window=0, n_summary=g)
-    assert rel_err(out, ref.causal_attention(*gqa)[0]) <= 1e-12
+    assert_rel(out, ref.causal_attention(*gqa)[0], 1e-12)
 
 
 def test_numpy_integer_params(mla):
@@ -303,7 +306,7 @@ def test_numpy_integer_params(mla):
     out = lca.attention(*mla, **kw)
     want, _ = ref.attention(*mla, group_size=4, window=3, n_summary=2, softmax_scale=0.5,
                             rep_bias=0.25)
-    assert rel_err(out, want) <= 1e-12
+    assert_rel(out, want, 1e-12)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -438,7 +441,7 @@ def same(got, want):
     if want.dtype.kind in "iu":
         np.testing.assert_array_equal(got, want)
     else:
-        assert rel_err(got, want) <= (1e-14 if want.dtype == np.float64 else 1e-6)
+        assert_rel(got, want, (1e-14 if want.dtype == np.float64 else 1e-6))
 
 
 VIEW_KINDS = ["strided", "lastdim", "offset", "fortran", "transposed", "reversed",
@@ -506,12 +509,12 @@ def test_sliced_views_of_shared_buffers(rng):
     for qq, kk, vv in ((q, k, v), (q[::-1], k[::-1], v[::-1]), (q[:, ::-1], k, v)):
         got = lca.gqa_attention(qq, kk, vv, **kw)
         same(got, lca.gqa_attention(*(np.ascontiguousarray(a) for a in (qq, kk, vv)), **kw))
-    assert rel_err(lca.gqa_attention(q, k, v, **kw), want) <= 1e-12
+    assert_rel(lca.gqa_attention(q, k, v, **kw), want, 1e-12)
     # zero strides: one kv head broadcast to all, one kpos broadcast over the batch
     kb = np.broadcast_to(k[:, :, :1], k.shape)
     got = lca.gqa_attention(q, kb, v, **kw)
     same(got, lca.gqa_attention(q, np.ascontiguousarray(kb), v, **kw))
-    assert rel_err(got, ref.gqa_attention(q, kb, v, **kw)[0]) <= 1e-12
+    assert_rel(got, ref.gqa_attention(q, kb, v, **kw)[0], 1e-12)
     mq, mc, mr = mla_inputs(rng, 3, 15, 2, 4, 3)
     rb = np.broadcast_to(mr[:1], mr.shape)
     same(lca.attention(mq, mc, rb, **kw), lca.attention(mq, mc, np.ascontiguousarray(rb), **kw))
@@ -583,7 +586,7 @@ def test_dr_zero_shape(rng):
     assert rb.shape == (2, 3, 0)
     g = lca.attention_backward(np.ones_like(out), q, c, r, out, lse, group_size=3, window=2)
     assert g[2].shape == (2, 11, 0)
-    assert rel_err(out, ref.attention(q, c, r, group_size=3, window=2)[0]) <= 1e-12
+    assert_rel(out, ref.attention(q, c, r, group_size=3, window=2)[0], 1e-12)
 
 
 def test_backward_dout_other_float_dtype(rng):
@@ -599,4 +602,76 @@ def test_backward_dout_other_float_dtype(rng):
         assert re.search(named("dout"), str(e))
     else:
         for x, y in zip(got, want):
-            assert x.dtype == np.float64 and rel_err(x, y) <= 1e-15
+            assert x.dtype == np.float64
+            assert_rel(x, y, 1e-15)
+
+
+# ---------------------------------------------------------------------------------------------
+# leaks: references and memory, on success and on error paths
+
+def _all_calls(mla, gqa):
+    q, c, r = mla
+    gq, gk, gv = gqa
+    out, lse = lca.attention(q, c, r, return_lse=True, **KW)
+    gout, glse = lca.gqa_attention(gq, gk, gv, return_lse=True, **KW)
+    cb, rb, _, _ = lca.condense(q, c, r, group_size=4)
+    kb, vb, _, _ = lca.gqa_condense(gq, gk, gv, group_size=4)
+    ok = [
+        lambda: lca.attention(q, c, r, return_lse=True, **KW),
+        lambda: lca.condense(q, c, r, group_size=4),
+        lambda: lca.attend(q, c, r, cb, rb, **KW),
+        lambda: lca.attention_backward(out, q, c, r, out, lse, **KW),
+        lambda: lca.gqa_attention(gq, gk, gv, return_lse=True, **KW),
+        lambda: lca.gqa_condense(gq, gk, gv, group_size=4, key_mode="pool"),
+        lambda: lca.gqa_attend(gq, gk, gv, kb, vb, **KW),
+        lambda: lca.gqa_attention_backward(gout, gq, gk, gv, gout, glse, **KW),
+        lambda: lca.attention(q[:, ::-1], c.T.copy().T, r, **KW),
+    ]
+    bad = [
+        lambda: lca.attention(q, c.astype(np.float32), r, **KW),
+        lambda: lca.attention(q, c, r, group_size=0),
+        lambda: lca.gqa_attention(gq, gk[:, :-1], gv, **KW),
+        lambda: lca.attention_backward(out[:, 1:], q, c, r, out, lse, **KW),
+        lambda: lca.gqa_attend(gq, gk, gv, kb[:, :0], vb[:, :0], **KW),
+    ]
+    return [q, c, r, gq, gk, gv, out, lse, gout, glse, cb, rb, kb, vb], ok, bad
+
+
+def test_no_reference_leaks(mla, gqa):
+    arrays, ok, bad = _all_calls(mla, gqa)
+    for f in ok:
+        f()
+    before = [sys.getrefcount(a) for a in arrays]
+    for _ in range(20):
+        for f in ok:
+            f()
+        for f in bad:
+            with pytest.raises((TypeError, ValueError)):
+                f()
+    after = [sys.getrefcount(a) for a in arrays]
+    assert after == before
+
+
+def test_no_memory_growth(rng):
+    """200 rounds of every call (outputs of ~100 KB each) leave no traced memory behind."""
+    mla = mla_inputs(rng, 2, 64, 4, 32, 8)
+    gqa = gqa_inputs(rng, 2, 64, 4, 2, 32, 24)
+    _, ok, bad = _all_calls(mla, gqa)
+    tracemalloc.start()
+    try:
+        for _ in range(5):
+            for f in ok:
+                f()
+        base = tracemalloc.get_traced_memory()[0]
+        for _ in range(200):
+            for f in ok:
+                f()
+            for f in bad:
+                try:
+                    f()
+                except (TypeError, ValueError):
+                    pass
+        grown = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    assert grown < 1_000_000, f"{grown} bytes still held after 200 rounds"

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import lca
-from conftest import (DTYPES, assert_close, batch, check_anchors, gqa_inputs, mla_inputs, ref,
-                      rel_err, tol)
+from conftest import (DTYPES, assert_close, assert_rel, batch, check_anchors, gqa_inputs,
+                      mla_inputs, ref, tol)
 
 # (B, L, H, Hkv, D, Dv, keywords)
 CASES = [
@@ -20,6 +20,7 @@ CASES = [
     pytest.param(1, 20, 8, 1, 6, 5, dict(group_size=4, window=5), id="H8-Hkv1"),
     pytest.param(2, 17, 3, 3, 5, 7, dict(group_size=3, window=4, key_mode="pool"), id="mha-B2"),
     pytest.param(1, 25, 6, 2, 4, 4, dict(group_size=5, window=0, n_summary=2), id="w0-n<g"),
+    pytest.param(1, 19, 2, 1, 4, 3, dict(group_size=3, window=1), id="w1"),
     pytest.param(1, 12, 2, 1, 4, 3, dict(group_size=1, window=3, key_mode="pool"), id="g1"),
     pytest.param(2, 9, 4, 4, 3, 2, dict(group_size=4, window=30), id="L<w"),
     pytest.param(1, 3, 2, 2, 3, 2, dict(group_size=4, window=0), id="L<g"),
@@ -33,7 +34,17 @@ CASES = [
                  id="L65-D16"),
     pytest.param(1, 200, 4, 1, 8, 8, dict(group_size=16, window=48, key_mode="pool"),
                  id="L200"),
+    pytest.param(2, 150, 2, 2, 4, 4, dict(group_size=2, window=3, key_mode="pool"),
+                 id="many-condensed"),
+    pytest.param(1, 20, 160, 1, 4, 3, dict(group_size=4, window=5), id="H160-Hkv1"),
 ]
+
+
+def pick(cases, *ids):
+    found = [c for c in cases if c.id in ids]
+    assert len(found) == len(ids)
+    return found
+
 
 COND_KW = ("group_size", "n_summary", "softmax_scale", "key_mode")
 ATT_KW = ("group_size", "window", "softmax_scale", "rep_bias")
@@ -103,13 +114,14 @@ def test_gqa_attend_vs_reference(rng, B, L, H, Hkv, D, Dv, g, w, extra, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("B,L,H,Hkv,D,Dv,kw", CASES[:11])
+@pytest.mark.parametrize("B,L,H,Hkv,D,Dv,kw", CASES)
 def test_gqa_attention_equals_attend_of_condense(rng, B, L, H, Hkv, D, Dv, kw, dtype):
     q, k, v = gqa_inputs(rng, B, L, H, Hkv, D, Dv, dtype)
     out, lse = lca.gqa_attention(q, k, v, return_lse=True, **kw)
     kb, vb, _, _ = lca.gqa_condense(q, k, v, **sub(kw, COND_KW))
     out2, lse2 = lca.gqa_attend(q, k, v, kb, vb, return_lse=True, **sub(kw, ATT_KW))
-    assert rel_err(out2, out) <= tol(dtype) and rel_err(lse2, lse) <= tol(dtype)
+    assert_rel(out2, out, tol(dtype))
+    assert_rel(lse2, lse, tol(dtype))
 
 
 @pytest.mark.parametrize("key_mode", ["anchor", "pool"])
@@ -128,7 +140,7 @@ def test_window_ge_L_is_causal_attention(rng, B, L, H, Hkv, D, Dv, g, window, ke
     # the head convention: query head i uses kv head i // (H/Hkv), like repeat_interleave
     rep = H // Hkv
     out2 = lca.gqa_attention(q, np.repeat(k, rep, 2), np.repeat(v, rep, 2), window=w)
-    assert rel_err(out2, out) <= tol(dtype)
+    assert_rel(out2, out, tol(dtype))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -139,7 +151,8 @@ def test_g1_w0_every_token_its_own_group(rng, key_mode, dtype):
                                              key_mode=key_mode)
     np.testing.assert_array_equal(anchor, 0)
     np.testing.assert_array_equal(alpha, 1.0)
-    assert rel_err(kb, k) <= tol(dtype) and rel_err(vb, v) <= tol(dtype)
+    assert_rel(kb, k, tol(dtype))
+    assert_rel(vb, v, tol(dtype))
     out, lse = lca.gqa_attention(q, k, v, group_size=1, window=0, n_summary=1,
                                  key_mode=key_mode, rep_bias=-0.6, return_lse=True)
     cout, clse = ref.causal_attention(q, k, v)
@@ -158,8 +171,8 @@ def test_causality(rng, kw, t0):
     for a in (q2, k2, v2):
         a[:, t0 + 1:] = 3 * rng.standard_normal(a[:, t0 + 1:].shape)
     out2, lse2 = lca.gqa_attention(q2, k2, v2, return_lse=True, **kw)
-    assert rel_err(out2[:, :t0 + 1], out[:, :t0 + 1]) <= 1e-15
-    assert rel_err(lse2[:, :, :t0 + 1], lse[:, :, :t0 + 1]) <= 1e-15
+    assert_rel(out2[:, :t0 + 1], out[:, :t0 + 1], 1e-15)
+    assert_rel(lse2[:, :, :t0 + 1], lse[:, :, :t0 + 1], 1e-15)
     if t0 < L - 1:
         assert not np.allclose(out2[:, t0 + 1:], out[:, t0 + 1:])
 
@@ -180,23 +193,27 @@ def test_unbatched_equals_batched(rng, dtype):
     assert got[0].shape == (5, 2, 5) and got[2].shape == (5, 2) and got[3].shape == (5, 2, 4)
     check_condense(*batch(q, k, v), kw, batch(*got), dtype)
     out2 = lca.gqa_attend(q, k, v, got[0], got[1], **sub(kw, ATT_KW))
-    assert out2.shape == (21, 4, 3) and rel_err(out2, out) <= tol(dtype)
+    assert out2.shape == (21, 4, 3)
+    assert_rel(out2, out, tol(dtype))
 
 
-@pytest.mark.parametrize("B,L,H,Hkv,D,Dv,kw", [CASES[0], CASES[3], CASES[10], CASES[12]])
+@pytest.mark.parametrize("B,L,H,Hkv,D,Dv,kw", pick(CASES, "L23-g4-w6", "mha-B2", "all-kw",
+                                                  "L65-D16"))
 def test_float32_close_to_float64(rng, B, L, H, Hkv, D, Dv, kw):
     args = [a.astype(np.float32) for a in gqa_inputs(rng, B, L, H, Hkv, D, Dv)]
     o32, l32 = lca.gqa_attention(*args, return_lse=True, **kw)
     o64, l64 = lca.gqa_attention(*(a.astype(np.float64) for a in args), return_lse=True, **kw)
     assert o32.dtype == np.float32
-    assert rel_err(o32, o64) <= 1e-5 and rel_err(l32, l64) <= 1e-5
+    assert_rel(o32, o64, 1e-5)
+    assert_rel(l32, l64, 1e-5)
 
 
 def test_defaults(rng):
     q, k, v = gqa_inputs(rng, 1, 40, 4, 2, 6, 3)
     out, lse = lca.gqa_attention(q, k, v, return_lse=True)
     rout, rlse = ref.gqa_attention(q, k, v)
-    assert rel_err(out, rout) <= 1e-12 and rel_err(lse, rlse) <= 1e-12
+    assert_rel(out, rout, 1e-12)
+    assert_rel(lse, rlse, 1e-12)
     got = lca.gqa_condense(q, k, v)
     check_condense(q, k, v, dict(group_size=16), got, np.float64)
 
@@ -210,6 +227,23 @@ def test_large_logits_are_stable(rng, dtype):
     assert np.abs(rlse).max() > 100
     assert_close(out, rout, dtype, "out", factor=10)
     assert_close(lse, rlse, dtype, "lse")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("key_mode", ["anchor", "pool"])
+def test_exact_tie_anchor_is_first(rng, key_mode, dtype):
+    """Zero queries: every group's weights are exactly uniform; the anchor is index 0."""
+    q = np.zeros((2, 14, 4, 5), dtype)
+    k = rng.standard_normal((2, 14, 2, 5)).astype(dtype)
+    v = rng.standard_normal((2, 14, 2, 3)).astype(dtype)
+    kb, vb, anchor, alpha = lca.gqa_condense(q, k, v, group_size=3, key_mode=key_mode)
+    np.testing.assert_array_equal(anchor, 0)
+    np.testing.assert_allclose(alpha, 1 / 3, rtol=tol(dtype))
+    if key_mode == "anchor":
+        np.testing.assert_array_equal(kb, k[:, 0:12:3])
+    else:
+        assert_close(kb, k[:, :12].reshape(2, 4, 3, 2, 5).astype(np.float64).mean(2), dtype)
+    assert_close(vb, v[:, :12].reshape(2, 4, 3, 2, 3).astype(np.float64).mean(2), dtype)
 
 
 @pytest.mark.parametrize("score", ["full", "latent"])
@@ -244,7 +278,7 @@ def test_mla_absorbed_equals_non_absorbed(rng, score, w):
     kb, vb = up(cb, rb)
     q = np.concatenate([q_nope, q_rope], -1)
     got = lca.gqa_attend(q, k, v, kb, vb, window=w, rep_bias=0.4, **kw)
-    assert rel_err(got, want) <= 1e-12
+    assert_rel(got, want, 1e-12)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -254,7 +288,7 @@ def test_mla_equals_gqa_when_exact(rng, dtype):
     out = lca.attention(q, c, r, group_size=4, window=19)
     k = np.concatenate([c, r], 2)[:, :, None]
     out2 = lca.gqa_attention(q, k, c[:, :, None], group_size=4, window=19)
-    assert rel_err(out, out2) <= tol(dtype)
+    assert_rel(out, out2, tol(dtype))
 
 
 def test_inputs_not_modified_and_deterministic(rng):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import lca
-from conftest import gqa_inputs, mla_inputs, rel_err
+from conftest import assert_rel, gqa_inputs, mla_inputs, rel_err
 
 EPS = 1e-5
 FD_TOL = 1e-6
@@ -148,6 +148,8 @@ MLA_DIR = [
     pytest.param(1, 37, 4, 12, 0, dict(group_size=6, window=0, score="latent"), id="Dr0-w0"),
     pytest.param(1, 50, 2, 64, 16, dict(group_size=8, window=12, rep_bias=np.log(8)),
                  id="Dc64-Dr16"),
+    pytest.param(1, 150, 2, 6, 3, dict(group_size=2, window=70), id="L150-multiblock"),
+    pytest.param(1, 12, 130, 3, 2, dict(group_size=3, window=2), id="H130"),
 ]
 
 
@@ -175,9 +177,9 @@ def test_mla_backward_unbatched(rng):
     bq, bc, br = lca.attention_backward(dout[None], q[None], c[None], r[None], out[None],
                                         lse[None], **kw)
     for a, b in ((dq, bq), (dc, bc), (dr, br)):
-        assert rel_err(a, b[0]) <= 1e-15
+        assert_rel(a, b[0], 1e-15)
     fd, an = fd_directions("mla", [q, c, r], dout, kw, (dq, dc, dr), rng=rng)
-    assert rel_err(an, fd) <= FD_TOL
+    assert_rel(an, fd, FD_TOL)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,6 +217,9 @@ GQA_DIR = [
                  id="H8-Hkv1"),
     pytest.param(1, 40, 3, 3, 8, 8, dict(group_size=7, window=0, key_mode="pool"),
                  id="mha-pool-w0"),
+    pytest.param(1, 140, 4, 1, 4, 4, dict(group_size=3, window=70, key_mode="pool"),
+                 id="L140-multiblock"),
+    pytest.param(1, 12, 136, 1, 3, 2, dict(group_size=3, window=2), id="H136-Hkv1"),
 ]
 
 
@@ -239,7 +244,7 @@ def test_gqa_backward_unbatched(rng):
                                         lse[None], **kw)
     for a, b, x in zip(grads, bgrads, (q, k, v)):
         assert a.shape == x.shape
-        assert rel_err(a, b[0]) <= 1e-15
+        assert_rel(a, b[0], 1e-15)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,7 +270,7 @@ def test_backward_float32_close_to_float64(rng, kind, shape, kw):
     g32 = analytic(kind, args32, dout.astype(np.float32), kw)
     for a, b in zip(g32, g64):
         assert a.dtype == np.float32
-        assert rel_err(a, b) <= 1e-4
+        assert_rel(a, b, 1e-4)
 
 
 def test_zero_dout_gives_zero_gradients(rng):
@@ -312,4 +317,4 @@ def test_kpos_gradient_only_through_anchors_and_scores(rng, B):
         assert np.all(np.abs(dc[old]).sum(-1) > 0)       # latents are pooled: all get some
         # and the exact gradient agrees with finite differences along random directions
         fd, an = fd_directions("mla", [q, c, r], dout, kw, (dq, dc, dr), ndir=2, rng=rng)
-        assert rel_err(an, fd) <= FD_TOL
+        assert_rel(an, fd, FD_TOL)

@@ -6,7 +6,7 @@ last test, which checks lca's pure-Python counting helpers against the SPEC's nu
 import numpy as np
 import pytest
 
-from conftest import batch, gqa_inputs, mla_inputs, ref, rel_err
+from conftest import assert_rel, gqa_inputs, mla_inputs, ref
 
 
 def brute_lse(x):
@@ -88,7 +88,8 @@ def test_window_ge_L_is_causal_attention(rng, L, g):
     out, lse = ref.attention(q, c, r, group_size=g, window=L)
     k = np.concatenate([c, r], 2)[:, :, None]
     out2, lse2 = ref.causal_attention(q, k, c[:, :, None])
-    assert rel_err(out, out2) < 1e-14 and rel_err(lse, lse2) < 1e-14
+    assert_rel(out, out2, 1e-14)
+    assert_rel(lse, lse2, 1e-14)
 
 
 def test_causal_attention_brute_force(rng):

@@ -14,7 +14,7 @@
 
 #define LCA_INLINE static inline __attribute__((always_inline))
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(LCA_NO_CLONES)
-#define LCA_CLONES __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+#define LCA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define LCA_CLONES
 #endif
