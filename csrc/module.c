@@ -39,9 +39,10 @@ static int view_of(PyObject *o, const char *name, int ndim, int typenum, int wri
         return -1;
     }
     const npy_intp item = PyArray_ITEMSIZE(a), *st = PyArray_STRIDES(a);
+    const int empty = PyArray_SIZE(a) == 0;          /* strides of an empty array are moot */
     for (int i = 0; i < ndim; i++) {
         shape[i] = PyArray_DIM(a, i);
-        if (st[i] < 0 || st[i] % item || (i == ndim - 1 && shape[i] > 1 && st[i] != item)) {
+        if (!empty && (st[i] < 0 || st[i] % item || (i == ndim - 1 && shape[i] > 1 && st[i] != item))) {
             PyErr_Format(PyExc_ValueError, "%s: strides must be non-negative, whole elements, "
                          "with a contiguous last dimension", name);
             return -1;

@@ -39,6 +39,8 @@ def for_engine(a):
     The engine reads any view whose last dimension is contiguous and whose other strides are
     non-negative multiples of the item size (zero-stride broadcasts included)."""
     s = a.strides
+    if a.size == 0:
+        return a
     ok = (a.ndim == 0 or a.shape[-1] <= 1 or s[-1] == a.itemsize) and \
         all(x >= 0 and x % a.itemsize == 0 for x in s) and a.flags.aligned
     return a if ok else np.ascontiguousarray(a)
