@@ -50,8 +50,14 @@ static inline int64_t clamp64(int64_t x, int64_t lo, int64_t hi) {
 
 int lca_cpu_max_threads(void) { return omp_get_max_threads(); }
 
+/* Threads for a call: all of them, except for problems so small (under ~1 ms of work) that
+ * waking a team costs more than it saves, above all on a busy machine. */
 static int threads_for(const lca_params *p) {
-    return p->num_threads > 0 ? p->num_threads : omp_get_max_threads();
+    if (p->num_threads > 0) return p->num_threads;
+    const double span = (double)(p->L < p->w + p->L / p->g + NK ? p->L : p->w + p->L / p->g + NK);
+    const double flops = 2.0 * (double)p->B * (double)p->H * (double)p->L * span *
+                         (double)(p->D + p->Dv);
+    return flops < 2e7 ? 1 : omp_get_max_threads();
 }
 
 static int finish(int status, const char *what, char *err, int errlen) {
