@@ -1,18 +1,21 @@
 """Build lca._C: the CPython/NumPy binding and the C CPU engine (OpenMP).
 
 Switches (environment):
-  LCA_CUDA=auto|1|0   CUDA engine: there are no CUDA sources in this release yet, so 1 only
-                      checks that nvcc is present ($CUDA_HOME/bin or PATH); auto and 0 build
-                      the CPU engine alone.
+  LCA_CUDA=auto|1|0   the CUDA engine (csrc/cuda/*.cu, compiled by nvcc, CUDA runtime linked
+                      statically so `import lca` needs no GPU): auto builds it when nvcc is
+                      found ($CUDA_HOME/bin or PATH), 1 requires it, 0 skips it.
+  LCA_CUDA_ARCHS      nvcc -gencode list, default sm_80 + sm_90 machine code and compute_80 PTX.
   LCA_DEBUG=1         -O0 -g, for gdb.
   LCA_SANITIZE=1      AddressSanitizer + UndefinedBehaviorSanitizer (needs LD_PRELOAD of libasan).
 """
 import glob
 import os
 import shutil
+import subprocess
 
 import numpy as np
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 
 
 
@@ -40,6 +43,39 @@ if os.environ.get("LCA_SANITIZE") == "1":
     cflags += san + ["-O1", "-g"]
     ldflags += san
 
+nvcc = find_nvcc() if cuda != "0" else None
+cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+archs = os.environ.get("LCA_CUDA_ARCHS", "-gencode=arch=compute_80,code=sm_80 "
+                       "-gencode=arch=compute_90,code=sm_90 -gencode=arch=compute_80,code=compute_80")
+
+
+class BuildExt(build_ext):
+    """Compiles the .cu files with nvcc (only those newer than their objects) and links them."""
+
+    def build_extensions(self):
+        if nvcc and cuda_sources:
+            home = os.path.dirname(os.path.dirname(nvcc))
+            objects = [self.nvcc_compile(src) for src in cuda_sources]
+            for e in self.extensions:
+                e.extra_objects += objects
+                e.define_macros.append(("LCA_WITH_CUDA", "1"))
+                e.library_dirs.append(os.path.join(home, "lib64"))
+                e.libraries += ["cudart_static", "dl", "rt", "pthread", "stdc++"]
+        super().build_extensions()
+
+    def nvcc_compile(self, src):
+        obj = os.path.join(self.build_temp, "cuda", os.path.basename(src) + ".o")
+        deps = [src, "csrc/lca.h"] + glob.glob("csrc/cuda/*.cuh")
+        if os.path.exists(obj) and all(os.path.getmtime(obj) >= os.path.getmtime(d) for d in deps):
+            return obj
+        os.makedirs(os.path.dirname(obj), exist_ok=True)
+        cmd = [nvcc, "-O3", "-std=c++17", "-Icsrc", "-Xcompiler", "-fPIC", "-Xptxas",
+               "-warn-spills", *archs.split(), "-c", src, "-o", obj]
+        print(" ".join(cmd))
+        subprocess.check_call(cmd)
+        return obj
+
+
 ext = Extension(
     "lca._C",
     sources=["csrc/module.c"] + sorted(glob.glob("csrc/cpu/*.c")),
@@ -50,4 +86,4 @@ ext = Extension(
     depends=["csrc/lca.h"] + glob.glob("csrc/cpu/*.h") + glob.glob("csrc/cpu/*.inc"),
 )
 
-setup(ext_modules=[ext])
+setup(ext_modules=[ext], cmdclass={"build_ext": BuildExt})

@@ -17,12 +17,14 @@
 extern "C" {
 #endif
 
-typedef enum { LCA_F32 = 0, LCA_F64 = 1 } lca_dtype;
+typedef enum { LCA_F32 = 0, LCA_F64 = 1, LCA_BF16 = 2, LCA_F16 = 3 } lca_dtype;
 
 typedef enum {
     LCA_OK = 0,
     LCA_ERR_NOMEM = 1,     /* a workspace allocation failed */
     LCA_ERR_ARG = 2,       /* params inconsistent (the binding should have caught it) */
+    LCA_ERR_CUDA = 3,      /* a CUDA call or launch failed; err names it */
+    LCA_ERR_UNSUPPORTED = 4,  /* a shape the CUDA engine does not cover; err names it */
 } lca_status;
 
 /* A strided 4-D view (B, T, H, D): element (b, t, h, d) at p[b*sb + t*st + h*sh + d]. */
@@ -32,7 +34,8 @@ typedef struct {
 } lca_view;
 
 typedef struct {
-    lca_dtype dtype;           /* of every floating array; anchor is int32 */
+    lca_dtype dtype;           /* of q, k, v, kbar, vbar, out (and of lse and alpha on the CPU;
+                                  the CUDA engine keeps those two in float32); anchor is int32 */
     int64_t B, L, H, Hkv;      /* batch, length, query heads, key/value heads */
     int64_t D, Dv;             /* key (= query) width, value width */
     int64_t g, w, n;           /* group_size, window (clamped to <= L), n_summary */
@@ -61,6 +64,12 @@ int lca_cpu_condense(const lca_params *p, char *err, int errlen);
 int lca_cpu_attend_fwd(const lca_params *p, char *err, int errlen);
 int lca_cpu_attention_bwd(const lca_params *p, char *err, int errlen);
 int lca_cpu_max_threads(void);
+
+/* CUDA engine (csrc/cuda), compiled when setup.py finds nvcc.  Pointers are device pointers on
+ * `device`; work is queued on `stream` (a cudaStream_t) and never synchronised here. */
+int lca_cuda_condense(const lca_params *p, int device, void *stream, char *err, int errlen);
+int lca_cuda_attend_fwd(const lca_params *p, int device, void *stream, char *err, int errlen);
+int lca_cuda_device_count(void);
 
 #ifdef __cplusplus
 }

@@ -9,6 +9,8 @@
  *   attend(q, k, v, kbar, vbar, out, lse, g, w, scale, rep_bias, v_in_k)
  *   backward(dout, q, k, v, out, lse, dq, dk, dv, g, w, n, scale, rep_bias, d_score, d_pool,
  *            v_in_k)
+ * and, when built with the CUDA engine (LCA_WITH_CUDA), cuda_condense and cuda_attend, which
+ * take device-array descriptors from lca/_cuda.py.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -237,6 +239,139 @@ static PyObject *py_backward(PyObject *self, PyObject *args) {
     return finish(status, err);
 }
 
+
+#ifdef LCA_WITH_CUDA
+/* ---------------------------------------------------------------------------------------------
+ * CUDA entry points.  Arrays arrive as descriptors (pointer, shape, strides in elements) built
+ * by lca/_cuda.py from the caller's framework; nothing here touches the device memory. */
+
+static int desc_of(PyObject *o, const char *name, int ndim, npy_intp *shape, lca_view *v) {
+    PyObject *shp, *str;
+    unsigned long long ptr;
+    if (!PyArg_ParseTuple(o, "KO!O!", &ptr, &PyTuple_Type, &shp, &PyTuple_Type, &str)) {
+        PyErr_Format(PyExc_TypeError, "%s: bad device array descriptor", name);
+        return -1;
+    }
+    if (PyTuple_GET_SIZE(shp) != ndim || PyTuple_GET_SIZE(str) != ndim) {
+        PyErr_Format(PyExc_ValueError, "%s: expected %d dimensions", name, ndim);
+        return -1;
+    }
+    int64_t st[4], size = 1;
+    for (int i = 0; i < ndim; i++) {
+        shape[i] = (npy_intp)PyLong_AsLongLong(PyTuple_GET_ITEM(shp, i));
+        st[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(str, i));
+        if (PyErr_Occurred()) return -1;
+        size *= shape[i];
+    }
+    for (int i = 0; i < ndim && size; i++)
+        if (st[i] < 0 || (i == ndim - 1 && shape[i] > 1 && st[i] != 1)) {
+            PyErr_Format(PyExc_ValueError, "%s: strides must be non-negative with a contiguous "
+                         "last dimension", name);
+            return -1;
+        }
+    v->p = (void *)(uintptr_t)ptr;
+    v->sb = st[0], v->st = st[1], v->sh = ndim > 2 ? st[2] : 0;
+    return 0;
+}
+
+static int cuda_qkv(lca_params *p, int dtype, PyObject *q, PyObject *k, PyObject *v) {
+    npy_intp sq[4], sk[4], sv[4];
+    if (dtype != LCA_F32 && dtype != LCA_BF16 && dtype != LCA_F16) {
+        PyErr_SetString(PyExc_TypeError, "q: the CUDA engine takes float32, float16, bfloat16");
+        return -1;
+    }
+    p->dtype = (lca_dtype)dtype;
+    if (desc_of(q, "q", 4, sq, &p->q) || desc_of(k, "k", 4, sk, &p->k) ||
+        desc_of(v, "v", 4, sv, &p->v))
+        return -1;
+    p->B = sq[0], p->L = sq[1], p->H = sq[2], p->D = sq[3], p->Hkv = sk[2], p->Dv = sv[3];
+    npy_intp wk[4] = {p->B, p->L, p->Hkv, p->D}, wv[4] = {p->B, p->L, p->Hkv, p->Dv};
+    if (same_shape("k", sk, wk, 4) || same_shape("v", sv, wv, 3)) return -1;
+    if (p->Hkv < 1 || p->H % p->Hkv || p->D < 1 || p->Dv < 1) {
+        PyErr_SetString(PyExc_ValueError, "q, k, v: heads must be a multiple of kv heads >= 1 "
+                        "and widths >= 1");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *cuda_finish(int status, const char *err) {
+    if (status == LCA_OK) Py_RETURN_NONE;
+    PyErr_SetString(status == LCA_ERR_UNSUPPORTED ? PyExc_NotImplementedError : PyExc_RuntimeError,
+                    err);
+    return NULL;
+}
+
+PyDoc_STRVAR(cuda_condense_doc, "cuda_condense(dtype, q, k, v, kbar, vbar, anchor, alpha, g, n, "
+             "scale, d_score, d_pool, v_in_k, device, stream): condensation on the GPU.");
+
+static PyObject *py_cuda_condense(PyObject *self, PyObject *args) {
+    PyObject *q, *k, *v, *kbar, *vbar, *anchor, *alpha;
+    int dtype, device;
+    unsigned long long stream;
+    lca_params p = {0};
+    if (!PyArg_ParseTuple(args, "iOOOOOOOLLdLLiiK", &dtype, &q, &k, &v, &kbar, &vbar, &anchor,
+                          &alpha, &p.g, &p.n, &p.scale, &p.d_score, &p.d_pool, &p.v_in_k,
+                          &device, &stream))
+        return NULL;
+    if (cuda_qkv(&p, dtype, q, k, v) || lca_params_check(&p)) return NULL;
+    p.m = p.L / p.g;
+    npy_intp s[4], wk[4] = {p.B, p.m, p.Hkv, p.D}, wv[4] = {p.B, p.m, p.Hkv, p.Dv};
+    npy_intp wa[4] = {p.B, p.m, p.Hkv, p.g};
+    if (desc_of(kbar, "kbar", 4, s, &p.kbar) || same_shape("kbar", s, wk, 4) ||
+        desc_of(vbar, "vbar", 4, s, &p.vbar) || same_shape("vbar", s, wv, 4) ||
+        desc_of(anchor, "anchor", 3, s, &p.anchor) || same_shape("anchor", s, wa, 3) ||
+        desc_of(alpha, "alpha", 4, s, &p.alpha) || same_shape("alpha", s, wa, 4))
+        return NULL;
+    char err[256] = "";
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = lca_cuda_condense(&p, device, (void *)(uintptr_t)stream, err, sizeof err);
+    Py_END_ALLOW_THREADS
+    return cuda_finish(status, err);
+}
+
+PyDoc_STRVAR(cuda_attend_doc, "cuda_attend(dtype, q, k, v, kbar, vbar, out, lse, g, w, scale, "
+             "rep_bias, v_in_k, device, stream): attention forward on the GPU (lse float32).");
+
+static PyObject *py_cuda_attend(PyObject *self, PyObject *args) {
+    PyObject *q, *k, *v, *kbar, *vbar, *out, *lse;
+    int dtype, device;
+    unsigned long long stream;
+    lca_params p = {0};
+    if (!PyArg_ParseTuple(args, "iOOOOOOOLLddiiK", &dtype, &q, &k, &v, &kbar, &vbar, &out, &lse,
+                          &p.g, &p.w, &p.scale, &p.rep_bias, &p.v_in_k, &device, &stream))
+        return NULL;
+    if (cuda_qkv(&p, dtype, q, k, v)) return NULL;
+    p.n = 1, p.d_score = p.d_pool = p.D;
+    if (lca_params_check(&p)) return NULL;
+    npy_intp sk[4], sv[4], s[4], wo[4] = {p.B, p.L, p.H, p.Dv}, wl[3] = {p.B, p.H, p.L};
+    if (desc_of(kbar, "kbar", 4, sk, &p.kbar) || desc_of(vbar, "vbar", 4, sv, &p.vbar) ||
+        desc_of(out, "out", 4, s, &p.out) || same_shape("out", s, wo, 4) ||
+        desc_of(lse, "lse", 3, s, &p.lse) || same_shape("lse", s, wl, 3))
+        return NULL;
+    p.m = sk[1];
+    const int64_t need = p.L ? lca_num_condensed(p.L - 1, p.g, p.w) : 0;
+    npy_intp wk[4] = {p.B, p.m, p.Hkv, p.D}, wv[4] = {p.B, p.m, p.Hkv, p.Dv};
+    if (same_shape("kbar", sk, wk, 4) || same_shape("vbar", sv, wv, 4)) return NULL;
+    if (p.m < need) {
+        PyErr_Format(PyExc_ValueError, "kbar: %zd condensed entries, the last query needs %zd",
+                     (Py_ssize_t)p.m, (Py_ssize_t)need);
+        return NULL;
+    }
+    char err[256] = "";
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = lca_cuda_attend_fwd(&p, device, (void *)(uintptr_t)stream, err, sizeof err);
+    Py_END_ALLOW_THREADS
+    return cuda_finish(status, err);
+}
+
+static PyObject *py_cuda_device_count(PyObject *self, PyObject *noargs) {
+    return PyLong_FromLong(lca_cuda_device_count());
+}
+#endif /* LCA_WITH_CUDA */
+
 static PyObject *py_max_threads(PyObject *self, PyObject *noargs) {
     return PyLong_FromLong(lca_cpu_max_threads());
 }
@@ -246,6 +381,11 @@ static PyMethodDef methods[] = {
     {"attend", py_attend, METH_VARARGS, attend_doc},
     {"backward", py_backward, METH_VARARGS, backward_doc},
     {"max_threads", py_max_threads, METH_NOARGS, "Threads the CPU engine uses by default."},
+#ifdef LCA_WITH_CUDA
+    {"cuda_condense", py_cuda_condense, METH_VARARGS, cuda_condense_doc},
+    {"cuda_attend", py_cuda_attend, METH_VARARGS, cuda_attend_doc},
+    {"cuda_device_count", py_cuda_device_count, METH_NOARGS, "CUDA devices visible (0: none)."},
+#endif
     {NULL, NULL, 0, NULL},
 };
 

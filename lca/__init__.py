@@ -8,12 +8,14 @@ Shapes (a leading batch dim B is optional, on every input or on none):
     GQA: q (B, L, H, D),     k (B, L, Hkv, D),  v (B, L, Hkv, Dv)     -> out (B, L, H, Dv)
     lse (B, H, L): float32, or float64 for float64 inputs.
 NumPy float32 and float64 arrays run on the CPU engine, multi-threaded, GIL released.
+PyTorch and CuPy CUDA arrays (float32, float16, bfloat16) run on the CUDA engine, zero-copy, on
+the caller's current stream, and come back as the caller's arrays (lse and alpha in float32).
 """
 import math
 
 import numpy as np
 
-from . import _C
+from . import _C, _cuda
 from ._arrays import (as_array, check_dim, check_rank, choice_param, float_param, for_engine,
                       int_param, same_dtype, window_param)
 
@@ -22,17 +24,31 @@ __all__ = ["attention", "attention_backward", "gqa_attention", "gqa_attention_ba
            "cache_entries", "HAS_CUDA"]
 __version__ = "0.1.0"
 
-HAS_CUDA = False          # the CUDA engine is not part of this build
+HAS_CUDA = _cuda.device_count() > 0      # built with the CUDA engine and a device is visible
 
 
 # ---------------------------------------------------------------------------------------------
 # intake: validated, batched (B, L, heads, width) arrays for the engine
 
+def _intake(arrays, names):
+    """(fe, code, arrays): fe the CUDA frontend of a CUDA q (None for the CPU engine), code its
+    dtype code; CPU inputs become NumPy arrays of one float dtype."""
+    if _cuda.framework(arrays[0]):
+        fe = _cuda.frontend(arrays[0])
+        return fe, _cuda.check_same(fe, arrays[0], arrays[1:], names[1:]), list(arrays)
+    for a, nm in zip(arrays[1:], names[1:]):
+        if _cuda.framework(a):
+            raise TypeError(f"{nm}: a CUDA array, but {names[0]} is not; pass all inputs on "
+                            "one device")
+    arrays = [as_array(a, nm) for a, nm in zip(arrays, names)]
+    same_dtype(arrays, names)
+    return None, None, arrays
+
+
 def _mla_inputs(q, latent, kpos):
-    """Validate MLA inputs; return (batched, q, k, v) in GQA form: k = [c; r] with one kv head,
-    v = its first Dc columns (a view)."""
-    q, c, r = as_array(q, "q"), as_array(latent, "latent"), as_array(kpos, "kpos")
-    same_dtype([q, c, r], ["q", "latent", "kpos"])
+    """Validate MLA inputs; return (batched, fe, code, q, k, v) in GQA form: k = [c; r] with
+    one kv head, v = its first Dc columns (a view)."""
+    fe, code, (q, c, r) = _intake([q, latent, kpos], ["q", "latent", "kpos"])
     batched = q.ndim == 4
     if q.ndim not in (3, 4):
         raise ValueError(f"q: expected shape (B, L, H, Dc+Dr) or (L, H, Dc+Dr), got {q.shape}")
@@ -51,15 +67,17 @@ def _mla_inputs(q, latent, kpos):
     if Dq != Dc + Dr:
         raise ValueError(f"q: last dim must be Dc+Dr = {Dc}+{Dr} = {Dc + Dr} (latent and "
                          f"kpos widths), got {Dq}")
+    if fe:
+        k = fe.cat([c[:, :, None], r[:, :, None]], axis=3)
+        return batched, fe, code, fe.contiguous_last(q), k, k[..., :Dc]
     k = np.empty((B, L, 1, Dc + Dr), q.dtype)
     k[:, :, 0, :Dc] = c
     k[:, :, 0, Dc:] = r
-    return batched, for_engine(q), k, k[..., :Dc]
+    return batched, None, None, for_engine(q), k, k[..., :Dc]
 
 
 def _gqa_inputs(q, k, v):
-    q, k, v = as_array(q, "q"), as_array(k, "k"), as_array(v, "v")
-    same_dtype([q, k, v], ["q", "k", "v"])
+    fe, code, (q, k, v) = _intake([q, k, v], ["q", "k", "v"])
     batched = q.ndim == 4
     if q.ndim not in (3, 4):
         raise ValueError(f"q: expected shape (B, L, H, D) or (L, H, D), got {q.shape}")
@@ -77,7 +95,8 @@ def _gqa_inputs(q, k, v):
         raise ValueError(f"k: query heads ({H}) must be a positive multiple of kv heads ({Hkv})")
     if D < 1 or v.shape[3] < 1:
         raise ValueError(f"q, v: head dims must be >= 1, got D={D}, Dv={v.shape[3]}")
-    return batched, for_engine(q), for_engine(k), for_engine(v)
+    prep = fe.contiguous_last if fe else for_engine
+    return batched, fe, code, prep(q), prep(k), prep(v)
 
 
 class _Cfg:
@@ -100,7 +119,9 @@ def _unbatch(batched, *arrays):
 # ---------------------------------------------------------------------------------------------
 # the engine calls shared by MLA and GQA
 
-def _condense(q, k, v, cfg, d_score, d_pool, v_in_k):
+def _condense(fe, code, q, k, v, cfg, d_score, d_pool, v_in_k):
+    if fe:
+        return _cuda.condense(fe, code, q, k, v, v_in_k, cfg, d_score, d_pool)
     B, L, H, D = q.shape
     Hkv, Dv = k.shape[2], v.shape[3]
     kbar = np.empty((B, cfg.m, Hkv, D), q.dtype)
@@ -112,12 +133,20 @@ def _condense(q, k, v, cfg, d_score, d_pool, v_in_k):
     return kbar, vbar, anchor, alpha
 
 
-def _attend(q, k, v, kbar, vbar, cfg, v_in_k):
+def _attend(fe, code, q, k, v, kbar, vbar, cfg, v_in_k):
+    if fe:
+        return _cuda.attend(fe, code, q, k, v, kbar, vbar, cfg, v_in_k)
     B, L, H, _ = q.shape
     out = np.empty((B, L, H, v.shape[3]), q.dtype)
     lse = np.empty((B, H, L), q.dtype)
     _C.attend(q, k, v, kbar, vbar, out, lse, cfg.g, cfg.w, cfg.scale, cfg.rep_bias, v_in_k)
     return out, lse
+
+
+def _no_cuda_backward(fe):
+    if fe:
+        raise NotImplementedError("backward on CUDA arrays: the CUDA backward kernels are not "
+                                  "written yet; move the arrays to the CPU (NumPy) for now")
 
 
 def _backward(dout, q, k, v, out, lse, cfg, d_score, d_pool, v_in_k):
@@ -157,47 +186,66 @@ def _score_dims(score, Dc, Dq):
     return Dq if choice_param(score, "score", ("full", "latent")) == "full" else Dc
 
 
+def _contig(fe, a):
+    return fe.contiguous(a) if fe else np.ascontiguousarray(a)
+
+
+def _given_condensed(fe, q, batched, arrays, names, widths, heads, cfg):
+    """Validate user-given condensed entries for attend / gqa_attend; return them batched."""
+    if fe:
+        _cuda.check_same(fe, q, arrays, names)
+    else:
+        arrays = [as_array(a, nm) for a, nm in zip(arrays, names)]
+        same_dtype([q] + arrays, ["q"] + names)
+    check_rank(arrays, names, [3 - (heads is None)] * 2, batched)
+    if not batched:
+        arrays = [a[None] for a in arrays]
+    B, L = q.shape[:2]
+    need = num_condensed(L - 1, cfg.g, cfg.w) if L else 0
+    for a, nm, width in zip(arrays, names, widths):
+        check_dim(nm, a.shape, 0, "batch", B, "q's batch")
+        if heads is not None:
+            check_dim(nm, a.shape, 2, "kv heads", heads, "k's kv heads")
+        check_dim(nm, a.shape, a.ndim - 1, "width", width, "the matching input's width")
+        if a.shape[1] < need:
+            raise ValueError(f"{nm}: has {a.shape[1]} condensed entries, the last query needs "
+                             f"{need} (shape {a.shape})")
+    check_dim(names[1], arrays[1].shape, 1, "entries", arrays[0].shape[1], f"{names[0]}'s entries")
+    return arrays
+
+
 def condense(q, latent, kpos, *, group_size=16, n_summary=None, softmax_scale=None,
              score="full"):
     """SPEC §2 condensation of every complete group.
 
     Returns (latent_bar (B, m, Dc), kpos_bar (B, m, Dr), anchor (B, m) int32, alpha (B, m, g)),
-    m = L // group_size; alpha in the input dtype."""
-    batched, q, k, v = _mla_inputs(q, latent, kpos)
+    m = L // group_size; alpha in the input dtype (float32 on CUDA)."""
+    batched, fe, code, q, k, v = _mla_inputs(q, latent, kpos)
     cfg = _mla_cfg(q, dict(group_size=group_size, n_summary=n_summary,
                            softmax_scale=softmax_scale))
     Dc = v.shape[3]
-    kbar, _, anchor, alpha = _condense(q, k, v, cfg, _score_dims(score, Dc, q.shape[3]), Dc, 1)
-    return _unbatch(batched, np.ascontiguousarray(kbar[:, :, 0, :Dc]),
-                    np.ascontiguousarray(kbar[:, :, 0, Dc:]), anchor[:, :, 0], alpha[:, :, 0])
+    kbar, _, anchor, alpha = _condense(fe, code, q, k, v, cfg,
+                                       _score_dims(score, Dc, q.shape[3]), Dc, 1)
+    return _unbatch(batched, _contig(fe, kbar[:, :, 0, :Dc]), _contig(fe, kbar[:, :, 0, Dc:]),
+                    anchor[:, :, 0], alpha[:, :, 0])
 
 
 def attend(q, latent, kpos, latent_bar, kpos_bar, *, group_size=16, window=1024,
            softmax_scale=None, rep_bias=0.0, return_lse=False):
     """SPEC §3 attention over given condensed entries (latent_bar (B, m, Dc), kpos_bar (B, m, Dr),
     m >= the G_t of the last query) and the exact tokens.  attention == attend(condense(...))."""
-    batched, q, k, v = _mla_inputs(q, latent, kpos)
+    batched, fe, code, q, k, v = _mla_inputs(q, latent, kpos)
     cfg = _mla_cfg(q, dict(group_size=group_size, window=window, softmax_scale=softmax_scale,
                            rep_bias=rep_bias))
-    cb, rb = as_array(latent_bar, "latent_bar"), as_array(kpos_bar, "kpos_bar")
-    same_dtype([q, cb, rb], ["q", "latent_bar", "kpos_bar"])
-    check_rank([cb, rb], ["latent_bar", "kpos_bar"], [2, 2], batched)
-    if not batched:
-        cb, rb = cb[None], rb[None]
-    B, L, _, Dq = q.shape
-    Dc = v.shape[3]
-    need = num_condensed(L - 1, cfg.g, cfg.w) if L else 0
-    for a, nm, width in ((cb, "latent_bar", Dc), (rb, "kpos_bar", Dq - Dc)):
-        check_dim(nm, a.shape, 0, "batch", B, "q's batch")
-        check_dim(nm, a.shape, 2, "width", width, "the matching input's width")
-        if a.shape[1] < need:
-            raise ValueError(f"{nm}: has {a.shape[1]} condensed entries, the last query needs "
-                             f"{need} (shape {a.shape})")
-    check_dim("kpos_bar", rb.shape, 1, "entries", cb.shape[1], "latent_bar's entries")
-    kbar = np.empty((B, cb.shape[1], 1, Dq), q.dtype)
-    kbar[:, :, 0, :Dc], kbar[:, :, 0, Dc:] = cb, rb
-    out, lse = _attend(q, k, v, kbar, kbar[..., :Dc], cfg, 1)
-    out, lse = _unbatch(batched, out, lse)
+    Dq, Dc = q.shape[3], v.shape[3]
+    cb, rb = _given_condensed(fe, q, batched, [latent_bar, kpos_bar], ["latent_bar", "kpos_bar"],
+                              [Dc, Dq - Dc], None, cfg)
+    if fe:
+        kbar = fe.cat([cb[:, :, None], rb[:, :, None]], axis=3)
+    else:
+        kbar = np.empty((q.shape[0], cb.shape[1], 1, Dq), q.dtype)
+        kbar[:, :, 0, :Dc], kbar[:, :, 0, Dc:] = cb, rb
+    out, lse = _unbatch(batched, *_attend(fe, code, q, k, v, kbar, kbar[..., :Dc], cfg, 1))
     return (out, lse) if return_lse else out
 
 
@@ -207,12 +255,13 @@ def attention(q, latent, kpos, *, group_size=16, window=1024, n_summary=None,
 
     q (B, L, H, Dc+Dr), latent (B, L, Dc), kpos (B, L, Dr) -> out (B, L, H, Dc)
     [, lse (B, H, L)].  With window >= L this is exact causal MLA attention."""
-    batched, q, k, v = _mla_inputs(q, latent, kpos)
+    batched, fe, code, q, k, v = _mla_inputs(q, latent, kpos)
     cfg = _mla_cfg(q, dict(group_size=group_size, window=window, n_summary=n_summary,
                            softmax_scale=softmax_scale, rep_bias=rep_bias))
     Dc = v.shape[3]
-    kbar, vbar, _, _ = _condense(q, k, v, cfg, _score_dims(score, Dc, q.shape[3]), Dc, 1)
-    out, lse = _unbatch(batched, *_attend(q, k, v, kbar, vbar, cfg, 1))
+    kbar, vbar, _, _ = _condense(fe, code, q, k, v, cfg, _score_dims(score, Dc, q.shape[3]),
+                                 Dc, 1)
+    out, lse = _unbatch(batched, *_attend(fe, code, q, k, v, kbar, vbar, cfg, 1))
     return (out, lse) if return_lse else out
 
 
@@ -220,7 +269,8 @@ def attention_backward(dout, q, latent, kpos, out, lse, *, group_size=16, window
                        n_summary=None, softmax_scale=None, score="full", rep_bias=0.0):
     """Exact gradient of attention() (SPEC §5): (dq, dlatent, dkpos), through the summary
     queries, the pooling weights and the anchor copy.  out and lse are attention()'s."""
-    batched, q, k, v = _mla_inputs(q, latent, kpos)
+    batched, fe, code, q, k, v = _mla_inputs(q, latent, kpos)
+    _no_cuda_backward(fe)
     cfg = _mla_cfg(q, dict(group_size=group_size, window=window, n_summary=n_summary,
                            softmax_scale=softmax_scale, rep_bias=rep_bias))
     dout, out, lse = _backward_inputs(dout, out, lse, batched)
@@ -242,35 +292,24 @@ def gqa_condense(q, k, v, *, group_size=16, n_summary=None, softmax_scale=None,
                  key_mode="anchor"):
     """SPEC §4 condensation: (kbar (B, m, Hkv, D), vbar (B, m, Hkv, Dv), anchor (B, m, Hkv)
     int32, alpha (B, m, Hkv, g))."""
-    batched, q, k, v = _gqa_inputs(q, k, v)
+    batched, fe, code, q, k, v = _gqa_inputs(q, k, v)
     cfg = _Cfg(q.shape[1], q.shape[3], group_size=group_size, n_summary=n_summary,
                softmax_scale=softmax_scale)
     D = q.shape[3]
-    return _unbatch(batched, *_condense(q, k, v, cfg, D, _gqa_pool(key_mode, D), 0))
+    return _unbatch(batched, *_condense(fe, code, q, k, v, cfg, D, _gqa_pool(key_mode, D), 0))
 
 
 def gqa_attend(q, k, v, kbar, vbar, *, group_size=16, window=1024, softmax_scale=None,
                rep_bias=0.0, return_lse=False):
     """SPEC §3 for GQA over given condensed entries kbar (B, m, Hkv, D), vbar (B, m, Hkv, Dv)."""
-    batched, q, k, v = _gqa_inputs(q, k, v)
+    batched, fe, code, q, k, v = _gqa_inputs(q, k, v)
     B, L, H, D = q.shape
     cfg = _Cfg(L, D, group_size=group_size, window=window, softmax_scale=softmax_scale,
                rep_bias=rep_bias)
-    kb, vb = as_array(kbar, "kbar"), as_array(vbar, "vbar")
-    same_dtype([q, kb, vb], ["q", "kbar", "vbar"])
-    check_rank([kb, vb], ["kbar", "vbar"], [3, 3], batched)
-    if not batched:
-        kb, vb = kb[None], vb[None]
-    need = num_condensed(L - 1, cfg.g, cfg.w) if L else 0
-    for a, nm, width in ((kb, "kbar", D), (vb, "vbar", v.shape[3])):
-        check_dim(nm, a.shape, 0, "batch", B, "q's batch")
-        check_dim(nm, a.shape, 2, "kv heads", k.shape[2], "k's kv heads")
-        check_dim(nm, a.shape, 3, "width", width, "the matching input's width")
-        if a.shape[1] < need:
-            raise ValueError(f"{nm}: has {a.shape[1]} condensed entries, the last query needs "
-                             f"{need} (shape {a.shape})")
-    check_dim("vbar", vb.shape, 1, "entries", kb.shape[1], "kbar's entries")
-    out, lse = _unbatch(batched, *_attend(q, k, v, for_engine(kb), for_engine(vb), cfg, 0))
+    kb, vb = _given_condensed(fe, q, batched, [kbar, vbar], ["kbar", "vbar"], [D, v.shape[3]],
+                              k.shape[2], cfg)
+    prep = fe.contiguous_last if fe else for_engine
+    out, lse = _unbatch(batched, *_attend(fe, code, q, k, v, prep(kb), prep(vb), cfg, 0))
     return (out, lse) if return_lse else out
 
 
@@ -278,19 +317,20 @@ def gqa_attention(q, k, v, *, group_size=16, window=1024, n_summary=None, softma
                   key_mode="anchor", rep_bias=0.0, return_lse=False):
     """LCA attention for GQA/MHA (SPEC §4): q (B, L, H, D), k (B, L, Hkv, D), v (B, L, Hkv, Dv)
     -> out (B, L, H, Dv) [, lse (B, H, L)].  Query head i uses kv head i // (H // Hkv)."""
-    batched, q, k, v = _gqa_inputs(q, k, v)
+    batched, fe, code, q, k, v = _gqa_inputs(q, k, v)
     D = q.shape[3]
     cfg = _Cfg(q.shape[1], D, group_size=group_size, window=window, n_summary=n_summary,
                softmax_scale=softmax_scale, rep_bias=rep_bias)
-    kbar, vbar, _, _ = _condense(q, k, v, cfg, D, _gqa_pool(key_mode, D), 0)
-    out, lse = _unbatch(batched, *_attend(q, k, v, kbar, vbar, cfg, 0))
+    kbar, vbar, _, _ = _condense(fe, code, q, k, v, cfg, D, _gqa_pool(key_mode, D), 0)
+    out, lse = _unbatch(batched, *_attend(fe, code, q, k, v, kbar, vbar, cfg, 0))
     return (out, lse) if return_lse else out
 
 
 def gqa_attention_backward(dout, q, k, v, out, lse, *, group_size=16, window=1024,
                            n_summary=None, softmax_scale=None, key_mode="anchor", rep_bias=0.0):
     """Exact gradient of gqa_attention() (SPEC §5): (dq, dk, dv)."""
-    batched, q, k, v = _gqa_inputs(q, k, v)
+    batched, fe, code, q, k, v = _gqa_inputs(q, k, v)
+    _no_cuda_backward(fe)
     D = q.shape[3]
     cfg = _Cfg(q.shape[1], D, group_size=group_size, window=window, n_summary=n_summary,
                softmax_scale=softmax_scale, rep_bias=rep_bias)

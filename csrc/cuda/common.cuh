@@ -1,0 +1,75 @@
+/* common.cuh — what the CUDA engine's kernels share: element conversion, indexing of the
+ * lca.h views, warp reductions, launch checking.  Only .cu files include CUDA headers. */
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#include "lca.h"
+
+namespace lca {
+
+template <typename T> __device__ __forceinline__ float to_f(T x);
+template <> __device__ __forceinline__ float to_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ float to_f<__half>(__half x) { return __half2float(x); }
+template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 x) {
+    return __bfloat162float(x);
+}
+
+template <typename T> __device__ __forceinline__ T from_f(float x);
+template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) {
+    return __float2bfloat16_rn(x);
+}
+
+/* Element (b, t, h, 0) of a view, typed. */
+template <typename T>
+__device__ __forceinline__ T *row(const lca_view &v, int64_t b, int64_t t, int64_t h) {
+    return (T *)v.p + b * v.sb + t * v.st + h * v.sh;
+}
+
+/* G_t of SPEC §3, on the device. */
+__device__ __forceinline__ int64_t num_condensed(int64_t t, int64_t g, int64_t w) {
+    return t + 1 < w ? 0 : (t + 1 - w) / g;
+}
+
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+    return x;
+}
+
+/* Run f<T>() for the params' element type; f returns an lca_status. */
+template <template <typename> class F, typename... A>
+int dispatch(lca_dtype dt, A... args) {
+    switch (dt) {
+    case LCA_F32: return F<float>::run(args...);
+    case LCA_F16: return F<__half>::run(args...);
+    case LCA_BF16: return F<__nv_bfloat16>::run(args...);
+    default: return LCA_ERR_UNSUPPORTED;
+    }
+}
+
+/* Sets the device for the duration of a launcher and restores the caller's afterwards. */
+struct DeviceGuard {
+    int prev = -1;
+    cudaError_t status;
+    explicit DeviceGuard(int dev) {
+        cudaGetDevice(&prev);
+        status = prev == dev ? cudaSuccess : cudaSetDevice(dev);
+    }
+    ~DeviceGuard() {
+        if (prev >= 0) cudaSetDevice(prev);
+    }
+};
+
+inline int cuda_error(cudaError_t e, const char *what, char *err, int errlen) {
+    snprintf(err, (size_t)errlen, "%s: CUDA error %s (%s)", what, cudaGetErrorName(e),
+             cudaGetErrorString(e));
+    return LCA_ERR_CUDA;
+}
+
+}  // namespace lca

@@ -1,0 +1,157 @@
+"""GPU tests of the CUDA forward (condensation + attention), skipped without a CUDA device.
+
+Every output is compared with the CPU engine in float64 on the same (rounded) inputs; outputs
+are poisoned with NaN before each launch (LCA_POISON_OUTPUTS) so an unwritten element fails.
+SPEC §8: float32 within 1e-5; bf16 and fp16 at most twice the error of the same computation in
+plain PyTorch at that precision (tests/torch_lca.py)."""
+import os
+
+import numpy as np
+import pytest
+
+import lca
+
+pytestmark = pytest.mark.skipif(not lca.HAS_CUDA, reason="needs a CUDA device")
+torch = pytest.importorskip("torch") if lca.HAS_CUDA else None
+
+if lca.HAS_CUDA:
+    from torch_lca import gqa_lca, mla_lca   # noqa: E402  (tests/ is on sys.path under pytest)
+
+DTYPES = ["float32", "bfloat16", "float16"]
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    monkeypatch.setenv("LCA_POISON_OUTPUTS", "1")
+
+
+def rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300)
+
+
+def to_np(x):
+    return x.detach().double().cpu().numpy()
+
+
+def rand(gen, shape, dtype):
+    return torch.randn(shape, generator=gen, dtype=torch.float32, device="cuda").to(
+        getattr(torch, dtype))
+
+
+def check(got, ref64, naive, dtype, what):
+    """got and naive are device tensors; ref64 a float64 NumPy array."""
+    assert torch.isfinite(got.float()).all(), f"{what}: non-finite (unwritten) elements"
+    err = rel(to_np(got), ref64)
+    if dtype == "float32":
+        assert err <= 1e-5, f"{what}: float32 error {err:.2e}"
+    else:
+        bound = 2 * rel(to_np(naive), ref64)
+        assert err <= max(bound, 1e-3), f"{what}: {dtype} error {err:.2e} > 2x naive {bound:.2e}"
+    return err
+
+
+MLA_CASES = [  # B, L, H, Dc, Dr, g, w, n, score, rep_bias
+    (1, 257, 16, 512, 64, 16, 64, None, "full", 0.0),
+    (2, 97, 4, 256, 32, 8, 20, 3, "latent", 0.5),
+    (1, 130, 128, 512, 64, 16, 32, None, "full", 0.0),
+    (1, 61, 1, 40, 0, 4, 0, 1, "full", 0.0),
+    (2, 77, 3, 48, 16, 1, 9, None, "full", -0.3),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", MLA_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_mla_forward(case, dtype):
+    B, L, H, Dc, Dr, g, w, n, score, bias = case
+    gen = torch.Generator(device="cuda").manual_seed(hash((case, dtype)) % 2**31)
+    q, c, r = rand(gen, (B, L, H, Dc + Dr), dtype), rand(gen, (B, L, Dc), dtype), \
+        rand(gen, (B, L, Dr), dtype)
+    kw = dict(group_size=g, window=w, n_summary=n, score=score, rep_bias=bias)
+    out, lse = lca.attention(q, c, r, return_lse=True, **kw)
+    assert isinstance(out, torch.Tensor) and out.device == q.device and out.dtype == q.dtype
+    assert lse.dtype == torch.float32 and lse.shape == (B, H, L)
+    ref, ref_lse = lca.attention(to_np(q), to_np(c), to_np(r), return_lse=True, **kw)
+    naive, _ = mla_lca(q, c, r, **kw)
+    check(out, ref, naive, dtype, "out")
+    assert rel(to_np(lse), ref_lse) <= (1e-6 if dtype == "float32" else 1e-2)
+    # condensation alone: the anchors agree with float64 except at near-ties
+    cb, rb, anchor, alpha = lca.condense(q, c, r, group_size=g, n_summary=n, score=score)
+    rcb, rrb, ranchor, ralpha = lca.condense(to_np(q), to_np(c), to_np(r), group_size=g,
+                                             n_summary=n, score=score)
+    assert anchor.dtype == torch.int32 and alpha.dtype == torch.float32
+    agree = (anchor.cpu().numpy() == ranchor).mean() if ranchor.size else 1.0
+    assert agree >= (1.0 if dtype == "float32" else 0.9)
+    assert rel(to_np(alpha), ralpha) <= (1e-5 if dtype == "float32" else 5e-2)
+
+
+GQA_CASES = [  # B, L, H, Hkv, D, Dv, g, w, n, key_mode
+    (1, 200, 32, 8, 128, 128, 16, 48, None, "anchor"),
+    (2, 97, 8, 1, 64, 64, 4, 10, 2, "pool"),
+    (1, 129, 4, 4, 256, 256, 16, 32, None, "pool"),
+    (1, 150, 16, 16, 192, 128, 16, 40, None, "anchor"),   # non-absorbed MLA shape
+    (1, 1025, 2, 1, 59, 37, 16, 100, 5, "anchor"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", GQA_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_gqa_forward(case, dtype):
+    B, L, H, Hkv, D, Dv, g, w, n, km = case
+    gen = torch.Generator(device="cuda").manual_seed(hash((case, dtype)) % 2**31)
+    q, k, v = rand(gen, (B, L, H, D), dtype), rand(gen, (B, L, Hkv, D), dtype), \
+        rand(gen, (B, L, Hkv, Dv), dtype)
+    kw = dict(group_size=g, window=w, n_summary=n, key_mode=km)
+    out = lca.gqa_attention(q, k, v, **kw)
+    ref = lca.gqa_attention(to_np(q), to_np(k), to_np(v), **kw)
+    naive, _ = gqa_lca(q, k, v, **kw)
+    check(out, ref, naive, dtype, "out")
+
+
+def test_unbatched_attend_and_window_exact():
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    L, H, Dc, Dr = 90, 4, 64, 16
+    q, c, r = (rand(gen, s, "float32") for s in ((L, H, Dc + Dr), (L, Dc), (L, Dr)))
+    cb, rb, _, _ = lca.condense(q, c, r, group_size=8)
+    a = lca.attend(q, c, r, cb, rb, group_size=8, window=16)
+    b = lca.attention(q, c, r, group_size=8, window=16)
+    assert a.shape == (L, H, Dc) and rel(to_np(a), to_np(b)) <= 1e-6
+    exact = lca.attention(q, c, r, group_size=8, window=10**9)
+    ref = lca.attention(to_np(q), to_np(c), to_np(r), group_size=8, window=L)
+    assert rel(to_np(exact), ref) <= 1e-5
+
+
+def test_runs_on_the_callers_stream():
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    q, k, v = (rand(gen, (1, 300, 8, 64), "bfloat16") for _ in range(3))
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        out = lca.gqa_attention(q, k, v, group_size=16, window=32)
+    s.synchronize()
+    ref = lca.gqa_attention(q, k, v, group_size=16, window=32)
+    assert torch.equal(out, ref)
+
+
+def test_cupy_intake():
+    cp = pytest.importorskip("cupy")
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((1, 100, 4, 32), dtype=np.float32) for _ in range(3))
+    out = lca.gqa_attention(cp.asarray(q), cp.asarray(k), cp.asarray(v), group_size=8, window=20)
+    assert isinstance(out, cp.ndarray) and out.dtype == cp.float32
+    ref = lca.gqa_attention(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64),
+                            group_size=8, window=20)
+    assert rel(cp.asnumpy(out), ref) <= 1e-5
+
+
+def test_cuda_errors():
+    q = torch.randn(1, 40, 2, 16, device="cuda")
+    k = torch.randn(1, 40, 2, 16, device="cuda")
+    with pytest.raises(TypeError, match="k"):
+        lca.gqa_attention(q, k.cpu(), k)
+    with pytest.raises(TypeError, match="v"):
+        lca.gqa_attention(q, k, k.double())
+    with pytest.raises(NotImplementedError, match="backward"):
+        lca.gqa_attention_backward(q, q, k, k, q, torch.zeros(1, 2, 40, device="cuda"))
+    big = torch.randn(1, 8, 1, 1100, device="cuda")
+    with pytest.raises(NotImplementedError, match="1024"):
+        lca.gqa_attention(big, big, big, group_size=4, window=4)

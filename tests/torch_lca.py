@@ -1,0 +1,53 @@
+"""LCA (SPEC §2-§4) written in plain PyTorch, vectorised with explicit masks: O(L^2) memory, so
+for small sizes only.  Run in bf16/fp16 it is the "same computation done in plain PyTorch at that
+precision" against which SPEC §8 bounds the CUDA kernels' error; run in float64 it is a second
+reference.  Imported by the GPU tests only (torch is needed)."""
+import torch
+
+
+def gqa_lca(q, k, v, *, group_size=16, window=1024, n_summary=None, softmax_scale=None,
+            key_mode="anchor", rep_bias=0.0, d_score=None, d_pool=None):
+    """q (B, L, H, D), k (B, L, Hkv, D), v (B, L, Hkv, Dv) -> (out (B, L, H, Dv), lse (B, H, L)).
+    d_score / d_pool override the score and pooled key columns (used for MLA)."""
+    B, L, H, D = q.shape
+    Hkv, Dv = k.shape[2], v.shape[3]
+    g, hg = group_size, H // Hkv
+    n = n_summary or g
+    scale = softmax_scale if softmax_scale is not None else D ** -0.5
+    ds = D if d_score is None else d_score
+    dp = (D if key_mode == "pool" else 0) if d_pool is None else d_pool
+    m = L // g
+    # condensation (SPEC §2 / §4)
+    qg = q[:, :m * g].reshape(B, m, g, Hkv, hg, D)[:, :, g - n:].mean(dim=(2, 4))
+    kg = k[:, :m * g].reshape(B, m, g, Hkv, D)
+    vg = v[:, :m * g].reshape(B, m, g, Hkv, Dv)
+    s = scale * torch.einsum("bmhd,bmghd->bmhg", qg[..., :ds], kg[..., :ds])
+    alpha = torch.softmax(s, dim=-1)
+    anchor = alpha.argmax(dim=-1)                                           # (B, m, Hkv)
+    vbar = torch.einsum("bmhg,bmghd->bmhd", alpha, vg)
+    k_anchor = torch.gather(kg, 2, anchor[:, :, None, :, None].expand(B, m, 1, Hkv, D))[:, :, 0]
+    kbar = torch.cat([torch.einsum("bmhg,bmghd->bmhd", alpha, kg[..., :dp]), k_anchor[..., dp:]],
+                     dim=-1)
+    # attention over [condensed; exact] with the SPEC §3 visibility
+    keys = torch.cat([kbar, k], dim=1).repeat_interleave(hg, dim=2)           # (B, m+L, H, D)
+    vals = torch.cat([vbar, v], dim=1).repeat_interleave(hg, dim=2)
+    t = torch.arange(L, device=q.device)
+    G = torch.clamp(torch.div(t - window + 1, g, rounding_mode="floor"), min=0)
+    j = torch.arange(m, device=q.device)
+    cond = j[None, :] < G[:, None]
+    exact = (t[None, :] >= (G * g)[:, None]) & (t[None, :] <= t[:, None])
+    visible = torch.cat([cond, exact], dim=1)                                # (L, m+L)
+    logits = scale * torch.einsum("bthd,bshd->bhts", q, keys)
+    logits[..., :m] += rep_bias
+    logits = logits.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(logits.float(), dim=-1)
+    out = torch.einsum("bhts,bshd->bthd", torch.softmax(logits, dim=-1), vals)
+    return out, lse
+
+
+def mla_lca(q, latent, kpos, *, score="full", **kw):
+    """Absorbed MLA as GQA with one kv head: keys [c; r], values c."""
+    Dc = latent.shape[-1]
+    k = torch.cat([latent, kpos], dim=-1)[:, :, None]
+    return gqa_lca(q, k, latent[:, :, None], d_pool=Dc,
+                   d_score=q.shape[-1] if score == "full" else Dc, **kw)
