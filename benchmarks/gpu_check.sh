@@ -12,5 +12,5 @@ echo "build: $(( $(date +%s) - t0 )) s"
 grep -E "spill|error" "$OUT/build.log" | sort | uniq -c | head
 python3 -c "import lca; print('HAS_CUDA', lca.HAS_CUDA)"
 python3 -m pytest -q -p no:cacheprovider tests -x 2>&1 | tee "$OUT/tests.log" | tail -15
-python3 benchmarks/bench_prefill.py "$@" 2>&1 | tee "$OUT/bench.log"
+LCA_COMMIT=${LCA_COMMIT:-unknown} python3 benchmarks/bench_prefill.py "$@" 2>&1 | tee "$OUT/bench.log"
 cp benchmarks/RESULTS.md "$OUT/RESULTS.md"

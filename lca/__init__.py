@@ -162,7 +162,7 @@ def _backward(dout, q, k, v, out, lse, cfg, d_score, d_pool, v_in_k):
     dv = dk[..., :Dv] if v_in_k else np.zeros(v.shape, q.dtype)
     _C.backward(for_engine(dout.astype(q.dtype, copy=False)), q, k, v,
                 for_engine(out.astype(q.dtype, copy=False)),
-                np.ascontiguousarray(lse, q.dtype), dq, dk, dv,
+                np.require(lse, q.dtype, ["C", "A"]), dq, dk, dv,
                 cfg.g, cfg.w, cfg.n, cfg.scale, cfg.rep_bias, d_score, d_pool, v_in_k)
     return dq, dk, dv
 
@@ -344,10 +344,18 @@ def gqa_attention_backward(dout, q, k, v, out, lse, *, group_size=16, window=102
 
 def num_condensed(t, group_size=16, window=1024):
     """G_t: condensed entries seen by the query at position t (SPEC §3)."""
-    return max(0, (t - window + 1) // group_size)
+    t, g, w = _counts(t, "t", group_size, window)
+    return max(0, (t - w + 1) // g)
 
 
 def cache_entries(T, group_size=16, window=1024):
     """Entries a condensed cache holds after T tokens (SPEC §6): G + (T - G*g)."""
-    G = min(num_condensed(T, group_size, window), T // group_size)
-    return G + (T - G * group_size)
+    T, g, w = _counts(T, "T", group_size, window)
+    G = min(num_condensed(T, g, w), T // g)
+    return G + (T - G * g)
+
+
+def _counts(t, name, group_size, window):
+    """The counting functions' arguments: integers, t and window >= 0, group_size >= 1."""
+    return (int_param(t, name, 0, math.inf), int_param(group_size, "group_size", 1, math.inf),
+            int_param(window, "window", 0, math.inf))

@@ -43,7 +43,7 @@ def for_engine(a):
         return a
     ok = (a.ndim == 0 or a.shape[-1] <= 1 or s[-1] == a.itemsize) and \
         all(x >= 0 and x % a.itemsize == 0 for x in s) and a.flags.aligned
-    return a if ok else np.ascontiguousarray(a)
+    return a if ok else np.require(a, requirements=["C", "A"])   # copies misaligned data too
 
 
 def same_dtype(arrays, names):

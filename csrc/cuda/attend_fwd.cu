@@ -1,5 +1,6 @@
-/* attend_fwd.cu — SPEC §3 attention forward on the GPU, the portable path (CUDA cores, any
- * NVIDIA GPU from sm_80): one warp per query row (b, t, head), walking its visible entries —
+/* attend_fwd.cu — SPEC §3 attention forward on the GPU: the entry point, which sends bf16/fp16
+ * calls of the common head widths to the tensor-core kernel (attend_mma.cu), and the portable
+ * path for everything else (CUDA cores, any NVIDIA GPU from sm_80): one warp per query row (b, t, head), walking its visible entries —
  * the condensed ones, then the exact window — in one online softmax.  Lane l holds columns
  * l, l+32, ... of the query and of the output accumulator; each entry costs one warp-wide dot
  * product.  float32 accumulation; lse in float32.
@@ -94,6 +95,11 @@ extern "C" int lca_cuda_attend_fwd(const lca_params *p, int device, void *stream
     }
     DeviceGuard guard(device);
     if (guard.status != cudaSuccess) return cuda_error(guard.status, "cudaSetDevice", err, errlen);
+    if (lca_cuda_mma_supported(p)) {                 /* tensor cores: attend_mma.cu */
+        lca_cuda_attend_mma(p, stream);
+        cudaError_t e = cudaGetLastError();
+        return e == cudaSuccess ? LCA_OK : cuda_error(e, "attend_mma_kernel launch", err, errlen);
+    }
     int s = dispatch<AttendFwd>(p->dtype, p, (cudaStream_t)stream);
     if (s != LCA_OK) {
         snprintf(err, (size_t)errlen, "attention on CUDA: unsupported dtype");

@@ -73,3 +73,7 @@ inline int cuda_error(cudaError_t e, const char *what, char *err, int errlen) {
 }
 
 }  // namespace lca
+
+/* attend_mma.cu: the tensor-core forward and the calls it covers. */
+extern "C" int lca_cuda_mma_supported(const lca_params *p);
+extern "C" int lca_cuda_attend_mma(const lca_params *p, void *stream);
