@@ -8,7 +8,8 @@
  * then the exact tokens [G(t_first)*g, t_last]; each row masks to its own ranges (SPEC §3).
  * Per block: K and V tiles to shared memory (16-byte loads), S = Q K^T (Q fragments held in
  * registers), online softmax in float32, O += P V with P re-packed as A fragments and V read by
- * ldmatrix.trans.  No copy/compute overlap yet (no cp.async pipeline, no wgmma). */
+ * ldmatrix.trans.  K/V tiles are double-buffered with cp.async: block i+1 loads while block i
+ * computes.  Not yet: wgmma (sm_90a), warp specialisation, TMA. */
 #include "common.cuh"
 
 namespace lca {
@@ -54,22 +55,34 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void *
 }
 
 /* Copy n rows of width W (multiple of 8) from a strided global view into a padded tile; rows
- * n .. kKeys-1 are zeroed.  src(i) gives row i's address. */
-template <typename T, int W, typename F>
+ * n .. kKeys-1 are zeroed.  src(i) gives row i's address.  ASYNC: with cp.async (16 bytes a
+ * thread, completion through cp.async.wait_group), else plain loads. */
+template <typename T, int W, bool ASYNC, typename F>
 __device__ __forceinline__ void load_tile(T *tile, int n, F src) {
     constexpr int V = W / 8;                       /* 16-byte vectors per row */
     for (int i = threadIdx.x; i < kKeys * V; i += kThreads) {
         const int r = i / V, c = (i % V) * 8;
-        uint4 v = make_uint4(0, 0, 0, 0);
-        if (r < n) v = *(const uint4 *)(src(r) + c);
-        *(uint4 *)(tile + r * (W + kPad) + c) = v;
+        T *dst = tile + r * (W + kPad) + c;
+        if (r < n && ASYNC) {
+            const uint32_t a = (uint32_t)__cvta_generic_to_shared(dst);
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(a), "l"(src(r) + c));
+        } else {
+            *(uint4 *)dst = r < n ? *(const uint4 *)(src(r) + c) : make_uint4(0, 0, 0, 0);
+        }
     }
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
 template <typename T, int D, int DV>
 __global__ void __launch_bounds__(kThreads) attend_mma_kernel(lca_params p) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    T *Qs = (T *)smem_raw, *Ks = Qs + kRows * (D + kPad), *Vs = Ks + kKeys * (D + kPad);
+    /* Q, then two stages of (K, V): the next block's tiles load while this one computes */
+    T *Qs = (T *)smem_raw;
+    constexpr int kStage = kKeys * (D + kPad) + kKeys * (DV + kPad);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gq = lane >> 2, tq = lane & 3;
     const int64_t hg = p.H / p.Hkv, b = blockIdx.z, h = blockIdx.y;
     const int64_t R0 = (int64_t)blockIdx.x * kRows, nrows = p.L * hg;
@@ -77,7 +90,7 @@ __global__ void __launch_bounds__(kThreads) attend_mma_kernel(lca_params p) {
     const int64_t t_last = (R0 + kRows - 1 < nrows ? R0 + kRows - 1 : nrows - 1) / hg;
 
     /* Q tile -> shared -> A fragments in registers */
-    load_tile<T, D>(Qs, (int)(nrows - R0 < kRows ? nrows - R0 : kRows), [&](int r) {
+    load_tile<T, D, false>(Qs, (int)(nrows - R0 < kRows ? nrows - R0 : kRows), [&](int r) {
         const int64_t R = R0 + r;
         return row<const T>(p.q, b, R / hg, h * hg + R % hg);
     });
@@ -111,20 +124,33 @@ __global__ void __launch_bounds__(kThreads) attend_mma_kernel(lca_params p) {
     const int64_t ncond_blocks = (Gmax + kKeys - 1) / kKeys;
     const int64_t nblocks = ncond_blocks + (t_last + 1 - e0 + kKeys - 1) / kKeys;
 
+    /* block blk: condensed entries first, then exact tokens; issue its tile loads */
+    auto block_start = [&](int64_t blk) {
+        return blk < ncond_blocks ? blk * kKeys : e0 + (blk - ncond_blocks) * kKeys;
+    };
+    auto issue = [&](int64_t blk) {
+        const bool cond = blk < ncond_blocks;
+        const int64_t key0 = block_start(blk), kend = cond ? Gmax : t_last + 1;
+        const int nk = (int)(kend - key0 < kKeys ? kend - key0 : kKeys);
+        T *Ks = Qs + kRows * (D + kPad) + (blk & 1) * kStage, *Vs = Ks + kKeys * (D + kPad);
+        const lca_view &kv = cond ? p.kbar : p.k, &vv = cond ? p.vbar : p.v;
+        load_tile<T, D, true>(Ks, nk, [&](int r) { return row<const T>(kv, b, key0 + r, h); });
+        load_tile<T, DV, true>(Vs, nk, [&](int r) { return row<const T>(vv, b, key0 + r, h); });
+        cp_async_commit();
+    };
+    if (nblocks > 0) issue(0);
+
     for (int64_t blk = 0; blk < nblocks; blk++) {
         const bool cond = blk < ncond_blocks;
-        const int64_t key0 = cond ? blk * kKeys : e0 + (blk - ncond_blocks) * kKeys;
-        const int64_t kend = cond ? Gmax : t_last + 1;
-        const int nk = (int)(kend - key0 < kKeys ? kend - key0 : kKeys);
-        __syncthreads();                                   /* previous tiles fully used */
-        if (cond) {
-            load_tile<T, D>(Ks, nk, [&](int r) { return row<const T>(p.kbar, b, key0 + r, h); });
-            load_tile<T, DV>(Vs, nk, [&](int r) { return row<const T>(p.vbar, b, key0 + r, h); });
+        const int64_t key0 = block_start(blk);
+        if (blk + 1 < nblocks) {
+            issue(blk + 1);                               /* the other stage: free since the */
+            cp_async_wait<1>();                           /* barrier that ended blk - 1 */
         } else {
-            load_tile<T, D>(Ks, nk, [&](int r) { return row<const T>(p.k, b, key0 + r, h); });
-            load_tile<T, DV>(Vs, nk, [&](int r) { return row<const T>(p.v, b, key0 + r, h); });
+            cp_async_wait<0>();
         }
         __syncthreads();
+        const T *Ks = Qs + kRows * (D + kPad) + (blk & 1) * kStage, *Vs = Ks + kKeys * (D + kPad);
 
         /* S = Q K^T for this warp's 16 rows x 64 keys */
         float s[kKeys / 8][4];
@@ -188,6 +214,7 @@ __global__ void __launch_bounds__(kThreads) attend_mma_kernel(lca_params p) {
                 mma16816<T>(o[n + 1], a, bf[2], bf[3]);
             }
         }
+        __syncthreads();                                  /* this stage may be refilled */
     }
 
     /* epilogue: finish the row sums across the quad, normalise, store out and lse */
@@ -208,8 +235,8 @@ __global__ void __launch_bounds__(kThreads) attend_mma_kernel(lca_params p) {
 }
 
 template <typename T, int D, int DV> int launch_mma(const lca_params *p, cudaStream_t stream) {
-    const size_t smem = sizeof(T) * (size_t)(kRows * (D + kPad) + kKeys * (D + kPad) +
-                                             kKeys * (DV + kPad));
+    const size_t smem = sizeof(T) * (size_t)(kRows * (D + kPad) +
+                                             2 * (kKeys * (D + kPad) + kKeys * (DV + kPad)));
     auto kernel = attend_mma_kernel<T, D, DV>;
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          (int)smem);
