@@ -168,3 +168,20 @@ def test_cuda_errors():
     big = torch.randn(1, 8, 1, 1100, device="cuda")
     with pytest.raises(NotImplementedError, match="1024"):
         lca.gqa_attention(big, big, big, group_size=4, window=4)
+
+
+def test_cuda_failure_is_a_runtime_error_and_the_process_goes_on():
+    """A failing CUDA call (here: a device that does not exist) raises RuntimeError naming the
+    call, and the next call works."""
+    from lca import _C, _cuda
+    q = torch.randn(1, 16, 2, 64, device="cuda", dtype=torch.bfloat16)
+    fe = _cuda.frontend(q)
+    out = torch.empty_like(q)
+    lse = torch.empty(1, 2, 16, device="cuda")
+    with pytest.raises(RuntimeError, match="cudaSetDevice"):
+        _C.cuda_attend(_cuda.BF16, fe.desc(q), fe.desc(q), fe.desc(q), fe.desc(q), fe.desc(q),
+                       fe.desc(out), fe.desc(lse), 4, 4, 0.125, 0.0, 0, 4096, fe.stream())
+    ref = lca.gqa_attention(q.double().cpu().numpy(), q.double().cpu().numpy(),
+                            q.double().cpu().numpy(), group_size=4, window=4)
+    got = lca.gqa_attention(q, q, q, group_size=4, window=4)
+    assert rel(to_np(got), ref) <= 1e-2
