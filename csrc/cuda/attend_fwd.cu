@@ -34,7 +34,7 @@ __device__ __forceinline__ void visit(const float (&q)[C], float (&o)[C], float 
 }
 
 template <typename T, int C>
-__global__ void __launch_bounds__(32 * kAttendWarps) attend_kernel(lca_params p) {
+__global__ void __launch_bounds__(32 * kAttendWarps) lca_attend_simt_kernel(lca_params p) {
     const int lane = threadIdx.x & 31;
     const int64_t rowid = (int64_t)blockIdx.x * kAttendWarps + (threadIdx.x >> 5);
     if (rowid >= p.L * p.H) return;
@@ -69,10 +69,10 @@ template <typename T> struct AttendFwd {
         const dim3 grid((unsigned)((p->L * p->H + kAttendWarps - 1) / kAttendWarps),
                         (unsigned)p->B);
         const int threads = 32 * kAttendWarps;
-        if (width <= 128) attend_kernel<T, 4><<<grid, threads, 0, stream>>>(*p);
-        else if (width <= 256) attend_kernel<T, 8><<<grid, threads, 0, stream>>>(*p);
-        else if (width <= 576) attend_kernel<T, 18><<<grid, threads, 0, stream>>>(*p);
-        else attend_kernel<T, 32><<<grid, threads, 0, stream>>>(*p);
+        if (width <= 128) lca_attend_simt_kernel<T, 4><<<grid, threads, 0, stream>>>(*p);
+        else if (width <= 256) lca_attend_simt_kernel<T, 8><<<grid, threads, 0, stream>>>(*p);
+        else if (width <= 576) lca_attend_simt_kernel<T, 18><<<grid, threads, 0, stream>>>(*p);
+        else lca_attend_simt_kernel<T, 32><<<grid, threads, 0, stream>>>(*p);
         return LCA_OK;
     }
 };
@@ -98,7 +98,7 @@ extern "C" int lca_cuda_attend_fwd(const lca_params *p, int device, void *stream
     if (lca_cuda_mma_supported(p)) {                 /* tensor cores: attend_mma.cu */
         lca_cuda_attend_mma(p, stream);
         cudaError_t e = cudaGetLastError();
-        return e == cudaSuccess ? LCA_OK : cuda_error(e, "attend_mma_kernel launch", err, errlen);
+        return e == cudaSuccess ? LCA_OK : cuda_error(e, "lca_attend_mma_kernel launch", err, errlen);
     }
     int s = dispatch<AttendFwd>(p->dtype, p, (cudaStream_t)stream);
     if (s != LCA_OK) {
@@ -106,7 +106,7 @@ extern "C" int lca_cuda_attend_fwd(const lca_params *p, int device, void *stream
         return s;
     }
     cudaError_t e = cudaGetLastError();
-    return e == cudaSuccess ? LCA_OK : cuda_error(e, "attend_kernel launch", err, errlen);
+    return e == cudaSuccess ? LCA_OK : cuda_error(e, "lca_attend_simt_kernel launch", err, errlen);
 }
 
 extern "C" int lca_cuda_device_count(void) {

@@ -78,7 +78,7 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
 }
 
 template <typename T, int D, int DV>
-__global__ void __launch_bounds__(kThreads) attend_mma_kernel(lca_params p) {
+__global__ void __launch_bounds__(kThreads) lca_attend_mma_kernel(lca_params p) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     /* Q, then two stages of (K, V): the next block's tiles load while this one computes */
     T *Qs = (T *)smem_raw;
@@ -237,7 +237,7 @@ __global__ void __launch_bounds__(kThreads) attend_mma_kernel(lca_params p) {
 template <typename T, int D, int DV> int launch_mma(const lca_params *p, cudaStream_t stream) {
     const size_t smem = sizeof(T) * (size_t)(kRows * (D + kPad) +
                                              2 * (kKeys * (D + kPad) + kKeys * (DV + kPad)));
-    auto kernel = attend_mma_kernel<T, D, DV>;
+    auto kernel = lca_attend_mma_kernel<T, D, DV>;
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          (int)smem);
     if (e != cudaSuccess) return LCA_ERR_CUDA;

@@ -60,6 +60,9 @@ struct DeviceGuard {
     explicit DeviceGuard(int dev) {
         cudaGetDevice(&prev);
         status = prev == dev ? cudaSuccess : cudaSetDevice(dev);
+        /* clear the runtime's last error: ours (a failed cudaSetDevice) or one left by other
+           code, so the launch check after our kernels reports only our launch */
+        cudaGetLastError();
     }
     ~DeviceGuard() {
         if (prev >= 0) cudaSetDevice(prev);

@@ -12,7 +12,7 @@ namespace lca {
 constexpr int kCondenseThreads = 256;
 
 template <typename T>
-__global__ void __launch_bounds__(kCondenseThreads) condense_kernel(lca_params p) {
+__global__ void __launch_bounds__(kCondenseThreads) lca_condense_kernel(lca_params p) {
     extern __shared__ float sm[];
     float *qbar = sm, *s = sm + p.D;                   /* D floats, then g */
     __shared__ int anchor_s;
@@ -90,7 +90,7 @@ template <typename T> struct Condense {
     static int run(const lca_params *p, cudaStream_t stream) {
         const size_t smem = sizeof(float) * (size_t)(p->D + p->g);
         const dim3 grid((unsigned)(p->L / p->g), (unsigned)p->Hkv, (unsigned)p->B);
-        condense_kernel<T><<<grid, kCondenseThreads, smem, stream>>>(*p);
+        lca_condense_kernel<T><<<grid, kCondenseThreads, smem, stream>>>(*p);
         return LCA_OK;
     }
 };
@@ -120,5 +120,5 @@ extern "C" int lca_cuda_condense(const lca_params *p, int device, void *stream, 
         return s;
     }
     cudaError_t e = cudaGetLastError();
-    return e == cudaSuccess ? LCA_OK : cuda_error(e, "condense_kernel launch", err, errlen);
+    return e == cudaSuccess ? LCA_OK : cuda_error(e, "lca_condense_kernel launch", err, errlen);
 }
