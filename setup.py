@@ -7,6 +7,9 @@ Switches (environment):
   LCA_CUDA_ARCHS      nvcc -gencode list, default sm_80 + sm_90 machine code and compute_80 PTX.
   LCA_DEBUG=1         -O0 -g, for gdb.
   LCA_SANITIZE=1      AddressSanitizer + UndefinedBehaviorSanitizer (needs LD_PRELOAD of libasan).
+  LCA_SANITIZE=fuzz   with CC=clang LDSHARED="clang -shared": libFuzzer coverage counters and
+                      undefined behaviour as a trap; loads only once atheris' libFuzzer runs
+                      (tests/fuzz/fuzz_lca.py, .ci/fuzz.sh).
 """
 import glob
 import os
@@ -42,6 +45,10 @@ if os.environ.get("LCA_SANITIZE") == "1":
     san = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"]
     cflags += san + ["-O1", "-g"]
     ldflags += san
+elif os.environ.get("LCA_SANITIZE") == "fuzz":      # clang: coverage counters, UB traps
+    cflags += ["-fsanitize-coverage=inline-8bit-counters,pc-table,trace-cmp,indirect-calls",
+               "-fsanitize=undefined", "-fsanitize-trap=undefined",
+               "-fno-omit-frame-pointer", "-O1", "-g"]
 
 nvcc = find_nvcc() if cuda != "0" else None
 cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))

@@ -14,6 +14,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <float.h>
 #include <numpy/arrayobject.h>
 
 #include "lca.h"
@@ -42,6 +43,10 @@ static int view_of(PyObject *o, const char *name, int ndim, int typenum, int wri
     }
     const npy_intp item = PyArray_ITEMSIZE(a), *st = PyArray_STRIDES(a);
     const int empty = PyArray_SIZE(a) == 0;          /* strides of an empty array are moot */
+    if (!empty && !PyArray_ISALIGNED(a)) {
+        PyErr_Format(PyExc_ValueError, "%s: data must be aligned to its element size", name);
+        return -1;
+    }
     for (int i = 0; i < ndim; i++) {
         shape[i] = PyArray_DIM(a, i);
         if (!empty && (st[i] < 0 || st[i] % item || (i == ndim - 1 && shape[i] > 1 && st[i] != item))) {
@@ -90,7 +95,7 @@ static int qkv_params(lca_params *p, PyObject *q, PyObject *k, PyObject *v) {
     p->B = sq[0], p->L = sq[1], p->H = sq[2], p->D = sq[3], p->Hkv = sk[2], p->Dv = sv[3];
     npy_intp wk[4] = {p->B, p->L, p->Hkv, p->D}, wv[4] = {p->B, p->L, p->Hkv, p->Dv};
     if (same_shape("k", sk, wk, 4) || same_shape("v", sv, wv, 3)) return -1;
-    if (p->Hkv < 1 || p->H % p->Hkv || p->D < 1 || p->Dv < 1) {
+    if (p->H < 1 || p->Hkv < 1 || p->H % p->Hkv || p->D < 1 || p->Dv < 1) {
         PyErr_SetString(PyExc_ValueError, "q, k, v: heads must be a multiple of kv heads >= 1 "
                         "and widths >= 1");
         return -1;
@@ -114,6 +119,14 @@ static int lca_params_check(lca_params *p) {
     }
     if (!isfinite(p->scale) || !isfinite(p->rep_bias)) {
         PyErr_SetString(PyExc_ValueError, "softmax_scale and rep_bias must be finite");
+        return -1;
+    }
+    /* below float64 the engines compute with (float)scale and (float)rep_bias: past FLT_MAX
+     * those are inf, and every answer NaN */
+    if (p->dtype != LCA_F64 && (fabs(p->scale) > FLT_MAX || fabs(p->rep_bias) > FLT_MAX)) {
+        PyErr_SetString(PyExc_ValueError, fabs(p->scale) > FLT_MAX
+                        ? "softmax_scale: beyond the float32 range (3.4e38) of these inputs"
+                        : "rep_bias: beyond the float32 range (3.4e38) of these inputs");
         return -1;
     }
     return 0;
@@ -287,7 +300,7 @@ static int cuda_qkv(lca_params *p, int dtype, PyObject *q, PyObject *k, PyObject
     p->B = sq[0], p->L = sq[1], p->H = sq[2], p->D = sq[3], p->Hkv = sk[2], p->Dv = sv[3];
     npy_intp wk[4] = {p->B, p->L, p->Hkv, p->D}, wv[4] = {p->B, p->L, p->Hkv, p->Dv};
     if (same_shape("k", sk, wk, 4) || same_shape("v", sv, wv, 3)) return -1;
-    if (p->Hkv < 1 || p->H % p->Hkv || p->D < 1 || p->Dv < 1) {
+    if (p->H < 1 || p->Hkv < 1 || p->H % p->Hkv || p->D < 1 || p->Dv < 1) {
         PyErr_SetString(PyExc_ValueError, "q, k, v: heads must be a multiple of kv heads >= 1 "
                         "and widths >= 1");
         return -1;

@@ -102,7 +102,11 @@ def float_param(x, name, default=None):
         return float(default)
     if isinstance(x, bool) or not isinstance(x, (int, float, np.integer, np.floating)):
         raise TypeError(f"{name}: expected a real number, got {type(x).__name__}")
-    v = float(x)
+    try:
+        v = float(x)
+    except OverflowError:                                   # an int beyond float64
+        raise ValueError(f"{name}: expected a finite number, got an integer of "
+                         f"{int(x).bit_length()} bits") from None
     if not math.isfinite(v):
         raise ValueError(f"{name}: expected a finite number, got {v}")
     return v
