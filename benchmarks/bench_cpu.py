@@ -14,6 +14,10 @@ counts 2.5x the forward FLOPs.  The table is appended to benchmarks/RESULTS.md.
     python3 benchmarks/bench_cpu.py --check         self-checks only (no timing)
 
 Timing is wall clock (time.perf_counter), median of the runs; nothing here asserts on time.
+The machine may be shared: every timed run first waits for other processes to go quiet and is
+retried when they took CPU during it (--wait, --retries); the table's "other CPU" column says how
+much disturbance the kept runs saw.  Run an lca copy with PYTHONPATH=<dir> (it is preferred to
+the in-place build) when others may rebuild lca/_C during a long run.
 """
 import argparse
 import datetime
@@ -161,6 +165,33 @@ def git_commit():
     return h + (" (with uncommitted changes to lca/csrc)" if dirty else "")
 
 
+class OtherLoad:
+    """Share of the machine's CPU time used by other processes (and the hypervisor's steal)
+    between two points, from /proc/stat minus this process's own CPU time: a timing taken while
+    this is large is not to be trusted (the benchmark shares the cores with whatever else runs)."""
+
+    def __init__(self):
+        self.t0 = self._snap()
+
+    @staticmethod
+    def _snap():
+        try:
+            with open("/proc/stat") as f:
+                v = [int(x) for x in f.readline().split()[1:9]]
+        except (OSError, ValueError):
+            return None
+        tick = os.sysconf("SC_CLK_TCK")
+        busy = v[0] + v[1] + v[2] + v[5] + v[6] + v[7]        # user nice system irq softirq steal
+        t = os.times()
+        return busy / tick, (busy + v[3] + v[4]) / tick, t.user + t.system
+
+    def share(self):
+        t1 = self._snap()
+        if self.t0 is None or t1 is None or t1[1] <= self.t0[1]:
+            return float("nan")
+        return max(0.0, (t1[0] - self.t0[0]) - (t1[2] - self.t0[2])) / (t1[1] - self.t0[1])
+
+
 # ---------------------------------------------------------------------------------------------
 # work and timing
 
@@ -177,11 +208,47 @@ def _timed(f):
     return time.perf_counter() - t
 
 
-def run_timed(f, runs):
-    """(median seconds, result of the first run)."""
-    res = []
-    ts = [_timed(lambda: res.append(f())) for _ in range(runs)]
-    return float(np.median(ts)), res[0]
+QUIET = 0.05        # a run counts as clean when other processes used < 5% of the machine
+
+
+def wait_quiet(max_wait):
+    """Wait (up to max_wait s) until other processes have used < QUIET of the machine for 3 s
+    in a row: this box may be shared, and a timing taken next to a compile is meaningless."""
+    t_end, calm = time.time() + max_wait, 0
+    while time.time() < t_end and calm < 3:
+        o = OtherLoad()
+        time.sleep(1.0)
+        calm = calm + 1 if o.share() < QUIET else 0
+    return calm >= 3
+
+
+def run_timed(f, runs, args):
+    """(median seconds, result of the first run, worst other-process share among kept runs).
+
+    Each run waits for a quiet machine first; a run during which other processes took more than
+    QUIET of the CPU is repeated (up to args.retries times; once for runs over a minute) and
+    the least disturbed attempt is kept."""
+    times, shares, first = [], [], None
+    for _ in range(runs):
+        best = None
+        for attempt in range(args.retries + 1):
+            if args.wait:
+                wait_quiet(args.wait)
+            o = OtherLoad()
+            t = time.perf_counter()
+            res = f()
+            dt = time.perf_counter() - t
+            sh = o.share()
+            if first is None:
+                first = res
+            del res
+            if best is None or sh < best[1]:
+                best = (dt, sh)
+            if sh < QUIET or (dt > 60 and attempt >= 1):
+                break
+        times.append(best[0])
+        shares.append(best[1])
+    return float(np.median(times)), first, max(shares)
 
 
 def make_inputs(case, L, rng):
@@ -196,8 +263,9 @@ def make_inputs(case, L, rng):
     return xs, rng.standard_normal(dshape, np.float32)
 
 
-def bench_case(lca, case, L, runs, rng):
-    """Time C and NumPy forward and backward on one shape; return the table rows and the check."""
+def bench_case(lca, case, L, runs, rng, args):
+    """Time C and NumPy forward and backward on one shape; return the two table rows
+    (case, L, pass, C s, NumPy s, FLOPs, rel err C vs NumPy, worst other-process share)."""
     xs, dout = make_inputs(case, L, rng)
     kw = dict(group_size=G, window=W)
     if case == "MLA":
@@ -210,15 +278,16 @@ def bench_case(lca, case, L, runs, rng):
         c_bwd = lambda o, l: lca.gqa_attention_backward(dout, *xs, o, l, **kw)  # noqa: E731
         n_fwd = lambda: nl.gqa_forward(*xs, g=G, w=W)                           # noqa: E731
         n_bwd = lambda o, l: nl.gqa_backward(dout, *xs, o, l, g=G, w=W)        # noqa: E731
-    tc_f, (oc, lc) = run_timed(c_fwd, runs)
-    tn_f, (on, ln) = run_timed(n_fwd, runs)
+    # forward; the first run's outputs are checked C against NumPy and feed the backward
+    tc_f, (oc, lc), sc_f = run_timed(c_fwd, runs, args)
+    tn_f, (on, ln), sn_f = run_timed(n_fwd, runs, args)
     err_f = max(nl.rel_err(oc, on), nl.rel_err(lc, ln))
-    tc_b, gc = run_timed(lambda: c_bwd(oc, lc), runs)
-    tn_b, gn = run_timed(lambda: n_bwd(on, ln), runs)
+    tc_b, gc, sc_b = run_timed(lambda: c_bwd(oc, lc), runs, args)
+    tn_b, gn, sn_b = run_timed(lambda: n_bwd(on, ln), runs, args)
     err_b = max(nl.rel_err(a, b) for a, b in zip(gc, gn))
     flops = attended_pairs(L) * CASES[case][0] * CASES[case][1]
-    return [(case, L, "fwd", tc_f, tn_f, flops, err_f),
-            (case, L, "bwd", tc_b, tn_b, BWD_FACTOR * flops, err_b)]
+    return [(case, L, "fwd", tc_f, tn_f, flops, err_f, max(sc_f, sn_f)),
+            (case, L, "bwd", tc_b, tn_b, BWD_FACTOR * flops, err_b, max(sc_b, sn_b))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,9 +340,10 @@ def header_lines(args, peak, peak_how, fma, sgemm):
     model, cores, ghz, _ = cpu_info()
     return [
         f"- date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}",
-        f"- CPU: {model}, {cores} cores; load average at start {os.getloadavg()[0]:.2f}",
+        f"- CPU: {model}, {cores} cores; 1-min load average at start {os.getloadavg()[0]:.2f}"
+        + (" (machine busy: timings unreliable)" if os.getloadavg()[0] > 0.5 * cores else ""),
         f"- float32 FMA peak: {peak:.1f} GFLOP/s = {peak_how}",
-        f"- measured: 512-bit FMA loop {fma} GFLOP/s; NumPy 4096^3 sgemm {sgemm:.1f} GFLOP/s",
+        f"- measured: 512-bit FMA loop {fma}; NumPy 4096^3 sgemm {sgemm:.1f} GFLOP/s",
         f"- NumPy {np.__version__}, BLAS: {blas_info()}; "
         f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')!s}, "
         f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '(unset)')}",
@@ -281,29 +351,41 @@ def header_lines(args, peak, peak_how, fma, sgemm):
         f"- command: `{' '.join(['python3'] + [os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])}`"
         f" (from the repository root)",
         f"- shapes: B=1, g={G}, w={W}; {CASES['MLA'][2]}; {CASES['GQA'][2]}; float32; "
-        f"runs per point: {args.repeat} (L <= 8192), {max(1, args.repeat // 3)} (L > 8192), median",
+        f"runs per point: {args.repeat} (L <= 8192), {max(1, args.repeat // 3)} (L > 8192), median; "
+        f"each run waits up to {args.wait:g} s for a quiet machine, retried up to "
+        f"{args.retries}x when other processes took > {100 * QUIET:.0f}% of it",
     ]
+
+
+def _klabel(L):
+    return f"{L // 1024}K" if L % 1024 == 0 else str(L)
 
 
 def table(rows, peak):
     out = ["| case | L | pass | C ms | C GFLOP/s | % peak | NumPy ms | NumPy GFLOP/s | speedup "
-           "| rel err C vs NumPy |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
-    for case, L, p, tc, tn, fl, err in rows:
-        out.append(f"| {case} | {L // 1024}K | {p} | {tc * 1e3:.1f} | {fl / tc / 1e9:.1f} | "
+           "| rel err C vs NumPy | other CPU |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for case, L, p, tc, tn, fl, err, busy in rows:
+        out.append(f"| {case} | {_klabel(L)} | {p} | {tc * 1e3:.1f} | {fl / tc / 1e9:.1f} | "
                    f"{100 * fl / tc / 1e9 / peak:.1f}% | {tn * 1e3:.1f} | {fl / tn / 1e9:.1f} | "
-                   f"{tn / tc:.2f}x | {err:.1e} |")
-    return out
+                   f"{tn / tc:.2f}x | {err:.1e} | {100 * busy:.0f}% |")
+    return out + ["", "speedup = NumPy ms / C ms; % peak: of the float32 FMA peak above; other "
+                  "CPU: the largest share of the machine other processes used during a kept "
+                  "run of that row (runs are retried when it exceeds 5%)."]
 
 
-def target_lines(rows, peak):
+def target_lines(rows, peak, fma):
+    """The issue's target, reported (not asserted): at L = 8K forward, C >= 1.5x NumPy and
+    >= 30% of peak.  Also against the measured FMA ceiling when that exceeds the nominal peak."""
     out = []
-    for case, L, p, tc, tn, fl, _ in rows:
+    for case, L, p, tc, tn, fl, *_ in rows:
         if L == 8192 and p == "fwd":
             sp, pk = tn / tc, 100 * fl / tc / 1e9 / peak
             met = "met" if sp >= 1.5 and pk >= 30 else "NOT met"
+            alt = f" ({100 * fl / tc / 1e9 / fma:.1f}% of the measured FMA ceiling)" \
+                if fma and fma > peak else ""
             out.append(f"- target at 8K forward ({case}): C >= 1.5x NumPy and >= 30% of peak: "
-                       f"{sp:.2f}x, {pk:.1f}% -> {met}")
+                       f"{sp:.2f}x, {pk:.1f}%{alt} -> {met}")
     return out
 
 
@@ -317,17 +399,25 @@ def main():
     ap.add_argument("--check", action="store_true", help="run the self-checks only")
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     ap.add_argument("--no-append", action="store_true", help="do not append to RESULTS.md")
+    ap.add_argument("--wait", type=float, default=300,
+                    help="before each timed run, wait up to this many seconds for other "
+                         "processes to go quiet (0: do not wait)")
+    ap.add_argument("--retries", type=int, default=2,
+                    help="repeat a run disturbed by other processes up to this many times")
     args = ap.parse_args()
     if args.quick:
         args.repeat = 1
     lengths = args.lengths or ([2048, 8192] if args.quick else [2048, 8192, 32768])
 
-    sys.path.insert(0, ROOT)
-    try:
+    try:                            # an lca already on the path (e.g. PYTHONPATH), else ROOT's
         import lca
-    except ImportError as e:
-        lca = None
-        print(f"(lca not importable: {e})")
+    except ImportError:
+        sys.path.insert(0, ROOT)
+        try:
+            import lca
+        except ImportError as e:
+            lca = None
+            print(f"(lca not importable: {e})")
     if args.check:
         raise SystemExit(0 if run_checks(lca) else 1)
     if lca is None:
@@ -340,10 +430,12 @@ def main():
                 f"2 FLOP/FMA x {ghz:.2f} GHz (clock from {clock_src})")
     fma1, fma = (measure_fma(1), measure_fma(cores)) if isa == "AVX-512" else (None, None)
     fma_txt = "n/a" if fma is None else (
-        f"{fma:.1f} ({cores} threads; 1 thread {fma1:.1f} = "
-        f"{fma1 / (lanes * 2 * ghz):.2f} FMA instructions/cycle at {ghz:.2f} GHz)")
+        f"{fma:.1f} GFLOP/s on {cores} threads, {fma1:.1f} on 1 thread "
+        f"(= {fma1 / (lanes * 2 * ghz):.2f} FMA instructions/cycle/core at {ghz:.2f} GHz, or "
+        f"2 per cycle at an effective {fma1 / (lanes * 2 * 2):.2f} GHz)")
     sgemm = measure_sgemm()
     head = header_lines(args, peak, peak_how, fma_txt, sgemm)
+    head.insert(6, f"- lca {lca.__version__} from {os.path.dirname(lca.__file__)}")
     print("\n".join(head), flush=True)
 
     rows = []
@@ -351,12 +443,13 @@ def main():
     for L in lengths:
         runs = args.repeat if L <= 8192 else max(1, args.repeat // 3)
         for case in args.cases:
-            r = bench_case(lca, case, L, runs, rng)
+            r = bench_case(lca, case, L, runs, rng, args)
             for row in r:
                 print(f"  {case} L={L} {row[2]}: C {row[3] * 1e3:.1f} ms, NumPy "
-                      f"{row[4] * 1e3:.1f} ms, rel err C vs NumPy {row[6]:.1e}", flush=True)
+                      f"{row[4] * 1e3:.1f} ms, rel err C vs NumPy {row[6]:.1e}, other CPU "
+                      f"{100 * row[7]:.0f}%", flush=True)
             rows += r
-    lines = table(rows, peak) + [""] + target_lines(rows, peak)
+    lines = table(rows, peak) + [""] + target_lines(rows, peak, fma)
     print("\n" + "\n".join(lines))
     if not args.no_append:
         path = os.path.join(HERE, "RESULTS.md")
