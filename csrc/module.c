@@ -182,6 +182,25 @@ static int attend_views(lca_params *p, int typenum, PyObject *out, PyObject *lse
     return 0;
 }
 
+/* kbar (B, m, Hkv, D) and vbar (B, m, Hkv, Dv) given to attend, shapes sk and sv: any number m
+ * of rows at least the last query's G_t; with v_in_k, vbar must be kbar's prefix view. */
+static int given_condensed(lca_params *p, const npy_intp *sk, const npy_intp *sv) {
+    p->m = sk[1];
+    const int64_t need = p->L ? lca_num_condensed(p->L - 1, p->g, p->w) : 0;
+    npy_intp wk[4] = {p->B, p->m, p->Hkv, p->D}, wv[4] = {p->B, p->m, p->Hkv, p->Dv};
+    if (same_shape("kbar", sk, wk, 4) || same_shape("vbar", sv, wv, 4)) return -1;
+    if (p->m < need) {
+        PyErr_Format(PyExc_ValueError, "kbar: %zd condensed entries, the last query needs %zd",
+                     (Py_ssize_t)p->m, (Py_ssize_t)need);
+        return -1;
+    }
+    if (p->v_in_k && !same_view(&p->vbar, &p->kbar)) {
+        PyErr_SetString(PyExc_ValueError, "v_in_k: vbar must be a prefix view of kbar");
+        return -1;
+    }
+    return 0;
+}
+
 PyDoc_STRVAR(attend_doc, "attend(q, k, v, kbar, vbar, out, lse, g, w, scale, rep_bias, v_in_k): "
              "SPEC §3 attention into out and lse.");
 
@@ -198,19 +217,7 @@ static PyObject *py_attend(PyObject *self, PyObject *args) {
     if (view_of(kbar, "kbar", 4, typenum, 0, sk, &p.kbar) ||
         view_of(vbar, "vbar", 4, typenum, 0, sv, &p.vbar) || attend_views(&p, typenum, out, lse, 1))
         return NULL;
-    p.m = sk[1];
-    const int64_t need = p.L ? lca_num_condensed(p.L - 1, p.g, p.w) : 0;
-    npy_intp wk[4] = {p.B, p.m, p.Hkv, p.D}, wv[4] = {p.B, p.m, p.Hkv, p.Dv};
-    if (same_shape("kbar", sk, wk, 4) || same_shape("vbar", sv, wv, 4)) return NULL;
-    if (p.m < need) {
-        PyErr_Format(PyExc_ValueError, "kbar: %zd condensed entries, the last query needs %zd",
-                     (Py_ssize_t)p.m, (Py_ssize_t)need);
-        return NULL;
-    }
-    if (p.v_in_k && !same_view(&p.vbar, &p.kbar)) {
-        PyErr_SetString(PyExc_ValueError, "v_in_k: vbar must be a prefix view of kbar");
-        return NULL;
-    }
+    if (given_condensed(&p, sk, sv)) return NULL;
     char err[256] = "";
     int status;
     Py_BEGIN_ALLOW_THREADS
@@ -363,15 +370,7 @@ static PyObject *py_cuda_attend(PyObject *self, PyObject *args) {
         desc_of(out, "out", 4, s, &p.out) || same_shape("out", s, wo, 4) ||
         desc_of(lse, "lse", 3, s, &p.lse) || same_shape("lse", s, wl, 3))
         return NULL;
-    p.m = sk[1];
-    const int64_t need = p.L ? lca_num_condensed(p.L - 1, p.g, p.w) : 0;
-    npy_intp wk[4] = {p.B, p.m, p.Hkv, p.D}, wv[4] = {p.B, p.m, p.Hkv, p.Dv};
-    if (same_shape("kbar", sk, wk, 4) || same_shape("vbar", sv, wv, 4)) return NULL;
-    if (p.m < need) {
-        PyErr_Format(PyExc_ValueError, "kbar: %zd condensed entries, the last query needs %zd",
-                     (Py_ssize_t)p.m, (Py_ssize_t)need);
-        return NULL;
-    }
+    if (given_condensed(&p, sk, sv)) return NULL;
     char err[256] = "";
     int status;
     Py_BEGIN_ALLOW_THREADS

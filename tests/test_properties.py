@@ -3,7 +3,9 @@ shapes, parameters and both float dtypes:
 
   causality         changing tokens at positions >= s leaves every output at t < s unchanged,
                     bit for bit; a condensed entry depends on its own group's tokens only
-  prefix            the outputs for a prefix of the sequence are the prefix of the outputs
+  prefix            the outputs for a prefix of the sequence are the prefix of the outputs, to
+                    rounding (a shorter sequence tiles its rows differently; on the H200
+                    machine's CPU that moved an output by 1 ulp)
   exact limit       window >= L is exact causal attention (the float64 causal reference)
   heads             permuting MLA query heads permutes out and lse (q̄ averages all heads);
                     GQA: permuting kv heads with their query-head blocks, or query heads
@@ -111,8 +113,9 @@ def test_prefix(kind, data):
     s = data.draw(st.integers(1, args[0].shape[1]), label="s")
     out, lse = fwd(*args, return_lse=True, **kw)
     out2, lse2 = fwd(*(a[:, :s] for a in args), return_lse=True, **kw)
-    np.testing.assert_array_equal(out2, out[:, :s])
-    np.testing.assert_array_equal(lse2, lse[..., :s])
+    tol = 1e-12 if dtype == np.float64 else 1e-5
+    np.testing.assert_allclose(out2, out[:, :s], rtol=tol, atol=tol)
+    np.testing.assert_allclose(lse2, lse[..., :s], rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("kind", KINDS)
