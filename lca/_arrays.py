@@ -22,8 +22,8 @@ def as_array(x, name):
         dev = getattr(x, "device", None)
         if getattr(dev, "type", None) == "cuda" or hasattr(x, "__cuda_array_interface__"):
             raise NotImplementedError(
-                f"{name}: arrays on a CUDA device need the CUDA engine, which this build "
-                "does not have (lca.HAS_CUDA is False)")
+                f"{name}: a CUDA array the CPU engine cannot read; the CUDA engine takes "
+                "PyTorch or CuPy CUDA arrays for every input of a call (see lca.HAS_CUDA)")
         try:
             a = np.asarray(x)
         except Exception as e:  # noqa: BLE001 - report any conversion failure as a type error
