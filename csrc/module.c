@@ -76,6 +76,19 @@ static int same_view(const lca_view *a, const lca_view *b) {
     return a->p == b->p && a->sb == b->sb && a->st == b->st && a->sh == b->sh;
 }
 
+/* Sizes from the shapes of q (B, L, H, D), k (B, L, Hkv, D), v (B, L, Hkv, Dv), checked. */
+static int qkv_sizes(lca_params *p, const npy_intp *sq, const npy_intp *sk, const npy_intp *sv) {
+    p->B = sq[0], p->L = sq[1], p->H = sq[2], p->D = sq[3], p->Hkv = sk[2], p->Dv = sv[3];
+    npy_intp wk[4] = {p->B, p->L, p->Hkv, p->D}, wv[4] = {p->B, p->L, p->Hkv, p->Dv};
+    if (same_shape("k", sk, wk, 4) || same_shape("v", sv, wv, 3)) return -1;
+    if (p->H < 1 || p->Hkv < 1 || p->H % p->Hkv || p->D < 1 || p->Dv < 1) {
+        PyErr_SetString(PyExc_ValueError, "q, k, v: heads must be a multiple of kv heads >= 1 "
+                        "and widths >= 1");
+        return -1;
+    }
+    return 0;
+}
+
 /* q, k, v and the sizes, dtype and kv geometry shared by all three entry points. */
 static int qkv_params(lca_params *p, PyObject *q, PyObject *k, PyObject *v) {
     npy_intp sq[4], sk[4], sv[4];
@@ -92,14 +105,7 @@ static int qkv_params(lca_params *p, PyObject *q, PyObject *k, PyObject *v) {
     if (view_of(q, "q", 4, typenum, 0, sq, &p->q) || view_of(k, "k", 4, typenum, 0, sk, &p->k) ||
         view_of(v, "v", 4, typenum, 0, sv, &p->v))
         return -1;
-    p->B = sq[0], p->L = sq[1], p->H = sq[2], p->D = sq[3], p->Hkv = sk[2], p->Dv = sv[3];
-    npy_intp wk[4] = {p->B, p->L, p->Hkv, p->D}, wv[4] = {p->B, p->L, p->Hkv, p->Dv};
-    if (same_shape("k", sk, wk, 4) || same_shape("v", sv, wv, 3)) return -1;
-    if (p->H < 1 || p->Hkv < 1 || p->H % p->Hkv || p->D < 1 || p->Dv < 1) {
-        PyErr_SetString(PyExc_ValueError, "q, k, v: heads must be a multiple of kv heads >= 1 "
-                        "and widths >= 1");
-        return -1;
-    }
+    if (qkv_sizes(p, sq, sk, sv)) return -1;
     return typenum;
 }
 
@@ -304,14 +310,7 @@ static int cuda_qkv(lca_params *p, int dtype, PyObject *q, PyObject *k, PyObject
     if (desc_of(q, "q", 4, sq, &p->q) || desc_of(k, "k", 4, sk, &p->k) ||
         desc_of(v, "v", 4, sv, &p->v))
         return -1;
-    p->B = sq[0], p->L = sq[1], p->H = sq[2], p->D = sq[3], p->Hkv = sk[2], p->Dv = sv[3];
-    npy_intp wk[4] = {p->B, p->L, p->Hkv, p->D}, wv[4] = {p->B, p->L, p->Hkv, p->Dv};
-    if (same_shape("k", sk, wk, 4) || same_shape("v", sv, wv, 3)) return -1;
-    if (p->H < 1 || p->Hkv < 1 || p->H % p->Hkv || p->D < 1 || p->Dv < 1) {
-        PyErr_SetString(PyExc_ValueError, "q, k, v: heads must be a multiple of kv heads >= 1 "
-                        "and widths >= 1");
-        return -1;
-    }
+    if (qkv_sizes(p, sq, sk, sv)) return -1;
     return 0;
 }
 
