@@ -1,12 +1,21 @@
-"""Prefill forward on the GPU: LCA's CUDA kernels against dense causal attention (torch SDPA,
-cuDNN backend), side by side in one run, SPEC §9 shape (DeepSeek-V2-Lite: H = 16, absorbed
-Dc = 512 / Dr = 64, non-absorbed q/k 192, v 128; g = 16, w = 1024; B = 1; bf16).
+"""Prefill on the GPU, side by side in one run (SPEC §9 shape, DeepSeek-V2-Lite: H = 16,
+absorbed Dc = 512 / Dr = 64, non-absorbed q/k 192, v 128; g = 16, w = 1024; B = 1; bf16):
 
-FLOPs are counted on attended pairs only: absorbed 2*(Dc+Dr) + 2*Dc per pair and head,
-non-absorbed 2*192 + 2*128.  Times are CUDA-event medians.  Appends the table to
+  - LCA absorbed forward (lca.attention, 576/512) and the condensation's share of it;
+  - LCA non-absorbed forward (lca.gqa_attention, 192/128, 16 kv heads);
+  - the same non-absorbed LCA math in FlexAttention: condensation in torch, then
+    flex_attention over [condensed; exact] keys with a block mask of the SPEC §3 visibility;
+  - dense causal attention, torch SDPA on its cuDNN backend.
+
+With --backward, forward+backward of the non-absorbed form too (LCA, FlexAttention, dense),
+backward counted as 2.5x the forward FLOPs.  FLOPs are counted on attended pairs only:
+absorbed 2*(Dc+Dr) + 2*Dc per pair and head, non-absorbed 2*192 + 2*128.  Times are CUDA-event
+medians.  The bf16 matrix-product ceiling is measured in the same run (a 8192^3 torch.matmul)
+and every TFLOP/s figure is also given as a share of it.  Appends the table to
 benchmarks/RESULTS.md.
 
-    python3 benchmarks/bench_prefill.py [--lengths 8192 32768] [--no-append]
+    python3 benchmarks/bench_prefill.py [--lengths 8192 32768] [--reps 5] [--backward]
+                                        [--no-flex] [--no-append]
 """
 import argparse
 import datetime
@@ -29,8 +38,9 @@ def attended_pairs(L, g=G, w=W):
     return float((Gt + t - Gt * g + 1).sum())
 
 
-def median_ms(fn, reps):
-    fn()
+def median_ms(fn, reps, warmup=1):
+    for _ in range(warmup):
+        fn()
     torch.cuda.synchronize()
     times = []
     for _ in range(reps):
@@ -43,19 +53,88 @@ def median_ms(fn, reps):
     return sorted(times)[len(times) // 2]
 
 
+def matmul_peak(reps):
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    t = median_ms(lambda: a @ b, max(reps, 10), warmup=3)
+    return 2 * n ** 3 / t / 1e9
+
+
+# ---- LCA in FlexAttention (non-absorbed / GQA form, key_mode "anchor") ----
+
+def torch_condense(q, k, v, g, n, scale):
+    """SPEC §4 condensation in plain torch, O(L): q (B,L,H,D), k (B,L,Hkv,D), v (B,L,Hkv,Dv)."""
+    B, L, Hq, D = q.shape
+    Hkv, Dv = k.shape[2], v.shape[3]
+    m = L // g
+    qg = q[:, :m * g].reshape(B, m, g, Hkv, Hq // Hkv, D)[:, :, g - n:].float().mean(dim=(2, 4))
+    kg = k[:, :m * g].reshape(B, m, g, Hkv, D)
+    vg = v[:, :m * g].reshape(B, m, g, Hkv, Dv)
+    s = scale * torch.einsum("bmhd,bmghd->bmhg", qg, kg.float())
+    alpha = torch.softmax(s, dim=-1)
+    anchor = alpha.argmax(dim=-1)
+    vbar = torch.einsum("bmhg,bmghd->bmhd", alpha, vg.float()).to(v.dtype)
+    kbar = torch.gather(kg, 2, anchor[:, :, None, :, None].expand(B, m, 1, Hkv, D))[:, :, 0]
+    return kbar, vbar
+
+
+def flex_lca(L, g=G, w=W, rep_bias=0.0):
+    """A function (q, k, v) -> out computing LCA with FlexAttention, block mask built once."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    m = L // g
+    kv_len = -(-(m + L) // 128) * 128             # padded keys are masked out (s > t)
+
+    def visible(b, h, q_idx, kv_idx):
+        Gq = torch.where(q_idx >= w - 1, (q_idx - w + 1) // g, 0)
+        s = kv_idx - m
+        return torch.where(kv_idx < m, kv_idx < Gq, (s >= Gq * g) & (s <= q_idx))
+
+    mask = create_block_mask(visible, None, None, L, kv_len, device="cuda", _compile=True)
+    score_mod = None
+    if rep_bias:
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return torch.where(kv_idx < m, score + rep_bias, score)
+    flex = torch.compile(flex_attention, dynamic=False)
+    cond = torch.compile(torch_condense, dynamic=False)
+
+    def run(q, k, v):
+        scale = q.shape[-1] ** -0.5
+        kbar, vbar = cond(q, k, v, g, g, scale)
+        pad = kv_len - m - L
+        kk = torch.cat([kbar, k, k.new_zeros(k.shape[0], pad, *k.shape[2:])], dim=1)
+        vv = torch.cat([vbar, v, v.new_zeros(v.shape[0], pad, *v.shape[2:])], dim=1)
+        o = flex(q.transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2), block_mask=mask,
+                 score_mod=score_mod, scale=scale)
+        return o.transpose(1, 2)
+    return run
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm())
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768])
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--backward", action="store_true", help="forward+backward rows too")
+    ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--no-append", action="store_true")
     a = ap.parse_args()
     assert lca.HAS_CUDA, "needs a CUDA device"
     dev, bf = "cuda", torch.bfloat16
     torch.manual_seed(0)
-    rows = []
+    peak = matmul_peak(a.reps)
+    print(f"measured bf16 matmul ceiling (8192^3): {peak:.0f} TFLOP/s", flush=True)
+    fwd_rows, bwd_rows, notes = [], [], []
     for L in a.lengths:
         pairs = attended_pairs(L) * H
         dense_pairs = L * (L + 1) / 2 * H
+        f_abs = pairs * (2 * (DC + DR) + 2 * DC)
+        f_non = pairs * (2 * DQK + 2 * DV)
+        f_dense = dense_pairs * (2 * DQK + 2 * DV)
         q = torch.randn(1, L, H, DC + DR, device=dev, dtype=bf)
         c = torch.randn(1, L, DC, device=dev, dtype=bf)
         r = torch.randn(1, L, DR, device=dev, dtype=bf)
@@ -64,40 +143,82 @@ def main():
 
         t_abs = median_ms(lambda: lca.attention(q, c, r), a.reps)
         t_cond = median_ms(lambda: lca.condense(q, c, r), a.reps)
+        del q, c, r
         t_non = median_ms(lambda: lca.gqa_attention(qn, kn, vn), a.reps)
+        t_flex = float("nan")
+        if not a.no_flex:
+            flex = flex_lca(L)
+            t_flex = median_ms(lambda: flex(qn, kn, vn), a.reps, warmup=2)
+            err = rel_err(flex(qn, kn, vn), lca.gqa_attention(qn, kn, vn))
+            notes.append(f"L={L}: FlexAttention LCA vs lca.gqa_attention, relative error "
+                         f"{err:.1e} (bf16 both; anchor ties may differ)")
         qt, kt, vt = (x.transpose(1, 2) for x in (qn, kn, vn))
-        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.CUDNN_ATTENTION):
-            t_dense = median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(
-                qt, kt, vt, is_causal=True), a.reps)
-        f_abs = pairs * (2 * (DC + DR) + 2 * DC)
-        f_non = pairs * (2 * DQK + 2 * DV)
-        f_dense = dense_pairs * (2 * DQK + 2 * DV)
-        rows.append((L, t_abs, f_abs / t_abs / 1e9, t_cond / t_abs, t_non, f_non / t_non / 1e9,
-                     t_dense, f_dense / t_dense / 1e9))
-        del q, c, r, qn, kn, vn
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        cudnn = torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.CUDNN_ATTENTION)
+        with cudnn:
+            t_dense = median_ms(lambda: sdpa(qt, kt, vt, is_causal=True), a.reps)
+        fwd_rows.append((L, t_abs, f_abs / t_abs / 1e9, t_cond / t_abs, t_non,
+                         f_non / t_non / 1e9, t_flex, t_dense, f_dense / t_dense / 1e9))
+        print(fwd_rows[-1], flush=True)
 
-    head = ("| L | LCA absorbed fwd ms | TFLOP/s | condense share | LCA non-absorbed fwd ms "
-            "| TFLOP/s | dense cuDNN fwd ms | TFLOP/s | non-absorbed speedup over dense |")
-    lines = [head, "|" + "---|" * 9]
-    for L, ta, fa, cs, tn, fn_, td, fd in rows:
-        lines.append(f"| {L} | {ta:.2f} | {fa:.1f} | {100 * cs:.1f}% | {tn:.2f} | {fn_:.1f} | "
-                     f"{td:.2f} | {fd:.1f} | {td / tn:.2f}x |")
+        if a.backward:
+            dout = torch.randn(1, L, H, DV, device=dev, dtype=bf)
+
+            def lca_fb():
+                out, lse = lca.gqa_attention(qn, kn, vn, return_lse=True)
+                lca.gqa_attention_backward(dout, qn, kn, vn, out, lse)
+            try:
+                t_lca_fb = median_ms(lca_fb, a.reps)
+            except NotImplementedError as e:
+                t_lca_fb = float("nan")
+                notes.append(f"LCA forward+backward not run: {e}")
+            leaves = [x.detach().requires_grad_() for x in (qn, kn, vn)]
+            t_flex_fb = float("nan")
+            if not a.no_flex:
+                t_flex_fb = median_ms(lambda: flex(*leaves).backward(dout), a.reps, warmup=2)
+            lt = [x.transpose(1, 2) for x in leaves]
+            with cudnn:
+                t_dense_fb = median_ms(lambda: sdpa(*lt, is_causal=True).backward(
+                    dout.transpose(1, 2)), a.reps)
+            bwd_rows.append((L, t_lca_fb, 3.5 * f_non / t_lca_fb / 1e9, t_flex_fb, t_dense_fb,
+                             3.5 * f_dense / t_dense_fb / 1e9))
+            print(bwd_rows[-1], flush=True)
+            del leaves, lt, dout
+        del qn, kn, vn, qt, kt, vt
+        torch.cuda.empty_cache()
+
+    pct = lambda tf: f"{tf:.1f} ({100 * tf / peak:.0f}%)"   # noqa: E731
+    lines = ["| L | LCA absorbed fwd ms | TFLOP/s (% ceiling) | condense share "
+             "| LCA non-absorbed fwd ms | TFLOP/s (% ceiling) | FlexAttention LCA fwd ms "
+             "| dense cuDNN fwd ms | TFLOP/s | non-absorbed vs dense | vs Flex |",
+             "|" + "---|" * 11]
+    for L, ta, fa, cs, tn, fn_, tf, td, fd in fwd_rows:
+        lines.append(f"| {L} | {ta:.2f} | {pct(fa)} | {100 * cs:.1f}% | {tn:.2f} | {pct(fn_)} "
+                     f"| {tf:.2f} | {td:.2f} | {fd:.1f} | {td / tn:.2f}x | {tf / tn:.2f}x |")
+    if bwd_rows:
+        lines += ["", "| L | LCA non-absorbed fwd+bwd ms | TFLOP/s (% ceiling) "
+                  "| FlexAttention LCA fwd+bwd ms | dense cuDNN fwd+bwd ms | TFLOP/s "
+                  "| LCA vs dense | LCA vs Flex |", "|" + "---|" * 8]
+        for L, tl, fl, tf, td, fd in bwd_rows:
+            lines.append(f"| {L} | {tl:.2f} | {pct(fl)} | {tf:.2f} | {td:.2f} | {fd:.1f} "
+                         f"| {td / tl:.2f}x | {tf / tl:.2f}x |")
     table = "\n".join(lines)
     print(table)
+    for n_ in notes:
+        print(n_)
     if not a.no_append:
         try:
             commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"],
-                                             text=True).strip()
-        except Exception:  # noqa: BLE001 - the device copy may have no git metadata
+                                             text=True, stderr=subprocess.DEVNULL).strip()
+        except Exception:  # noqa: BLE001 - the device copy has no git metadata
             commit = os.environ.get("LCA_COMMIT", "unknown")
         gpu = torch.cuda.get_device_name()
         with open(os.path.join(os.path.dirname(__file__), "RESULTS.md"), "a") as f:
-            f.write(f"\n## Prefill forward, GPU — {datetime.date.today()}, {gpu}, commit "
-                    f"{commit}\n\nCommand: `python3 benchmarks/bench_prefill.py "
-                    f"{' '.join(sys.argv[1:])}`. LCA absorbed (576/512) runs the portable "
-                    "CUDA-core path; LCA non-absorbed (192/128) the tensor-core mma.sync "
-                    "kernel. Medians of CUDA-event times, bf16.\n\n"
-                    f"{table}\n")
+            f.write(f"\n## Prefill, GPU — {datetime.date.today()}, {gpu}, commit {commit}\n\n"
+                    f"Command: `python3 benchmarks/bench_prefill.py {' '.join(sys.argv[1:])}`; "
+                    f"torch {torch.__version__}. Medians of CUDA-event times, bf16. Measured "
+                    f"bf16 matmul ceiling in this run: {peak:.0f} TFLOP/s (8192^3).\n\n"
+                    f"{table}\n\n" + "".join(f"- {n_}\n" for n_ in notes))
 
 
 if __name__ == "__main__":
