@@ -7,7 +7,8 @@
  * Four warps, 16 rows each.  Keys come in blocks of 64: the condensed entries [0, G(t_last)),
  * then the exact tokens [G(t_first)*g, t_last]; each row masks to its own ranges (SPEC §3).
  * Per block: K and V tiles to shared memory (16-byte loads), S = Q K^T (Q fragments held in
- * registers), online softmax in float32, O += P V with P re-packed as A fragments and V read by
+ * registers; K fragments by ldmatrix), online softmax in float32 (base 2; masks only on the
+ * key blocks that some row of the tile sees in part), O += P V with P re-packed as A fragments and V read by
  * ldmatrix.trans.  K/V tiles are double-buffered with cp.async: block i+1 loads while block i
  * computes.  Not yet: wgmma (sm_90a), warp specialisation, TMA. */
 #include "common.cuh"
@@ -54,6 +55,20 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void *
                  : "r"(a));
 }
 
+/* B fragments (b0, b1) of two adjacent n-tiles from a row-major [n][k] tile (K as stored). */
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void *p) {
+    const uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+
+__device__ __forceinline__ float ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
 /* Copy n rows of width W (multiple of 8) from a strided global view into a padded tile; rows
  * n .. kKeys-1 are zeroed.  src(i) gives row i's address.  ASYNC: with cp.async (16 bytes a
  * thread, completion through cp.async.wait_group), else plain loads. */
@@ -85,7 +100,8 @@ __global__ void __launch_bounds__(kThreads) lca_attend_mma_kernel(lca_params p) 
     constexpr int kStage = kKeys * (D + kPad) + kKeys * (DV + kPad);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gq = lane >> 2, tq = lane & 3;
     const int64_t hg = p.H / p.Hkv, b = blockIdx.z, h = blockIdx.y;
-    const int64_t R0 = (int64_t)blockIdx.x * kRows, nrows = p.L * hg;
+    /* the last row tiles see the most condensed entries: launch them first (less tail) */
+    const int64_t R0 = (int64_t)(gridDim.x - 1 - blockIdx.x) * kRows, nrows = p.L * hg;
     const int64_t t_first = R0 / hg;
     const int64_t t_last = (R0 + kRows - 1 < nrows ? R0 + kRows - 1 : nrows - 1) / hg;
 
@@ -118,8 +134,12 @@ __global__ void __launch_bounds__(kThreads) lca_attend_mma_kernel(lca_params p) 
     float o[DV / 8][4], m[2] = {-INFINITY, -INFINITY}, l[2] = {0, 0};
 #pragma unroll
     for (int n = 0; n < DV / 8; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0;
-    const float scale = (float)p.scale;
+    const float scale_l2 = (float)p.scale * 1.4426950408889634f;      /* logits in log2 units */
+    const float rep_bias_l2 = (float)p.rep_bias * 1.4426950408889634f;
     const int64_t Gmax = num_condensed(t_last, p.g, p.w);
+    const int64_t Gmin = num_condensed(t_first, p.g, p.w);
+    const int64_t e_hi = Gmax * p.g;                 /* every row's exact range starts by here */
+    const bool all_live = R0 + kRows <= nrows;
     const int64_t e0 = num_condensed(t_first, p.g, p.w) * p.g;
     const int64_t ncond_blocks = (Gmax + kKeys - 1) / kKeys;
     const int64_t nblocks = ncond_blocks + (t_last + 1 - e0 + kKeys - 1) / kKeys;
@@ -159,31 +179,49 @@ __global__ void __launch_bounds__(kThreads) lca_attend_mma_kernel(lca_params p) 
 #pragma unroll
         for (int ks = 0; ks < D / 16; ks++)
 #pragma unroll
-            for (int n = 0; n < kKeys / 8; n++) {
-                const T *kb = Ks + (n * 8 + gq) * (D + kPad) + ks * 16 + 2 * tq;
-                mma16816<T>(s[n], qf[ks], *(const uint32_t *)kb, *(const uint32_t *)(kb + 8));
+            for (int n = 0; n < kKeys / 8; n += 2) {
+                uint32_t kf[4];
+                ldmatrix_x4(kf, Ks + (n * 8 + (lane & 7) + ((lane >> 4) << 3)) * (D + kPad) +
+                                    ks * 16 + ((lane >> 3) & 1) * 8);
+                mma16816<T>(s[n], qf[ks], kf[0], kf[1]);
+                mma16816<T>(s[n + 1], qf[ks], kf[2], kf[3]);
             }
 
-        /* mask, scale, online softmax (rows i = 0: gq, 1: gq + 8) */
+        /* scale (log2 domain), mask only where some row of the tile sees part of this key
+         * block, online softmax (rows i = 0: gq, 1: gq + 8) */
+        const int64_t kend = cond ? Gmin : t_first + 1;            /* all rows see [.., kend) */
+        const bool full = all_live && key0 + kKeys <= kend && (cond || key0 >= e_hi);
+        const float bias = cond ? rep_bias_l2 : 0.0f;
         float bmax[2] = {-INFINITY, -INFINITY};
 #pragma unroll
         for (int i = 0; i < 2; i++) {
-            const int64_t lo = cond ? 0 : Gr[i] * p.g, hi = cond ? Gr[i] : tr[i] + 1;
+            if (full) {
 #pragma unroll
-            for (int n = 0; n < kKeys / 8; n++)
+                for (int n = 0; n < kKeys / 8; n++)
 #pragma unroll
-                for (int e = 0; e < 2; e++) {
-                    const int64_t key = key0 + n * 8 + 2 * tq + e;
-                    float &x = s[n][2 * i + e];
-                    x = (live[i] && key >= lo && key < hi)
-                            ? x * scale + (cond ? (float)p.rep_bias : 0.0f) : -INFINITY;
-                    bmax[i] = fmaxf(bmax[i], x);
-                }
+                    for (int e = 0; e < 2; e++) {
+                        float &x = s[n][2 * i + e];
+                        x = fmaf(x, scale_l2, bias);
+                        bmax[i] = fmaxf(bmax[i], x);
+                    }
+            } else {
+                const int64_t lo = cond ? 0 : Gr[i] * p.g, hi = cond ? Gr[i] : tr[i] + 1;
+#pragma unroll
+                for (int n = 0; n < kKeys / 8; n++)
+#pragma unroll
+                    for (int e = 0; e < 2; e++) {
+                        const int64_t key = key0 + n * 8 + 2 * tq + e;
+                        float &x = s[n][2 * i + e];
+                        x = (live[i] && key >= lo && key < hi) ? fmaf(x, scale_l2, bias)
+                                                               : -INFINITY;
+                        bmax[i] = fmaxf(bmax[i], x);
+                    }
+            }
             bmax[i] = fmaxf(bmax[i], __shfl_xor_sync(0xffffffffu, bmax[i], 1));
             bmax[i] = fmaxf(bmax[i], __shfl_xor_sync(0xffffffffu, bmax[i], 2));
             const float mnew = fmaxf(m[i], bmax[i]);
             const float base = mnew == -INFINITY ? 0.0f : mnew;   /* a row with nothing yet */
-            const float corr = __expf(m[i] - base);
+            const float corr = ex2(m[i] - base);
             m[i] = mnew;
             l[i] *= corr;
 #pragma unroll
@@ -193,7 +231,7 @@ __global__ void __launch_bounds__(kThreads) lca_attend_mma_kernel(lca_params p) 
 #pragma unroll
                 for (int e = 0; e < 2; e++) {
                     float &x = s[n][2 * i + e];
-                    x = __expf(x - base);
+                    x = ex2(x - base);
                     l[i] += x;
                 }
         }
@@ -230,7 +268,9 @@ __global__ void __launch_bounds__(kThreads) lca_attend_mma_kernel(lca_params p) 
         for (int n = 0; n < DV / 8; n++)
             *(uint32_t *)(dst + n * 8 + 2 * tq) =
                 pack2<T>(o[n][2 * i] * inv, o[n][2 * i + 1] * inv);
-        if (tq == 0) ((float *)p.lse.p)[b * p.lse.sb + hq * p.lse.st + tr[i]] = m[i] + logf(l[i]);
+        if (tq == 0)
+            ((float *)p.lse.p)[b * p.lse.sb + hq * p.lse.st + tr[i]] =
+                (m[i] + __log2f(l[i])) * 0.6931471805599453f;
     }
 }
 
