@@ -93,12 +93,22 @@ GQA_CASES = [  # B, L, H, Hkv, D, Dv, g, w, n, key_mode
     (1, 1025, 2, 1, 59, 37, 16, 100, 5, "anchor"),
     (1, 70, 128, 1, 64, 64, 8, 16, None, "pool"),        # 128 heads per kv head: 2 blocks/row
     (2, 171, 6, 2, 128, 128, 16, 0, 7, "anchor"),         # 3 heads per kv head, window 0
+    # long enough for fully visible key blocks (the unmasked fast path) in both segments
+    (1, 2000, 16, 16, 192, 128, 16, 300, None, "anchor"),
+    (2, 1300, 8, 2, 128, 128, 16, 256, None, "pool"),
+    (1, 900, 4, 4, 64, 64, 8, 128, 3, "anchor"),
 ]
+# The tensor-core kernels: on an sm_90 device the default is the wgmma kernel; "no-wgmma"
+# runs the portable mma.sync kernel, "simt" the CUDA-core kernel, on the same cases.
+PATHS = {"default": "", "no-wgmma": "wgmma", "simt": "wgmma,mma"}
 
 
+@pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", GQA_CASES, ids=lambda c: "-".join(map(str, c)))
-def test_gqa_forward(case, dtype):
+def test_gqa_forward(case, dtype, path, monkeypatch):
+    if PATHS[path]:
+        monkeypatch.setenv("LCA_CUDA_DISABLE", PATHS[path])
     B, L, H, Hkv, D, Dv, g, w, n, km = case
     gen = torch.Generator(device="cuda").manual_seed(hash((case, dtype)) % 2**31)
     q, k, v = rand(gen, (B, L, H, D), dtype), rand(gen, (B, L, Hkv, D), dtype), \

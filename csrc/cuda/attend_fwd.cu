@@ -79,6 +79,12 @@ template <typename T> struct AttendFwd {
 
 }  // namespace lca
 
+/* LCA_CUDA_DISABLE names kernels to skip ("wgmma", "mma"), so tests reach every path. */
+static bool disabled(const char *kernel) {
+    const char *off = getenv("LCA_CUDA_DISABLE");
+    return off && strstr(off, kernel);
+}
+
 extern "C" int lca_cuda_attend_fwd(const lca_params *p, int device, void *stream, char *err,
                                    int errlen) {
     using namespace lca;
@@ -95,10 +101,19 @@ extern "C" int lca_cuda_attend_fwd(const lca_params *p, int device, void *stream
     }
     DeviceGuard guard(device);
     if (guard.status != cudaSuccess) return cuda_error(guard.status, "cudaSetDevice", err, errlen);
-    if (lca_cuda_mma_supported(p)) {                 /* tensor cores: attend_mma.cu */
-        lca_cuda_attend_mma(p, stream);
+    if (lca_cuda_wgmma_supported(p, device)) {       /* Hopper: attend_wgmma_sm90a.cu */
+        const int s = lca_cuda_attend_wgmma(p, stream);
         cudaError_t e = cudaGetLastError();
-        return e == cudaSuccess ? LCA_OK : cuda_error(e, "lca_attend_mma_kernel launch", err, errlen);
+        if (s == LCA_OK && e == cudaSuccess) return LCA_OK;
+        return cuda_error(e != cudaSuccess ? e : cudaErrorInvalidValue,
+                          "lca_attend_wgmma_kernel launch", err, errlen);
+    }
+    if (lca_cuda_mma_supported(p) && !disabled("mma")) {   /* tensor cores: attend_mma.cu */
+        const int s = lca_cuda_attend_mma(p, stream);
+        cudaError_t e = cudaGetLastError();
+        if (s == LCA_OK && e == cudaSuccess) return LCA_OK;
+        return cuda_error(e != cudaSuccess ? e : cudaErrorInvalidValue,
+                          "lca_attend_mma_kernel launch", err, errlen);
     }
     int s = dispatch<AttendFwd>(p->dtype, p, (cudaStream_t)stream);
     if (s != LCA_OK) {
