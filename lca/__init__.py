@@ -6,10 +6,14 @@ The public API of SPEC §7: defaults, validation, dispatch.  The math lives in t
 Shapes (a leading batch dim B is optional, on every input or on none):
     MLA: q (B, L, H, Dc+Dr), latent (B, L, Dc), kpos (B, L, Dr)      -> out (B, L, H, Dc)
     GQA: q (B, L, H, D),     k (B, L, Hkv, D),  v (B, L, Hkv, Dv)     -> out (B, L, H, Dv)
+    MLA prefill, non-absorbed (lca.mla_prefill): q (B, L, H, Dn+Dr), latent, kpos as above,
+         w_uk (H, Dc, Dn), w_uv (H, Dc, Dv)                           -> out (B, L, H, Dv)
     lse (B, H, L): float32, or float64 for float64 inputs.
 NumPy float32 and float64 arrays run on the CPU engine, multi-threaded, GIL released.
 PyTorch and CuPy CUDA arrays (float32, float16, bfloat16) run on the CUDA engine, zero-copy, on
 the caller's current stream, and come back as the caller's arrays (lse and alpha in float32).
+PyTorch autograd and torch.compile: lca.torch (imported only on request; `import lca` never
+imports torch).
 """
 import math
 
