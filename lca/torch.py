@@ -72,15 +72,18 @@ def _torch(x):
 
 
 def _results(xs):
-    """The engine's results as tensors.  A custom op's outputs may not share memory; an engine
-    that returns two views of one buffer (as a backward may, for dlatent and dkpos) gets the
-    later one cloned -- the only copy here, and none on the CPU engine, whose results are
-    separate arrays."""
+    """The engine's results as tensors, contiguous and sharing no memory, as the fake kernels
+    declare them and as custom ops must return them.  The CPU engine's results already are
+    (separate C-ordered arrays, wrapped without a copy); a CUDA result that is a strided view,
+    or a second view of one buffer (as a backward may return dlatent and dkpos), is copied --
+    the only copies here."""
     out, seen = [], set()
     for x in map(_torch, xs):
         ptr = x.untyped_storage().data_ptr()
-        out.append(x.clone() if ptr in seen and x.numel() else x)
+        if not x.is_contiguous() or (ptr in seen and x.numel()):
+            x = x.clone(memory_format=torch.contiguous_format)
         seen.add(ptr)
+        out.append(x)
     return tuple(out)
 
 

@@ -163,6 +163,7 @@ GPU_CASES = [  # B, L, H, Dc, Dr, Dn, Dv, keywords
     (1, 300, 16, 512, 64, 128, 128, dict(group_size=16, window=64)),     # DeepSeek-V2-Lite
     (2, 97, 4, 256, 32, 96, 64, dict(group_size=8, window=20, score="latent", rep_bias=0.5)),
     (1, 61, 3, 40, 8, 24, 16, dict(group_size=4, window=0, n_summary=2)),
+    (2, 9, 2, 32, 0, 16, 8, dict(group_size=16, window=4)),             # L < g, Dr = 0
 ]
 
 

@@ -179,6 +179,20 @@ def test_cpu_tensors_reach_the_engine_without_copies(monkeypatch):
     assert big.grad is not None and torch.count_nonzero(big.grad[:, :, 2]) == 0
 
 
+def test_results_are_contiguous_and_unaliased():
+    """What a custom op may return: engine results that are views of one buffer or strided
+    (as a CUDA backward may give) are copied; separate contiguous ones are passed through."""
+    buf = torch.randn(3, 5, 7)
+    a, b = buf[..., :4], buf[..., 4:]
+    ra, rb = lt._results((a, b))
+    assert ra.is_contiguous() and rb.is_contiguous()
+    assert ra.untyped_storage().data_ptr() != rb.untyped_storage().data_ptr()
+    assert torch.equal(ra, a) and torch.equal(rb, b)
+    x, y = np.zeros((2, 3)), np.ones((4,))
+    rx, ry = lt._results((x, y))
+    assert np.shares_memory(rx.numpy(), x) and np.shares_memory(ry.numpy(), y)
+
+
 def test_lse_is_not_differentiable():
     gen = torch.Generator().manual_seed(5)
     q, c, r = mla_args(gen, 1, 10, 2, 3, 2)
