@@ -16,6 +16,8 @@ from conftest import ROOT, rel_err
 
 torch = pytest.importorskip("torch")
 import lca.torch as lt  # noqa: E402
+from functorch.compile import make_boxed_func  # noqa: E402
+from torch._dynamo.backends.common import aot_autograd  # noqa: E402
 
 F64 = torch.float64
 
@@ -301,9 +303,10 @@ def _loss_fns():
 
 @pytest.mark.parametrize("name", ["attention", "gqa_attention", "mla_prefill"])
 def test_compile_fullgraph_matches_eager(name):
-    """fullgraph=True with the aot_eager backend (AOTAutograd traces forward and backward
-    through the fake kernels and the registered autograd): the same loss, lse and gradients as
-    eager, bit for bit; and dynamo's graph holds the lca op as one node."""
+    """fullgraph=True with AOTAutograd and no code generation (the aot_eager backend, with the
+    graphs captured): it traces forward and backward through the fake kernels and the
+    registered autograd; the same loss, lse and gradients as eager, bit for bit; dynamo's graph
+    holds the lca op as one node, the backward graph the lca backward op."""
     make, fn = _loss_fns()[name]
     args = make(torch.Generator().manual_seed(11))
 
@@ -311,14 +314,20 @@ def test_compile_fullgraph_matches_eager(name):
         out, lse = fn(*a)
         return (out.sin() * out).sum(), lse
 
-    seen = []
+    seen, bw = [], []
+
+    def ops(gm):
+        return [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+
+    def keep(store):
+        def compiler(gm, _):
+            store.append(ops(gm))
+            return make_boxed_func(gm.forward)
+        return compiler
 
     def backend(gm, example_inputs):
-        seen.append([str(n.target) for n in gm.graph.nodes if n.op == "call_function"])
-        from torch._dynamo.backends.common import aot_autograd
-        from functorch.compile import make_boxed_func
-        return aot_autograd(fw_compiler=lambda g, _: make_boxed_func(g.forward))(
-            gm, example_inputs)
+        seen.append(ops(gm))
+        return aot_autograd(fw_compiler=keep([]), bw_compiler=keep(bw))(gm, example_inputs)
 
     compiled = torch.compile(loss, fullgraph=True, backend=backend)
     want, want_lse = loss(*args)
@@ -326,6 +335,9 @@ def test_compile_fullgraph_matches_eager(name):
     got, got_lse = compiled(*args)
     got_g = torch.autograd.grad(got, args)
     assert f"lca.{name}.default" in seen[0]
+    bw_op = "lca.attention_backward.default" if name == "mla_prefill" else \
+        f"lca.{name}_backward.default"
+    assert bw_op in bw[0], bw[0]
     assert not got_lse.requires_grad
     assert torch.equal(got, want) and torch.equal(got_lse, want_lse)
     for g, w in zip(got_g, want_g):
