@@ -23,7 +23,11 @@ echo "sanitize: built $(ls "$OUT"/lca/_C*.so) in $((SECONDS - t0)) s"
 
 LIBASAN=$(gcc -print-file-name=libasan.so)
 [ -f "$LIBASAN" ] || { echo "sanitize: no libasan ($LIBASAN)"; exit 1; }
-export LD_PRELOAD=$LIBASAN
+# libstdc++ preloaded after libasan: ASan resolves the real __cxa_throw at start-up, and the
+# python binary does not link libstdc++, so without this the first C++ exception thrown by an
+# uninstrumented library (torch, in tests/test_torch.py) aborts with "CHECK failed:
+# asan_interceptors.cpp ... real___cxa_throw".
+export LD_PRELOAD="$LIBASAN $(gcc -print-file-name=libstdc++.so.6)"
 export PYTHONMALLOC=malloc            # Python's objects and NumPy's buffers get red zones too
 ASAN_OPTIONS=detect_leaks=0:allocator_may_return_null=1:detect_stack_use_after_return=1
 export ASAN_OPTIONS=$ASAN_OPTIONS:strict_string_checks=1:check_initialization_order=1

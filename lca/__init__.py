@@ -6,10 +6,14 @@ The public API of SPEC §7: defaults, validation, dispatch.  The math lives in t
 Shapes (a leading batch dim B is optional, on every input or on none):
     MLA: q (B, L, H, Dc+Dr), latent (B, L, Dc), kpos (B, L, Dr)      -> out (B, L, H, Dc)
     GQA: q (B, L, H, D),     k (B, L, Hkv, D),  v (B, L, Hkv, Dv)     -> out (B, L, H, Dv)
+    MLA prefill, non-absorbed (lca.mla_prefill): q (B, L, H, Dn+Dr), latent, kpos as above,
+         w_uk (H, Dc, Dn), w_uv (H, Dc, Dv)                           -> out (B, L, H, Dv)
     lse (B, H, L): float32, or float64 for float64 inputs.
 NumPy float32 and float64 arrays run on the CPU engine, multi-threaded, GIL released.
 PyTorch and CuPy CUDA arrays (float32, float16, bfloat16) run on the CUDA engine, zero-copy, on
 the caller's current stream, and come back as the caller's arrays (lse and alpha in float32).
+PyTorch autograd and torch.compile: lca.torch (imported only on request; `import lca` never
+imports torch).
 """
 import math
 
@@ -21,7 +25,7 @@ from ._arrays import (as_array, check_dim, check_rank, choice_param, float_param
 
 __all__ = ["attention", "attention_backward", "gqa_attention", "gqa_attention_backward",
            "condense", "gqa_condense", "attend", "gqa_attend", "num_condensed",
-           "cache_entries", "HAS_CUDA"]
+           "cache_entries", "mla_prefill", "HAS_CUDA"]
 __version__ = "0.1.0"
 
 HAS_CUDA = _cuda.device_count() > 0      # built with the CUDA engine and a device is visible
@@ -359,3 +363,6 @@ def _counts(t, name, group_size, window):
     """The counting functions' arguments: integers, t and window >= 0, group_size >= 1."""
     return (int_param(t, name, 0, math.inf), int_param(group_size, "group_size", 1, math.inf),
             int_param(window, "window", 0, math.inf))
+
+
+from ._prefill import mla_prefill  # noqa: E402  (uses the functions above)

@@ -1,0 +1,306 @@
+"""lca.torch — PyTorch autograd for LCA, opaque to torch.compile.
+
+    import lca.torch
+    out = lca.torch.attention(q, latent, kpos, group_size=16, window=1024)     # MLA, absorbed
+    out = lca.torch.gqa_attention(q, k, v, key_mode="anchor")                   # GQA / MHA
+    out = lca.torch.mla_prefill(q, latent, kpos, w_uk, w_uv)                    # MLA, non-absorbed
+    out.sum().backward()
+
+Same shapes and keywords as the lca functions of the same names (SPEC §7), return_lse included;
+lse is returned for saving and inspection and is not differentiable (SPEC §5: it is marked
+non-differentiable, so a loss that reaches only lse raises torch's usual "does not require grad").
+
+Each is a torch.library.custom_op (namespace "lca") with a fake (meta) implementation and a
+registered autograd formula, so torch.compile(fullgraph=True) keeps it as one opaque node:
+    torch.ops.lca.attention / attention_backward / gqa_attention / gqa_attention_backward /
+    mla_prefill
+No copies on the way to the engine: CPU tensors (float32, float64) reach the C engine as NumPy
+views of their memory (strided views included; the engine copies only a view it cannot read,
+as it does for NumPy) and results come back through torch.from_numpy; CUDA tensors (float32,
+bfloat16, float16) go through lca's CUDA intake on the current stream.  Backward calls
+lca.attention_backward / lca.gqa_attention_backward, on whichever engine the tensors live.
+
+lse dtype: the input dtype on the CPU, float32 on CUDA (as lca returns it).
+
+mla_prefill's backward: the non-absorbed layer is the absorbed one followed by the per-head
+W_UV product (lca/_prefill.py), so its exact gradient is computed through that identity: the
+absorbed forward is recomputed (lca.attention on q_abs = [W_UK[h] q_nope ; q_rope], giving the
+latent output the attention backward needs), lca.attention_backward gives dq_abs, dlatent,
+dkpos (condensation paths included), and the W_UK / W_UV products are differentiated by hand.
+It costs an absorbed forward plus an absorbed backward (more FLOPs than a dedicated non-absorbed
+backward would need: that needs engine entries for the attention backward over given condensed
+entries and the condensation backward alone, which lca does not have yet).
+
+This module imports torch; `import lca` alone never does.
+"""
+import math
+from typing import Optional
+
+import numpy as np
+import torch
+
+import lca as _lca
+from ._arrays import choice_param, float_param, int_param
+
+__all__ = ["attention", "gqa_attention", "mla_prefill"]
+
+Tensor = torch.Tensor
+
+
+# ---------------------------------------------------------------------------------------------
+# tensors <-> the engine
+
+def _np(t, name):
+    """A NumPy view of a CPU tensor's memory (no copy), or a TypeError naming it."""
+    if t.device.type != "cpu":
+        raise TypeError(f"{name}: on {t.device}, but q is on the CPU; pass all inputs on one "
+                        "device")
+    if t.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{name}: the CPU engine takes float32 or float64, got {t.dtype}")
+    return t.detach().resolve_neg().numpy()
+
+
+def _engine(q, tensors, names):
+    """The tensors as the engine takes them: NumPy views on the CPU, the tensors on CUDA."""
+    if q.device.type == "cpu":
+        return [_np(t, nm) for t, nm in zip(tensors, names)]
+    return [t.detach() for t in tensors]
+
+
+def _torch(x):
+    return torch.from_numpy(x) if isinstance(x, np.ndarray) else x
+
+
+def _results(xs):
+    """The engine's results as tensors, contiguous and sharing no memory, as the fake kernels
+    declare them and as custom ops must return them.  The CPU engine's results already are
+    (separate C-ordered arrays, wrapped without a copy); a CUDA result that is a strided view,
+    or a second view of one buffer (as a backward may return dlatent and dkpos), is copied --
+    the only copies here."""
+    out, seen = [], set()
+    for x in map(_torch, xs):
+        ptr = x.untyped_storage().data_ptr()
+        if not x.is_contiguous() or (ptr in seen and x.numel()):
+            x = x.clone(memory_format=torch.contiguous_format)
+        seen.add(ptr)
+        out.append(x)
+    return tuple(out)
+
+
+def _lse_dtype(q):
+    return q.dtype if q.device.type == "cpu" else torch.float32
+
+
+def _lse_shape(q):
+    return tuple(q.shape[:-3]) + (q.shape[-2], q.shape[-3])      # (B, H, L) or (H, L)
+
+
+def _empty(shape, like, dtype=None):
+    return torch.empty(shape, dtype=like.dtype if dtype is None else dtype, device=like.device)
+
+
+def _check_tensors(tensors, names):
+    for t, nm in zip(tensors, names):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{nm}: expected a torch.Tensor, got {type(t).__name__}")
+
+
+def _keywords(group_size, window, n_summary, softmax_scale, rep_bias):
+    """The keywords checked once in Python (the op schema takes int / float / None)."""
+    g = int_param(group_size, "group_size", 1)
+    w = int_param(window, "window", 0, 2**63 - 1)
+    n = None if n_summary is None else int_param(n_summary, "n_summary", 1, g)
+    scale = None if softmax_scale is None else float_param(softmax_scale, "softmax_scale")
+    return g, w, n, scale, float_param(rep_bias, "rep_bias")
+
+
+# ---------------------------------------------------------------------------------------------
+# MLA, absorbed: SPEC §2 + §3
+
+@torch.library.custom_op("lca::attention", mutates_args=())
+def _attention(q: Tensor, latent: Tensor, kpos: Tensor, group_size: int, window: int,
+               n_summary: Optional[int], softmax_scale: Optional[float], score: str,
+               rep_bias: float) -> tuple[Tensor, Tensor]:
+    a = _engine(q, [q, latent, kpos], ["q", "latent", "kpos"])
+    out, lse = _lca.attention(*a, group_size=group_size, window=window, n_summary=n_summary,
+                              softmax_scale=softmax_scale, score=score, rep_bias=rep_bias,
+                              return_lse=True)
+    return _results((out, lse))
+
+
+@_attention.register_fake
+def _(q, latent, kpos, group_size, window, n_summary, softmax_scale, score, rep_bias):
+    return (_empty(tuple(q.shape[:-1]) + (latent.shape[-1],), q),
+            _empty(_lse_shape(q), q, _lse_dtype(q)))
+
+
+@torch.library.custom_op("lca::attention_backward", mutates_args=())
+def _attention_backward(dout: Tensor, q: Tensor, latent: Tensor, kpos: Tensor, out: Tensor,
+                        lse: Tensor, group_size: int, window: int, n_summary: Optional[int],
+                        softmax_scale: Optional[float], score: str,
+                        rep_bias: float) -> tuple[Tensor, Tensor, Tensor]:
+    a = _engine(q, [dout, q, latent, kpos, out, lse],
+                ["dout", "q", "latent", "kpos", "out", "lse"])
+    grads = _lca.attention_backward(*a, group_size=group_size, window=window,
+                                    n_summary=n_summary, softmax_scale=softmax_scale,
+                                    score=score, rep_bias=rep_bias)
+    return _results(grads)
+
+
+@_attention_backward.register_fake
+def _(dout, q, latent, kpos, out, lse, group_size, window, n_summary, softmax_scale, score,
+      rep_bias):
+    return _empty(q.shape, q), _empty(latent.shape, latent), _empty(kpos.shape, kpos)
+
+
+def _attention_setup(ctx, inputs, output):
+    q, latent, kpos = inputs[:3]
+    ctx.kw = inputs[3:]
+    ctx.save_for_backward(q, latent, kpos, *output)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _attention_grad(ctx, dout, dlse):
+    q, latent, kpos, out, lse = ctx.saved_tensors
+    dq, dlatent, dkpos = _attention_backward(dout, q, latent, kpos, out, lse, *ctx.kw)
+    return (dq, dlatent, dkpos) + (None,) * len(ctx.kw)
+
+
+_attention.register_autograd(_attention_grad, setup_context=_attention_setup)
+
+
+def attention(q, latent, kpos, *, group_size=16, window=1024, n_summary=None,
+              softmax_scale=None, score="full", rep_bias=0.0, return_lse=False):
+    """lca.attention with autograd: q (B, L, H, Dc+Dr), latent (B, L, Dc), kpos (B, L, Dr)
+    -> out (B, L, H, Dc) [, lse (B, H, L), not differentiable].  Gradients reach q, latent
+    and kpos through lca.attention_backward (SPEC §5)."""
+    _check_tensors([q, latent, kpos], ["q", "latent", "kpos"])
+    kw = _keywords(group_size, window, n_summary, softmax_scale, rep_bias)
+    out, lse = _attention(q, latent, kpos, *kw[:4], choice_param(score, "score",
+                                                                 ("full", "latent")), kw[4])
+    return (out, lse) if return_lse else out
+
+
+# ---------------------------------------------------------------------------------------------
+# GQA / MHA: SPEC §4
+
+@torch.library.custom_op("lca::gqa_attention", mutates_args=())
+def _gqa_attention(q: Tensor, k: Tensor, v: Tensor, group_size: int, window: int,
+                   n_summary: Optional[int], softmax_scale: Optional[float], key_mode: str,
+                   rep_bias: float) -> tuple[Tensor, Tensor]:
+    a = _engine(q, [q, k, v], ["q", "k", "v"])
+    out, lse = _lca.gqa_attention(*a, group_size=group_size, window=window, n_summary=n_summary,
+                                  softmax_scale=softmax_scale, key_mode=key_mode,
+                                  rep_bias=rep_bias, return_lse=True)
+    return _results((out, lse))
+
+
+@_gqa_attention.register_fake
+def _(q, k, v, group_size, window, n_summary, softmax_scale, key_mode, rep_bias):
+    return (_empty(tuple(q.shape[:-1]) + (v.shape[-1],), q),
+            _empty(_lse_shape(q), q, _lse_dtype(q)))
+
+
+@torch.library.custom_op("lca::gqa_attention_backward", mutates_args=())
+def _gqa_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+                            lse: Tensor, group_size: int, window: int, n_summary: Optional[int],
+                            softmax_scale: Optional[float], key_mode: str,
+                            rep_bias: float) -> tuple[Tensor, Tensor, Tensor]:
+    a = _engine(q, [dout, q, k, v, out, lse], ["dout", "q", "k", "v", "out", "lse"])
+    grads = _lca.gqa_attention_backward(*a, group_size=group_size, window=window,
+                                        n_summary=n_summary, softmax_scale=softmax_scale,
+                                        key_mode=key_mode, rep_bias=rep_bias)
+    return _results(grads)
+
+
+@_gqa_attention_backward.register_fake
+def _(dout, q, k, v, out, lse, group_size, window, n_summary, softmax_scale, key_mode,
+      rep_bias):
+    return _empty(q.shape, q), _empty(k.shape, k), _empty(v.shape, v)
+
+
+def _gqa_grad(ctx, dout, dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = _gqa_attention_backward(dout, q, k, v, out, lse, *ctx.kw)
+    return (dq, dk, dv) + (None,) * len(ctx.kw)
+
+
+_gqa_attention.register_autograd(_gqa_grad, setup_context=_attention_setup)
+
+
+def gqa_attention(q, k, v, *, group_size=16, window=1024, n_summary=None, softmax_scale=None,
+                  key_mode="anchor", rep_bias=0.0, return_lse=False):
+    """lca.gqa_attention with autograd: q (B, L, H, D), k (B, L, Hkv, D), v (B, L, Hkv, Dv)
+    -> out (B, L, H, Dv) [, lse (B, H, L), not differentiable]."""
+    _check_tensors([q, k, v], ["q", "k", "v"])
+    kw = _keywords(group_size, window, n_summary, softmax_scale, rep_bias)
+    out, lse = _gqa_attention(q, k, v, *kw[:4], choice_param(key_mode, "key_mode",
+                                                             ("anchor", "pool")), kw[4])
+    return (out, lse) if return_lse else out
+
+
+# ---------------------------------------------------------------------------------------------
+# MLA prefill, non-absorbed: SPEC §4 (lca/_prefill.py)
+
+@torch.library.custom_op("lca::mla_prefill", mutates_args=())
+def _mla_prefill(q: Tensor, latent: Tensor, kpos: Tensor, w_uk: Tensor, w_uv: Tensor,
+                 group_size: int, window: int, n_summary: Optional[int], softmax_scale: float,
+                 score: str, rep_bias: float) -> tuple[Tensor, Tensor]:
+    a = _engine(q, [q, latent, kpos, w_uk, w_uv], ["q", "latent", "kpos", "w_uk", "w_uv"])
+    out, lse = _lca.mla_prefill(*a, group_size=group_size, window=window, n_summary=n_summary,
+                                softmax_scale=softmax_scale, score=score, rep_bias=rep_bias,
+                                return_lse=True)
+    return _results((out, lse))
+
+
+@_mla_prefill.register_fake
+def _(q, latent, kpos, w_uk, w_uv, group_size, window, n_summary, softmax_scale, score,
+      rep_bias):
+    return (_empty(tuple(q.shape[:-1]) + (w_uv.shape[-1],), q),
+            _empty(_lse_shape(q), q, _lse_dtype(q)))
+
+
+def _mla_prefill_setup(ctx, inputs, output):
+    ctx.kw = inputs[5:]
+    ctx.save_for_backward(*inputs[:5])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _mla_prefill_grad(ctx, dout, dlse):
+    """Through the absorbed identity out[t,h] = attention(q_abs, c, r)[t,h] @ W_UV[h]."""
+    q, latent, kpos, w_uk, w_uv = ctx.saved_tensors
+    H, Dc, Dn = w_uk.shape
+    qn = q[..., :Dn]
+    # forward again, absorbed: q_abs[t,h] = [W_UK[h] q_nope[t,h] ; q_rope[t,h]]
+    q_abs = torch.cat([torch.einsum("...hn,hcn->...hc", qn, w_uk), q[..., Dn:]], dim=-1)
+    out_lat, lse = _attention(q_abs, latent, kpos, *ctx.kw)
+    # out = out_lat @ W_UV[h]  ->  dout_lat, dW_UV
+    dout_lat = torch.einsum("...hv,hcv->...hc", dout, w_uv)
+    dw_uv = torch.einsum("nhc,nhv->hcv", out_lat.reshape(-1, H, Dc),
+                         dout.reshape(-1, H, dout.shape[-1]))
+    dq_abs, dlatent, dkpos = _attention_backward(dout_lat, q_abs, latent, kpos, out_lat, lse,
+                                                 *ctx.kw)
+    # q_abs[..., :Dc] = W_UK[h] q_nope  ->  dq_nope, dW_UK
+    dqc = dq_abs[..., :Dc]
+    dq = torch.cat([torch.einsum("...hc,hcn->...hn", dqc, w_uk), dq_abs[..., Dc:]], dim=-1)
+    dw_uk = torch.einsum("nhc,nhk->hck", dqc.reshape(-1, H, Dc), qn.reshape(-1, H, Dn))
+    return (dq, dlatent, dkpos, dw_uk, dw_uv) + (None,) * len(ctx.kw)
+
+
+_mla_prefill.register_autograd(_mla_prefill_grad, setup_context=_mla_prefill_setup)
+
+
+def mla_prefill(q, latent, kpos, w_uk, w_uv, *, group_size=16, window=1024, n_summary=None,
+                softmax_scale=None, score="full", rep_bias=0.0, return_lse=False):
+    """lca.mla_prefill with autograd: q (B, L, H, Dn+Dr) [q_nope ; q_rope], latent (B, L, Dc),
+    kpos (B, L, Dr), w_uk (H, Dc, Dn), w_uv (H, Dc, Dv) -> out (B, L, H, Dv) [, lse (B, H, L),
+    not differentiable].  softmax_scale defaults to 1/sqrt(Dn+Dr).  Gradients reach all five
+    inputs (see the module docstring for how)."""
+    names = ["q", "latent", "kpos", "w_uk", "w_uv"]
+    _check_tensors([q, latent, kpos, w_uk, w_uv], names)
+    g, w, n, scale, bias = _keywords(group_size, window, n_summary, softmax_scale, rep_bias)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    out, lse = _mla_prefill(q, latent, kpos, w_uk, w_uv, g, w, n, scale,
+                            choice_param(score, "score", ("full", "latent")), bias)
+    return (out, lse) if return_lse else out
