@@ -4,8 +4,7 @@ Switches (environment):
   LCA_CUDA=auto|1|0   the CUDA engine (csrc/cuda/*.cu, compiled by nvcc, CUDA runtime linked
                       statically so `import lca` needs no GPU): auto builds it when nvcc is
                       found ($CUDA_HOME/bin or PATH), 1 requires it, 0 skips it.
-  LCA_CUDA_ARCHS      nvcc -gencode list, default sm_80 + sm_90 machine code and compute_80 PTX
-                      (files named *_sm90a.cu are always built for sm_90a alone).
+  LCA_CUDA_ARCHS      nvcc -gencode list, default sm_80 + sm_90 machine code and compute_80 PTX.
   LCA_DEBUG=1         -O0 -g, for gdb.
   LCA_SANITIZE=1      AddressSanitizer + UndefinedBehaviorSanitizer (needs LD_PRELOAD of libasan).
   LCA_SANITIZE=fuzz   with CC=clang LDSHARED="clang -shared": libFuzzer coverage counters and
@@ -77,11 +76,8 @@ class BuildExt(build_ext):
         if os.path.exists(obj) and all(os.path.getmtime(obj) >= os.path.getmtime(d) for d in deps):
             return obj
         os.makedirs(os.path.dirname(obj), exist_ok=True)
-        # *_sm90a.cu hold Hopper-only instructions (wgmma): built for sm_90a alone and chosen at
-        # run time on compute capability 9.0
-        gencode = "-gencode=arch=compute_90a,code=sm_90a" if src.endswith("_sm90a.cu") else archs
         cmd = [nvcc, "-O3", "-std=c++17", "-Icsrc", "-Xcompiler", "-fPIC", "-Xptxas",
-               "-warn-spills", *gencode.split(), "-c", src, "-o", obj]
+               "-warn-spills", *archs.split(), "-c", src, "-o", obj]
         print(" ".join(cmd))
         subprocess.check_call(cmd)
         return obj

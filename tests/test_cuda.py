@@ -98,9 +98,9 @@ GQA_CASES = [  # B, L, H, Hkv, D, Dv, g, w, n, key_mode
     (2, 1300, 8, 2, 128, 128, 16, 256, None, "pool"),
     (1, 900, 4, 4, 64, 64, 8, 128, 3, "anchor"),
 ]
-# The tensor-core kernels: on an sm_90 device the default is the wgmma kernel; "no-wgmma"
-# runs the portable mma.sync kernel, "simt" the CUDA-core kernel, on the same cases.
-PATHS = {"default": "", "no-wgmma": "wgmma", "simt": "wgmma,mma"}
+# "default" runs the tensor-core kernel where the shape has one, "simt" the CUDA-core kernel
+# on the same cases (LCA_CUDA_DISABLE=mma).
+PATHS = {"default": "", "simt": "mma"}
 
 
 @pytest.mark.parametrize("path", list(PATHS))

@@ -79,7 +79,7 @@ template <typename T> struct AttendFwd {
 
 }  // namespace lca
 
-/* LCA_CUDA_DISABLE names kernels to skip ("wgmma", "mma"), so tests reach every path. */
+/* LCA_CUDA_DISABLE names kernels to skip (e.g. "mma"), so tests reach every path. */
 static bool disabled(const char *kernel) {
     const char *off = getenv("LCA_CUDA_DISABLE");
     return off && strstr(off, kernel);
@@ -101,13 +101,6 @@ extern "C" int lca_cuda_attend_fwd(const lca_params *p, int device, void *stream
     }
     DeviceGuard guard(device);
     if (guard.status != cudaSuccess) return cuda_error(guard.status, "cudaSetDevice", err, errlen);
-    if (lca_cuda_wgmma_supported(p, device)) {       /* Hopper: attend_wgmma_sm90a.cu */
-        const int s = lca_cuda_attend_wgmma(p, stream);
-        cudaError_t e = cudaGetLastError();
-        if (s == LCA_OK && e == cudaSuccess) return LCA_OK;
-        return cuda_error(e != cudaSuccess ? e : cudaErrorInvalidValue,
-                          "lca_attend_wgmma_kernel launch", err, errlen);
-    }
     if (lca_cuda_mma_supported(p) && !disabled("mma")) {   /* tensor cores: attend_mma.cu */
         const int s = lca_cuda_attend_mma(p, stream);
         cudaError_t e = cudaGetLastError();

@@ -82,7 +82,3 @@ inline int cuda_error(cudaError_t e, const char *what, char *err, int errlen) {
 /* attend_mma.cu: the tensor-core forward and the calls it covers. */
 extern "C" int lca_cuda_mma_supported(const lca_params *p);
 extern "C" int lca_cuda_attend_mma(const lca_params *p, void *stream);
-
-/* attend_wgmma_sm90a.cu: the Hopper (wgmma) forward, same shapes as attend_mma.cu. */
-extern "C" int lca_cuda_wgmma_supported(const lca_params *p, int device);
-extern "C" int lca_cuda_attend_wgmma(const lca_params *p, void *stream);
