@@ -216,25 +216,32 @@ __global__ void __launch_bounds__(kCondBwdThreads) bwd_condense_kernel(lca_param
                 w.dv[((b * L + j * g + i) * Hkv + h) * Dv + d] += alpha[i] * dvb[d];
 }
 
-/* 6. a contiguous float32 (B, T, Hn, W) buffer into a strided view in the input dtype */
+/* 6. a contiguous float32 (B, T, Hn, W) buffer into a strided view in the input dtype: one warp
+ * per row (b, t, h), lanes over the columns (the row's index arithmetic once per row) */
+constexpr int kConvWarps = 8;
+
 template <typename T>
-__global__ void bwd_convert_kernel(const float *src, lca_view dst, int64_t Tn, int64_t Hn,
-                                   int64_t W, int64_t total) {
-    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
-         i += (int64_t)gridDim.x * blockDim.x) {
-        const int64_t d = i % W, r = i / W, h = r % Hn, r2 = r / Hn;
-        row<T>(dst, r2 / Tn, r2 % Tn, h)[d] = from_f<T>(src[i]);
+__global__ void __launch_bounds__(32 * kConvWarps) bwd_convert_kernel(const float *src, lca_view dst,
+                                                                      int64_t Tn, int64_t Hn,
+                                                                      int64_t W, int64_t rows) {
+    const int lane = threadIdx.x & 31;
+    for (int64_t r = (int64_t)blockIdx.x * kConvWarps + (threadIdx.x >> 5); r < rows;
+         r += (int64_t)gridDim.x * kConvWarps) {
+        const int64_t h = r % Hn, bt = r / Hn;
+        T *d = row<T>(dst, bt / Tn, bt % Tn, h);
+        const float *s = src + r * W;
+        for (int64_t c = lane; c < W; c += 32) d[c] = from_f<T>(s[c]);
     }
 }
 
 template <typename T>
 void convert(const float *src, const lca_view &dst, int64_t B, int64_t Tn, int64_t Hn, int64_t W,
              cudaStream_t stream) {
-    const int64_t total = B * Tn * Hn * W;
-    if (total == 0) return;
-    int64_t blocks = (total + 255) / 256;
+    const int64_t rows = B * Tn * Hn;
+    if (rows == 0 || W == 0) return;
+    int64_t blocks = (rows + kConvWarps - 1) / kConvWarps;
     if (blocks > (1 << 20)) blocks = 1 << 20;
-    bwd_convert_kernel<T><<<(unsigned)blocks, 256, 0, stream>>>(src, dst, Tn, Hn, W, total);
+    bwd_convert_kernel<T><<<(unsigned)blocks, 32 * kConvWarps, 0, stream>>>(src, dst, Tn, Hn, W, rows);
 }
 
 template <int C, typename T>

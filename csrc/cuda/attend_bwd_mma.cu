@@ -75,6 +75,18 @@ template <int N> __device__ __forceinline__ void wait_groups() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
+/* Row R of the flattened (position, head-in-group) space -> position t, query head index within
+ * the group; 32-bit (the launcher checks L * hg < 2^31), no division when hg = 1. */
+__device__ __forceinline__ void split_row(int64_t R, uint32_t hg, int64_t &t, int64_t &i) {
+    const uint32_t Ru = (uint32_t)R, tu = hg == 1 ? Ru : Ru / hg;
+    t = tu, i = Ru - tu * hg;
+}
+
+/* G_t of SPEC §3 in 32-bit arithmetic (t, w, g < 2^31). */
+__device__ __forceinline__ int ncond32(int t, int g, int w) {
+    return t + 1 < w ? 0 : (int)((uint32_t)(t + 1 - w) / (uint32_t)g);
+}
+
 /* Rows [0, n) of a ROWS x W tile (ld W + kPad) from src(r), 16 bytes a thread; rows n .. ROWS-1
  * zeroed.  ASYNC: cp.async (completed by wait_groups), else plain loads. */
 template <typename T, int ROWS, int W, int NT, bool ASYNC, typename F>
@@ -217,14 +229,16 @@ __global__ void __launch_bounds__(32 * kQWarps, 1) dq_kernel(lca_params p, BwdWo
         }
 #pragma unroll
         for (int i = 0; i < 2; i++) {                               /* P, dS (into s) */
-            const int64_t lo = cond ? 0 : Gr[i] * p.g, hi = cond ? Gr[i] : tr[i] + 1;
+            const int lo = live[i] ? (cond ? 0 : (int)(Gr[i] * p.g)) : 1;   /* dead: empty */
+            const int hi = live[i] ? (cond ? (int)Gr[i] : (int)tr[i] + 1) : 0;
             const float bias = cond ? bl2 : 0.0f;
+            const int kb = (int)key0 + 2 * tq;
 #pragma unroll
             for (int n = 0; n < kQKeys / 8; n++)
 #pragma unroll
                 for (int e = 0; e < 2; e++) {
-                    const int64_t key = key0 + n * 8 + 2 * tq + e;
-                    const bool vis = live[i] && key >= lo && key < hi;
+                    const int key = kb + n * 8 + e;
+                    const bool vis = key >= lo && key < hi;
                     const float pr = vis ? exp2f(s[n][2 * i + e] * sl2 + bias - lse2[i]) : 0.0f;
                     s[n][2 * i + e] = pr * (dp[n][2 * i + e] - dl[i]);
                 }
@@ -305,12 +319,14 @@ __global__ void __launch_bounds__(32 * kKWarps, 1) dkdv_kernel(lca_params p, Bwd
         const int n = (int)(Re - r0 < kKRows ? Re - r0 : kKRows);
         T *Qs = stages + (it & 1) * kStage, *dOs = Qs + kKRows * LDQ;
         load_rows<T, kKRows, D, NT, true>(Qs, n, [&](int r) {
-            const int64_t R = r0 + r;
-            return row<const T>(p.q, b, R / hg, h * hg + R % hg);
+            int64_t t, i;
+            split_row(r0 + r, (uint32_t)hg, t, i);
+            return row<const T>(p.q, b, t, h * hg + i);
         });
         load_rows<T, kKRows, DV, NT, true>(dOs, n, [&](int r) {
-            const int64_t R = r0 + r;
-            return row<const T>(p.dout, b, R / hg, h * hg + R % hg);
+            int64_t t, i;
+            split_row(r0 + r, (uint32_t)hg, t, i);
+            return row<const T>(p.dout, b, t, h * hg + i);
         });
         commit();
         float *info = rowinfo + (it & 1) * 4 * kKRows;
@@ -318,12 +334,14 @@ __global__ void __launch_bounds__(32 * kKWarps, 1) dkdv_kernel(lca_params p, Bwd
             float l2 = 0, dl = 0;
             int lo = 0, hi = 0;
             if (r < n) {
-                const int64_t R = r0 + r, t = R / hg, hq = h * hg + R % hg;
-                const int64_t G = num_condensed(t, g, p.w);
+                int64_t t, i;
+                split_row(r0 + r, (uint32_t)hg, t, i);
+                const int64_t hq = h * hg + i;
+                const int G = ncond32((int)t, (int)g, (int)p.w);
                 l2 = ((const float *)p.lse.p)[b * p.lse.sb + hq * p.lse.st + t] * kLog2e;
                 dl = w.delta[(b * p.H + hq) * L + t];
-                lo = cond ? 0 : (int)(G * g);
-                hi = cond ? (int)G : (int)(t + 1);
+                lo = cond ? 0 : G * (int)g;
+                hi = cond ? G : (int)t + 1;
             }
             info[r] = l2, info[kKRows + r] = dl;
             ((int *)info)[2 * kKRows + r] = lo, ((int *)info)[3 * kKRows + r] = hi;
@@ -337,6 +355,7 @@ __global__ void __launch_bounds__(32 * kKWarps, 1) dkdv_kernel(lca_params p, Bwd
     for (int n = 0; n < DV / 8; n++) dv[n][0] = dv[n][1] = dv[n][2] = dv[n][3] = 0;
     const float sl2 = (float)p.scale * kLog2e, bias = cond ? (float)p.rep_bias * kLog2e : 0.0f;
     const int kw = warp * 16;                            /* this warp's keys: kw .. kw + 15 */
+    const int mykey = (int)key0 + kw + gq;               /* this thread's: mykey, mykey + 8 */
     if (ntiles > 0) issue(0);
 
     for (int64_t it = 0; it < ntiles; it++) {
@@ -389,7 +408,7 @@ __global__ void __launch_bounds__(32 * kKWarps, 1) dkdv_kernel(lca_params p, Bwd
                 const int hi = ((const int *)info)[3 * kKRows + r];
 #pragma unroll
                 for (int i = 0; i < 2; i++) {
-                    const int64_t key = key0 + kw + gq + 8 * i;
+                    const int key = mykey + 8 * i;
                     const bool vis = key >= lo && key < hi;
                     const float pr = vis ? exp2f(s[n][2 * i + e] * sl2 + bias - l2) : 0.0f;
                     s[n][2 * i + e] = pr;
@@ -467,13 +486,11 @@ extern "C" int lca_cuda_bwd_mma_supported(const lca_params *p) {
     if (!((p->D == 64 && p->Dv == 64) || (p->D == 128 && p->Dv == 128) ||
           (p->D == 192 && p->Dv == 128)))
         return 0;
-    if (p->v_in_k || p->L >= 2147483647) return 0;
+    if (p->v_in_k || p->L * (p->H / p->Hkv) >= 2147483647 || p->w >= 2147483647) return 0;
     const lca_view *vs[] = {&p->q, &p->k, &p->v, &p->kbar, &p->vbar, &p->dout};
     for (const lca_view *v : vs)
         if ((uintptr_t)v->p % 16 || v->sb % 8 || v->st % 8 || v->sh % 8) return 0;
-    const int64_t nrows = p->L * (p->H / p->Hkv);
-    return (nrows + lca::bwdmma::kQRows - 1) / lca::bwdmma::kQRows <= 2147483647 &&
-           p->Hkv <= 65535 && p->B <= 65535;
+    return p->Hkv <= 65535 && p->B <= 65535;
 }
 
 extern "C" int lca_cuda_bwd_mma(const lca_params *p, const lca::BwdWork *w, void *stream) {
