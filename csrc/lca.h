@@ -70,6 +70,14 @@ int lca_cpu_max_threads(void);
 int lca_cuda_condense(const lca_params *p, int device, void *stream, char *err, int errlen);
 int lca_cuda_attend_fwd(const lca_params *p, int device, void *stream, char *err, int errlen);
 int lca_cuda_device_count(void);
+/* SPEC §5 backward on the GPU: dq, dk, dv (every element written; v_in_k: dv is dk's prefix
+ * view) from dout, q, k, v, out and the forward's lse (float32).  Needs a scratch buffer of
+ * lca_cuda_bwd_workspace(p) bytes, 256-byte aligned, allocated by the caller on the device
+ * (stream-ordered: it may be reused once the work queued on `stream` is done).  Deterministic:
+ * the same inputs give bit-identical gradients. */
+int64_t lca_cuda_bwd_workspace(const lca_params *p);
+int lca_cuda_attention_bwd(const lca_params *p, void *workspace, int64_t workspace_bytes,
+                           int device, void *stream, char *err, int errlen);
 
 #ifdef __cplusplus
 }

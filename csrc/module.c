@@ -9,8 +9,9 @@
  *   attend(q, k, v, kbar, vbar, out, lse, g, w, scale, rep_bias, v_in_k)
  *   backward(dout, q, k, v, out, lse, dq, dk, dv, g, w, n, scale, rep_bias, d_score, d_pool,
  *            v_in_k)
- * and, when built with the CUDA engine (LCA_WITH_CUDA), cuda_condense and cuda_attend, which
- * take device-array descriptors from lca/_cuda.py.
+ * and, when built with the CUDA engine (LCA_WITH_CUDA), cuda_condense, cuda_attend and
+ * cuda_backward (+ cuda_backward_workspace), which take device-array descriptors from
+ * lca/_cuda.py.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -378,6 +379,65 @@ static PyObject *py_cuda_attend(PyObject *self, PyObject *args) {
     return cuda_finish(status, err);
 }
 
+PyDoc_STRVAR(cuda_backward_workspace_doc, "cuda_backward_workspace(dtype, B, L, H, Hkv, D, Dv, g, "
+             "v_in_k): bytes of scratch cuda_backward needs.");
+
+static PyObject *py_cuda_backward_workspace(PyObject *self, PyObject *args) {
+    lca_params p = {0};
+    int dtype;
+    if (!PyArg_ParseTuple(args, "iLLLLLLLi", &dtype, &p.B, &p.L, &p.H, &p.Hkv, &p.D, &p.Dv, &p.g,
+                          &p.v_in_k))
+        return NULL;
+    if (p.B < 0 || p.L < 0 || p.H < 1 || p.Hkv < 1 || p.D < 1 || p.Dv < 1 || p.g < 1) {
+        PyErr_SetString(PyExc_ValueError, "cuda_backward_workspace: sizes out of range");
+        return NULL;
+    }
+    p.dtype = (lca_dtype)dtype;
+    return PyLong_FromLongLong(lca_cuda_bwd_workspace(&p));
+}
+
+PyDoc_STRVAR(cuda_backward_doc, "cuda_backward(dtype, dout, q, k, v, out, lse, dq, dk, dv, "
+             "(workspace_ptr, workspace_bytes), g, w, n, scale, rep_bias, d_score, d_pool, v_in_k, "
+             "device, stream): SPEC §5 gradients on the GPU into dq, dk, dv (lse float32).");
+
+static PyObject *py_cuda_backward(PyObject *self, PyObject *args) {
+    PyObject *dout, *q, *k, *v, *out, *lse, *dq, *dk, *dv;
+    int dtype, device;
+    unsigned long long stream, ws_ptr;
+    long long ws_bytes;
+    lca_params p = {0};
+    if (!PyArg_ParseTuple(args, "iOOOOOOOOO(KL)LLLddLLiiK", &dtype, &dout, &q, &k, &v, &out,
+                          &lse, &dq, &dk, &dv, &ws_ptr, &ws_bytes, &p.g, &p.w, &p.n, &p.scale,
+                          &p.rep_bias, &p.d_score, &p.d_pool, &p.v_in_k, &device, &stream))
+        return NULL;
+    if (cuda_qkv(&p, dtype, q, k, v) || lca_params_check(&p)) return NULL;
+    npy_intp s[4], wq[4] = {p.B, p.L, p.H, p.D}, wk[4] = {p.B, p.L, p.Hkv, p.D};
+    npy_intp wv[4] = {p.B, p.L, p.Hkv, p.Dv}, wo[4] = {p.B, p.L, p.H, p.Dv};
+    npy_intp wl[3] = {p.B, p.H, p.L};
+    if (desc_of(out, "out", 4, s, &p.out) || same_shape("out", s, wo, 4) ||
+        desc_of(dout, "dout", 4, s, &p.dout) || same_shape("dout", s, wo, 4) ||
+        desc_of(lse, "lse", 3, s, &p.lse) || same_shape("lse", s, wl, 3) ||
+        desc_of(dq, "dq", 4, s, &p.dq) || same_shape("dq", s, wq, 4) ||
+        desc_of(dk, "dk", 4, s, &p.dk) || same_shape("dk", s, wk, 4) ||
+        desc_of(dv, "dv", 4, s, &p.dv) || same_shape("dv", s, wv, 4))
+        return NULL;
+    if (p.v_in_k && !same_view(&p.dv, &p.dk)) {
+        PyErr_SetString(PyExc_ValueError, "v_in_k: dv must be a prefix view of dk");
+        return NULL;
+    }
+    char err[256] = "";
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = lca_cuda_attention_bwd(&p, (void *)(uintptr_t)ws_ptr, (int64_t)ws_bytes, device,
+                                    (void *)(uintptr_t)stream, err, sizeof err);
+    Py_END_ALLOW_THREADS
+    if (status == LCA_ERR_ARG) {
+        PyErr_SetString(PyExc_ValueError, err);
+        return NULL;
+    }
+    return cuda_finish(status, err);
+}
+
 static PyObject *py_cuda_device_count(PyObject *self, PyObject *noargs) {
     return PyLong_FromLong(lca_cuda_device_count());
 }
@@ -395,6 +455,9 @@ static PyMethodDef methods[] = {
 #ifdef LCA_WITH_CUDA
     {"cuda_condense", py_cuda_condense, METH_VARARGS, cuda_condense_doc},
     {"cuda_attend", py_cuda_attend, METH_VARARGS, cuda_attend_doc},
+    {"cuda_backward", py_cuda_backward, METH_VARARGS, cuda_backward_doc},
+    {"cuda_backward_workspace", py_cuda_backward_workspace, METH_VARARGS,
+     cuda_backward_workspace_doc},
     {"cuda_device_count", py_cuda_device_count, METH_NOARGS, "CUDA devices visible (0: none)."},
 #endif
     {NULL, NULL, 0, NULL},

@@ -147,20 +147,16 @@ def _attend(fe, code, q, k, v, kbar, vbar, cfg, v_in_k):
     return out, lse
 
 
-def _no_cuda_backward(fe):
-    if fe:
-        raise NotImplementedError("backward on CUDA arrays: the CUDA backward kernels are not "
-                                  "written yet; move the arrays to the CPU (NumPy) for now")
-
-
-def _backward(dout, q, k, v, out, lse, cfg, d_score, d_pool, v_in_k):
+def _backward(fe, code, dout, q, k, v, out, lse, cfg, d_score, d_pool, v_in_k):
     B, L, H, D = q.shape
     Dv = v.shape[3]
     for a, nm in ((dout, "dout"), (out, "out")):
-        if a.shape != (B, L, H, Dv):
-            raise ValueError(f"{nm}: expected shape {(B, L, H, Dv)}, got {a.shape}")
-    if lse.shape != (B, H, L):
-        raise ValueError(f"lse: expected shape {(B, H, L)} (B, H, L), got {lse.shape}")
+        if tuple(a.shape) != (B, L, H, Dv):
+            raise ValueError(f"{nm}: expected shape {(B, L, H, Dv)}, got {tuple(a.shape)}")
+    if tuple(lse.shape) != (B, H, L):
+        raise ValueError(f"lse: expected shape {(B, H, L)} (B, H, L), got {tuple(lse.shape)}")
+    if fe:
+        return _cuda.backward(fe, code, dout, q, k, v, out, lse, cfg, d_score, d_pool, v_in_k)
     dq = np.zeros_like(q, order="C")
     dk = np.zeros(k.shape, q.dtype)
     dv = dk[..., :Dv] if v_in_k else np.zeros(v.shape, q.dtype)
@@ -171,8 +167,11 @@ def _backward(dout, q, k, v, out, lse, cfg, d_score, d_pool, v_in_k):
     return dq, dk, dv
 
 
-def _backward_inputs(dout, out, lse, batched):
-    dout, out, lse = as_array(dout, "dout"), as_array(out, "out"), as_array(lse, "lse")
+def _backward_inputs(fe, q, dout, out, lse, batched):
+    if fe:
+        dout, out, lse = _cuda.check_grad_inputs(fe, q, dout, out, lse)
+    else:
+        dout, out, lse = as_array(dout, "dout"), as_array(out, "out"), as_array(lse, "lse")
     check_rank([dout, out, lse], ["dout", "out", "lse"], [3, 3, 2], batched)
     if not batched:
         dout, out, lse = dout[None], out[None], lse[None]
@@ -274,15 +273,13 @@ def attention_backward(dout, q, latent, kpos, out, lse, *, group_size=16, window
     """Exact gradient of attention() (SPEC §5): (dq, dlatent, dkpos), through the summary
     queries, the pooling weights and the anchor copy.  out and lse are attention()'s."""
     batched, fe, code, q, k, v = _mla_inputs(q, latent, kpos)
-    _no_cuda_backward(fe)
     cfg = _mla_cfg(q, dict(group_size=group_size, window=window, n_summary=n_summary,
                            softmax_scale=softmax_scale, rep_bias=rep_bias))
-    dout, out, lse = _backward_inputs(dout, out, lse, batched)
+    dout, out, lse = _backward_inputs(fe, q, dout, out, lse, batched)
     Dc = v.shape[3]
-    dq, dk, _ = _backward(dout, q, k, v, out, lse, cfg, _score_dims(score, Dc, q.shape[3]),
-                          Dc, 1)
-    return _unbatch(batched, dq, np.ascontiguousarray(dk[:, :, 0, :Dc]),
-                    np.ascontiguousarray(dk[:, :, 0, Dc:]))
+    dq, dk, _ = _backward(fe, code, dout, q, k, v, out, lse, cfg,
+                          _score_dims(score, Dc, q.shape[3]), Dc, 1)
+    return _unbatch(batched, dq, _contig(fe, dk[:, :, 0, :Dc]), _contig(fe, dk[:, :, 0, Dc:]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,12 +331,11 @@ def gqa_attention_backward(dout, q, k, v, out, lse, *, group_size=16, window=102
                            n_summary=None, softmax_scale=None, key_mode="anchor", rep_bias=0.0):
     """Exact gradient of gqa_attention() (SPEC §5): (dq, dk, dv)."""
     batched, fe, code, q, k, v = _gqa_inputs(q, k, v)
-    _no_cuda_backward(fe)
     D = q.shape[3]
     cfg = _Cfg(q.shape[1], D, group_size=group_size, window=window, n_summary=n_summary,
                softmax_scale=softmax_scale, rep_bias=rep_bias)
-    dout, out, lse = _backward_inputs(dout, out, lse, batched)
-    return _unbatch(batched, *_backward(dout, q, k, v, out, lse, cfg, D,
+    dout, out, lse = _backward_inputs(fe, q, dout, out, lse, batched)
+    return _unbatch(batched, *_backward(fe, code, dout, q, k, v, out, lse, cfg, D,
                                         _gqa_pool(key_mode, D), 0))
 
 

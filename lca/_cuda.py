@@ -66,6 +66,16 @@ class _Torch:
     def contiguous(self, a):
         return a.contiguous()
 
+    def workspace(self, nbytes):
+        """Scratch bytes from the caching allocator, usable in stream order on this stream."""
+        return self.torch.empty((max(nbytes, 1),), dtype=self.torch.uint8, device=self.device)
+
+    def ptr(self, a):
+        return a.data_ptr()
+
+    def float32(self, a):
+        return a if a.dtype == self.torch.float32 else a.float()
+
 
 class _Cupy:
     def __init__(self, like):
@@ -107,6 +117,17 @@ class _Cupy:
         with self.device:
             return self.cp.ascontiguousarray(a)
 
+    def workspace(self, nbytes):
+        with self.device:
+            return self.cp.empty((max(nbytes, 1),), dtype=self.cp.uint8)
+
+    def ptr(self, a):
+        return a.data.ptr
+
+    def float32(self, a):
+        with self.device:
+            return a if a.dtype == self.cp.float32 else a.astype(self.cp.float32)
+
 
 def frontend(x):
     return _Torch(x) if framework(x) == "torch" else _Cupy(x)
@@ -147,3 +168,33 @@ def attend(fe, code, q, k, v, kbar, vbar, cfg, v_in_k):
                    fe.desc(out), fe.desc(lse), cfg.g, cfg.w, cfg.scale, cfg.rep_bias,
                    int(v_in_k), fe.device_id(q), fe.stream())
     return out, lse
+
+
+def check_grad_inputs(fe, q, dout, out, lse):
+    """dout and out: like q (framework, device, dtype); lse: same framework and device, any
+    float dtype (the kernels read it in float32)."""
+    check_same(fe, q, [dout, out], ["dout", "out"])
+    if framework(lse) != framework(q):
+        raise TypeError(f"lse: expected a CUDA array like q ({type(q).__name__}), got "
+                        f"{type(lse).__name__}")
+    if fe.device_id(lse) != fe.device_id(q):
+        raise ValueError(f"lse: on device {fe.device_id(lse)}, q on {fe.device_id(q)}")
+    if lse.dtype not in fe.codes:
+        raise TypeError(f"lse: expected a float dtype, got {lse.dtype}")
+    return fe.contiguous_last(dout), fe.contiguous_last(out), fe.contiguous_last(fe.float32(lse))
+
+
+def backward(fe, code, dout, q, k, v, out, lse, cfg, d_score, d_pool, v_in_k):
+    """SPEC §5 gradients (dq, dk, dv) in q's dtype; with v_in_k dv is dk's prefix view."""
+    B, L, H, D = q.shape
+    Hkv, Dv = k.shape[2], v.shape[3]
+    dq = fe.empty((B, L, H, D), like=q)
+    dk = fe.empty((B, L, Hkv, D), like=q)
+    dv = dk[..., :Dv] if v_in_k else fe.empty((B, L, Hkv, Dv), like=q)
+    nbytes = _C.cuda_backward_workspace(code, B, L, H, Hkv, D, Dv, cfg.g, int(v_in_k))
+    ws = fe.workspace(nbytes)
+    _C.cuda_backward(code, fe.desc(dout), fe.desc(q), fe.desc(k), fe.desc(v), fe.desc(out),
+                     fe.desc(lse), fe.desc(dq), fe.desc(dk), fe.desc(dv), (fe.ptr(ws), nbytes),
+                     cfg.g, cfg.w, cfg.n, cfg.scale, cfg.rep_bias, d_score, d_pool,
+                     int(v_in_k), fe.device_id(q), fe.stream())
+    return dq, dk, dv

@@ -1,0 +1,81 @@
+"""LCA forward and backward on CUDA, bf16, the SPEC §9 shape (H = 16, g = 16, w = 1024, B = 1):
+non-absorbed MLA (per-head 192/128, the GQA entry with Hkv = H), or with --absorbed the absorbed
+form (Dc = 512, Dr = 64, one kv head).  CUDA-event medians, TFLOP/s on the attended pairs
+(forward 2·192 + 2·128, absorbed 2·576 + 2·512 per pair per head; backward counted as 2.5×
+forward, as issue 5 asks), and with --profile the per-kernel split of one backward.
+
+    PYTHONPATH=. python3 benchmarks/bench_backward.py --L 8192 32768 [--profile] [--absorbed]
+"""
+import argparse
+import statistics
+
+import torch
+
+import lca
+
+PEAK = 750e12          # SPEC §9: measured bf16 matrix-product ceiling on the H200 (730-773)
+
+
+def pairs(L, g, w):
+    t = torch.arange(L, dtype=torch.int64)
+    G = torch.clamp(torch.div(t - w + 1, g, rounding_mode="floor"), min=0)
+    return int((G + t - G * g + 1).sum())
+
+
+def timed(fn, reps):
+    fn()
+    fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        ts.append(a.elapsed_time(b))
+    return statistics.median(ts)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--L", type=int, nargs="+", default=[32768])
+    ap.add_argument("--H", type=int, default=16)
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--absorbed", action="store_true")
+    a = ap.parse_args()
+    g, w, H = 16, 1024, a.H
+    D, Dv = (576, 512) if a.absorbed else (192, 128)
+    print(f"LCA bf16, {'absorbed MLA' if a.absorbed else 'non-absorbed MLA'}, H={H}, "
+          f"D/Dv={D}/{Dv}, g={g}, w={w}, B=1; CUDA events, median of {a.reps}")
+    print(f"{'L':>7} {'fwd ms':>8} {'TF/s':>6} {'bwd ms':>8} {'TF/s':>6} {'%peak':>6} {'f+b ms':>8}")
+    for L in a.L:
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        rnd = lambda *s: torch.randn(*s, generator=gen, device="cuda").bfloat16()  # noqa: E731
+        kw = dict(group_size=g, window=w)
+        if a.absorbed:
+            q, c, r, dout = rnd(1, L, H, D), rnd(1, L, Dv), rnd(1, L, D - Dv), rnd(1, L, H, Dv)
+            out, lse = lca.attention(q, c, r, return_lse=True, **kw)
+            fwd = lambda: lca.attention(q, c, r, return_lse=True, **kw)                # noqa: E731
+            bwd = lambda: lca.attention_backward(dout, q, c, r, out, lse, **kw)        # noqa: E731
+        else:
+            q, k, v, dout = rnd(1, L, H, D), rnd(1, L, H, D), rnd(1, L, H, Dv), rnd(1, L, H, Dv)
+            out, lse = lca.gqa_attention(q, k, v, return_lse=True, **kw)
+            fwd = lambda: lca.gqa_attention(q, k, v, return_lse=True, **kw)            # noqa: E731
+            bwd = lambda: lca.gqa_attention_backward(dout, q, k, v, out, lse, **kw)    # noqa: E731
+        tf, tb = timed(fwd, a.reps), timed(bwd, a.reps)
+        fl = pairs(L, g, w) * H * (2 * D + 2 * Dv)
+        print(f"{L:>7} {tf:8.3f} {fl / tf / 1e9:6.0f} {tb:8.3f} {2.5 * fl / tb / 1e9:6.0f} "
+              f"{100 * 2.5 * fl / (tb * 1e-3) / PEAK:5.1f}% {tf + tb:8.3f}")
+        if a.profile:
+            from torch.profiler import ProfilerActivity, profile
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                bwd()
+                torch.cuda.synchronize()
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12,
+                                            max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,382 @@
+/* attend_bwd.cu — SPEC §5 backward on the GPU: the entry point and the portable (CUDA-core)
+ * kernels.  The math mirrors the CPU engine's lca_cpu_attention_bwd (csrc/cpu/attn.inc).
+ *
+ * Order of work, all on the caller's stream, each step a kernel (no device-wide sync):
+ *   1. recompute the condensation (condense.cu) into the workspace: kbar, vbar in the input
+ *      dtype (bit-identical to what the forward attended), alpha and anchor;
+ *   2. delta = rowsum(dO o O) per (b, t, head), float32;
+ *   3. dq of the attention: per query row, the visible condensed entries then the exact keys,
+ *      P = exp(tau q.k + bias - lse), dP = dO.v, dS = P (dP - delta), dq = tau sum dS k;
+ *   4. dk, dv of the exact tokens and dkbar, dvbar of the condensed entries: per key, over the
+ *      query rows that see it (exact token s: t in [s, (s/g + 1) g + w - 2]; entry j: t >=
+ *      (j + 1) g + w - 1), dv = sum P dO, dk = tau sum dS q;
+ *   5. the condensation backward, one block per group: dkbar, dvbar -> dalpha -> the scores ->
+ *      dq (through qbar) and dk (through the scores), plus the pooling (alpha dkbar, alpha
+ *      dvbar) and the anchor copy (kbar[d_pool:] = k_anchor[d_pool:]) onto the group's tokens;
+ *   6. the float32 sums converted to the input dtype into the caller's dq, dk, dv.
+ * Steps 3 and 4 run on tensor cores for the shapes attend_bwd_mma.cu covers.  Every output
+ * element is written by exactly one thread, sums run in a fixed order: the result is
+ * bit-for-bit deterministic (no atomics).  Accumulation in float32. */
+#include "bwd.cuh"
+
+namespace lca {
+
+constexpr int kBwdWarps = 4;
+
+__device__ __forceinline__ float lse_at(const lca_params &p, int64_t b, int64_t hq, int64_t t) {
+    return ((const float *)p.lse.p)[b * p.lse.sb + hq * p.lse.st + t];
+}
+
+/* 2. delta[b, hq, t] = dO . O, one warp per row */
+template <typename T>
+__global__ void __launch_bounds__(32 * kBwdWarps) bwd_delta_kernel(lca_params p, float *delta) {
+    const int lane = threadIdx.x & 31;
+    const int64_t rowid = (int64_t)blockIdx.x * kBwdWarps + (threadIdx.x >> 5);
+    if (rowid >= p.B * p.L * p.H) return;
+    const int64_t hq = rowid % p.H, t = (rowid / p.H) % p.L, b = rowid / (p.H * p.L);
+    const T *o = row<const T>(p.out, b, t, hq), *d = row<const T>(p.dout, b, t, hq);
+    float acc = 0;
+    for (int64_t c = lane; c < p.Dv; c += 32) acc += to_f(o[c]) * to_f(d[c]);
+    acc = warp_sum(acc);
+    if (lane == 0) delta[(b * p.H + hq) * p.L + t] = acc;
+}
+
+/* 3. dq, one warp per query row (b, t, hq); lane l holds columns l, l + 32, ... */
+template <typename T, int C>
+__global__ void __launch_bounds__(32 * kBwdWarps) bwd_dq_simt_kernel(lca_params p, BwdWork w) {
+    const int lane = threadIdx.x & 31;
+    const int64_t rowid = (int64_t)blockIdx.x * kBwdWarps + (threadIdx.x >> 5);
+    if (rowid >= p.L * p.H) return;
+    const int64_t b = blockIdx.y, t = rowid / p.H, hq = rowid % p.H, h = hq / (p.H / p.Hkv);
+    const int D = (int)p.D, Dv = (int)p.Dv;
+    const float scale = (float)p.scale;
+    float q[C], dO[C], acc[C];
+    const T *qr = row<const T>(p.q, b, t, hq), *dr = row<const T>(p.dout, b, t, hq);
+#pragma unroll
+    for (int c = 0; c < C; c++) {
+        q[c] = lane + 32 * c < D ? scale * to_f(qr[lane + 32 * c]) : 0.0f;
+        dO[c] = lane + 32 * c < Dv ? to_f(dr[lane + 32 * c]) : 0.0f;
+        acc[c] = 0;
+    }
+    const float lse = lse_at(p, b, hq, t), dl = w.delta[(b * p.H + hq) * p.L + t];
+    auto visit = [&](const T *k, const T *v, float bias) {
+        float sp = 0, dp = 0;
+#pragma unroll
+        for (int c = 0; c < C; c++) {
+            if (lane + 32 * c < D) sp += q[c] * to_f(k[lane + 32 * c]);
+            if (lane + 32 * c < Dv) dp += dO[c] * to_f(v[lane + 32 * c]);
+        }
+        sp = warp_sum(sp) + bias;
+        dp = warp_sum(dp);
+        const float ds = expf(sp - lse) * (dp - dl);
+#pragma unroll
+        for (int c = 0; c < C; c++)
+            if (lane + 32 * c < D) acc[c] += ds * to_f(k[lane + 32 * c]);
+    };
+    const int64_t G = num_condensed(t, p.g, p.w);
+    for (int64_t j = 0; j < G; j++)
+        visit(row<const T>(p.kbar, b, j, h), row<const T>(p.vbar, b, j, h), (float)p.rep_bias);
+    for (int64_t s = G * p.g; s <= t; s++)
+        visit(row<const T>(p.k, b, s, h), row<const T>(p.v, b, s, h), 0.0f);
+    float *dst = w.dq + ((b * p.L + t) * p.H + hq) * D;
+#pragma unroll
+    for (int c = 0; c < C; c++)
+        if (lane + 32 * c < D) dst[lane + 32 * c] = scale * acc[c];
+}
+
+/* 4. dk, dv of one key, one warp per key: keys [0, m) are the condensed entries, [m, m + L) the
+ * exact tokens.  Loops over the query rows that see the key, in order. */
+template <typename T, int C>
+__global__ void __launch_bounds__(32 * kBwdWarps) bwd_dkdv_simt_kernel(lca_params p, BwdWork w) {
+    const int lane = threadIdx.x & 31;
+    const int64_t key = (int64_t)blockIdx.x * kBwdWarps + (threadIdx.x >> 5);
+    const int64_t m = p.m, L = p.L, g = p.g, H = p.H, Hkv = p.Hkv, hg = H / Hkv;
+    if (key >= m + L) return;
+    const int64_t h = blockIdx.y, b = blockIdx.z;
+    const bool cond = key < m;
+    const int64_t idx = cond ? key : key - m;
+    const int D = (int)p.D, Dv = (int)p.Dv;
+    const float scale = (float)p.scale, bias = cond ? (float)p.rep_bias : 0.0f;
+    const T *kr = cond ? row<const T>(p.kbar, b, idx, h) : row<const T>(p.k, b, idx, h);
+    const T *vr = cond ? row<const T>(p.vbar, b, idx, h) : row<const T>(p.v, b, idx, h);
+    float kk[C], vv[C], dk[C], dv[C];
+#pragma unroll
+    for (int c = 0; c < C; c++) {
+        kk[c] = lane + 32 * c < D ? to_f(kr[lane + 32 * c]) : 0.0f;
+        vv[c] = lane + 32 * c < Dv ? to_f(vr[lane + 32 * c]) : 0.0f;
+        dk[c] = dv[c] = 0;
+    }
+    int64_t t0, t1;                                   /* the rows that see this key */
+    if (cond) {
+        t0 = (idx + 1) * g + p.w - 1, t1 = L - 1;
+    } else {
+        t0 = idx, t1 = (idx / g + 1) * g + p.w - 2;
+        if (t1 > L - 1) t1 = L - 1;
+    }
+    for (int64_t t = t0; t <= t1; t++)
+        for (int64_t hq = h * hg; hq < (h + 1) * hg; hq++) {
+            const T *qr = row<const T>(p.q, b, t, hq), *dr = row<const T>(p.dout, b, t, hq);
+            float qv[C], dO[C], sp = 0, dp = 0;
+#pragma unroll
+            for (int c = 0; c < C; c++) {
+                qv[c] = lane + 32 * c < D ? to_f(qr[lane + 32 * c]) : 0.0f;
+                dO[c] = lane + 32 * c < Dv ? to_f(dr[lane + 32 * c]) : 0.0f;
+                sp += qv[c] * kk[c];
+                dp += dO[c] * vv[c];
+            }
+            sp = scale * warp_sum(sp) + bias;
+            dp = warp_sum(dp);
+            const float pr = expf(sp - lse_at(p, b, hq, t));
+            const float ds = pr * (dp - w.delta[(b * H + hq) * L + t]);
+#pragma unroll
+            for (int c = 0; c < C; c++) {
+                dv[c] += pr * dO[c];
+                dk[c] += ds * qv[c];
+            }
+        }
+    float *dkd = cond ? w.dkb + ((b * m + idx) * Hkv + h) * D : w.dk + ((b * L + idx) * Hkv + h) * D;
+    float *dvd = cond ? w.dvb + ((b * m + idx) * Hkv + h) * w.ldv
+                      : w.dv + ((b * L + idx) * Hkv + h) * w.ldv;
+#pragma unroll
+    for (int c = 0; c < C; c++) {
+        const int d = lane + 32 * c;
+        if (p.v_in_k) {                                /* v = k[:Dv]: one gradient row */
+            if (d < D) dkd[d] = scale * dk[c] + (d < Dv ? dv[c] : 0.0f);
+        } else {
+            if (d < D) dkd[d] = scale * dk[c];
+            if (d < Dv) dvd[d] = dv[c];
+        }
+    }
+}
+
+/* 5. the condensation backward of group j of kv head h (SPEC §2/§4 backwards), one block;
+ * the group owns its g token rows of dk, dv and its n x hg query rows of dq, so blocks never
+ * write the same element.  Shared memory: qbar (D floats), dalpha (g), dscore (g). */
+constexpr int kCondBwdThreads = 256;
+
+template <typename T>
+__global__ void __launch_bounds__(kCondBwdThreads) bwd_condense_kernel(lca_params p, BwdWork w) {
+    extern __shared__ float sm[];
+    const int64_t j = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int64_t g = p.g, H = p.H, Hkv = p.Hkv, hg = H / Hkv, L = p.L, m = p.m;
+    const int64_t D = p.D, Dv = p.Dv, ds = p.d_score, dpool = p.d_pool;
+    float *qbar = sm, *dal = sm + D, *dsc = dal + g;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
+    const int64_t e = (b * m + j) * Hkv + h;               /* this entry's index */
+    const float *alpha = w.alpha + e * g, *dkb = w.dkb + e * D, *dvb = w.dvb + e * w.ldv;
+    const int a = w.anchor[e];
+    const float scale = (float)p.scale, inv = 1.0f / (float)(p.n * hg);
+
+    for (int64_t d = tid; d < ds; d += blockDim.x) {        /* qbar, as the forward */
+        float acc = 0;
+        for (int64_t t = j * g + g - p.n; t < j * g + g; t++)
+            for (int64_t hh = h * hg; hh < (h + 1) * hg; hh++)
+                acc += to_f(row<const T>(p.q, b, t, hh)[d]);
+        qbar[d] = acc * inv;
+    }
+    for (int64_t i = warp; i < g; i += nwarps) {            /* dalpha_i */
+        const T *k = row<const T>(p.k, b, j * g + i, h);
+        float part = 0;
+        for (int64_t d = lane; d < dpool; d += 32) part += dkb[d] * to_f(k[d]);
+        if (!p.v_in_k) {
+            const T *v = row<const T>(p.v, b, j * g + i, h);
+            for (int64_t d = lane; d < Dv; d += 32) part += dvb[d] * to_f(v[d]);
+        }
+        part = warp_sum(part);
+        if (lane == 0) dal[i] = part;
+    }
+    __syncthreads();
+    if (warp == 0) {                                        /* softmax backward */
+        float adot = 0;
+        for (int64_t i = lane; i < g; i += 32) adot += alpha[i] * dal[i];
+        adot = warp_sum(adot);
+        for (int64_t i = lane; i < g; i += 32) dsc[i] = scale * alpha[i] * (dal[i] - adot);
+    }
+    __syncthreads();
+    for (int64_t d = tid; d < D; d += blockDim.x) {
+        const float kb = dkb[d];
+        float dqbar = 0;
+        for (int64_t i = 0; i < g; i++) {
+            const int64_t t = j * g + i;
+            float add = d < dpool ? alpha[i] * kb : (i == a ? kb : 0.0f);  /* pool / anchor */
+            if (d < ds) {                                                  /* the scores */
+                add += dsc[i] * qbar[d];
+                dqbar += dsc[i] * to_f(row<const T>(p.k, b, t, h)[d]);
+            }
+            w.dk[((b * L + t) * Hkv + h) * D + d] += add;
+        }
+        if (d < ds)                                         /* qbar is a mean of q */
+            for (int64_t t = j * g + g - p.n; t < j * g + g; t++)
+                for (int64_t hh = h * hg; hh < (h + 1) * hg; hh++)
+                    w.dq[((b * L + t) * H + hh) * D + d] += dqbar * inv;
+    }
+    if (!p.v_in_k)
+        for (int64_t d = tid; d < Dv; d += blockDim.x)
+            for (int64_t i = 0; i < g; i++)
+                w.dv[((b * L + j * g + i) * Hkv + h) * Dv + d] += alpha[i] * dvb[d];
+}
+
+/* 6. a contiguous float32 (B, T, Hn, W) buffer into a strided view in the input dtype: one warp
+ * per row (b, t, h), lanes over the columns (the row's index arithmetic once per row) */
+constexpr int kConvWarps = 8;
+
+template <typename T>
+__global__ void __launch_bounds__(32 * kConvWarps) bwd_convert_kernel(const float *src, lca_view dst,
+                                                                      int64_t Tn, int64_t Hn,
+                                                                      int64_t W, int64_t rows) {
+    const int lane = threadIdx.x & 31;
+    for (int64_t r = (int64_t)blockIdx.x * kConvWarps + (threadIdx.x >> 5); r < rows;
+         r += (int64_t)gridDim.x * kConvWarps) {
+        const int64_t h = r % Hn, bt = r / Hn;
+        T *d = row<T>(dst, bt / Tn, bt % Tn, h);
+        const float *s = src + r * W;
+        for (int64_t c = lane; c < W; c += 32) d[c] = from_f<T>(s[c]);
+    }
+}
+
+template <typename T>
+void convert(const float *src, const lca_view &dst, int64_t B, int64_t Tn, int64_t Hn, int64_t W,
+             cudaStream_t stream) {
+    const int64_t rows = B * Tn * Hn;
+    if (rows == 0 || W == 0) return;
+    int64_t blocks = (rows + kConvWarps - 1) / kConvWarps;
+    if (blocks > (1 << 20)) blocks = 1 << 20;
+    bwd_convert_kernel<T><<<(unsigned)blocks, 32 * kConvWarps, 0, stream>>>(src, dst, Tn, Hn, W, rows);
+}
+
+template <int C, typename T>
+void launch_simt(const lca_params *p, const BwdWork *w, cudaStream_t stream) {
+    const dim3 gq((unsigned)((p->L * p->H + kBwdWarps - 1) / kBwdWarps), (unsigned)p->B);
+    bwd_dq_simt_kernel<T, C><<<gq, 32 * kBwdWarps, 0, stream>>>(*p, *w);
+    const dim3 gk((unsigned)((p->m + p->L + kBwdWarps - 1) / kBwdWarps), (unsigned)p->Hkv,
+                  (unsigned)p->B);
+    bwd_dkdv_simt_kernel<T, C><<<gk, 32 * kBwdWarps, 0, stream>>>(*p, *w);
+}
+
+template <typename T> struct Bwd {
+    static int run(const lca_params *p, const BwdWork *w, int mma, cudaStream_t stream) {
+        const int64_t rows = p->B * p->L * p->H;
+        bwd_delta_kernel<T><<<(unsigned)((rows + kBwdWarps - 1) / kBwdWarps), 32 * kBwdWarps, 0,
+                              stream>>>(*p, w->delta);
+        if (mma) {
+            const int s = lca_cuda_bwd_mma(p, w, stream);
+            if (s != LCA_OK) return s;
+        } else {
+            const int64_t width = p->D > p->Dv ? p->D : p->Dv;
+            if (width <= 128) launch_simt<4, T>(p, w, stream);
+            else if (width <= 256) launch_simt<8, T>(p, w, stream);
+            else if (width <= 576) launch_simt<18, T>(p, w, stream);
+            else launch_simt<32, T>(p, w, stream);
+        }
+        if (p->m > 0) {
+            const dim3 grid((unsigned)p->m, (unsigned)p->Hkv, (unsigned)p->B);
+            const size_t smem = sizeof(float) * (size_t)(p->D + 2 * p->g);
+            bwd_condense_kernel<T><<<grid, kCondBwdThreads, smem, stream>>>(*p, *w);
+        }
+        convert<T>(w->dq, p->dq, p->B, p->L, p->H, p->D, stream);
+        convert<T>(w->dk, p->dk, p->B, p->L, p->Hkv, p->D, stream);
+        if (!p->v_in_k) convert<T>(w->dv, p->dv, p->B, p->L, p->Hkv, p->Dv, stream);
+        return LCA_OK;
+    }
+};
+
+/* The workspace layout: fills w from base (when base is not NULL), returns its size in bytes.
+ * Every buffer starts on a 256-byte boundary. */
+int64_t carve(const lca_params *p, char *base, BwdWork *w) {
+    const int64_t B = p->B, L = p->L, H = p->H, Hkv = p->Hkv, D = p->D, Dv = p->Dv, g = p->g;
+    const int64_t m = g > 0 ? L / g : 0, vin = p->v_in_k;
+    const int64_t esz = p->dtype == LCA_F32 ? 4 : 2;
+    int64_t off = 0;
+    auto take = [&](int64_t bytes) {
+        char *at = base ? base + off : nullptr;
+        off += (bytes + 255) / 256 * 256;
+        return at;
+    };
+    w->dq = (float *)take(4 * B * L * H * D);
+    w->dk = (float *)take(4 * B * L * Hkv * D);
+    w->dv = vin ? w->dk : (float *)take(4 * B * L * Hkv * Dv);
+    w->dkb = (float *)take(4 * B * m * Hkv * D);
+    w->dvb = vin ? w->dkb : (float *)take(4 * B * m * Hkv * Dv);
+    w->delta = (float *)take(4 * B * H * L);
+    w->alpha = (float *)take(4 * B * m * Hkv * g);
+    w->anchor = (int32_t *)take(4 * B * m * Hkv);
+    w->kbar = take(esz * B * m * Hkv * D);
+    w->vbar = vin ? w->kbar : take(esz * B * m * Hkv * Dv);
+    w->ldv = vin ? D : Dv;
+    return off;
+}
+
+}  // namespace lca
+
+extern "C" int64_t lca_cuda_bwd_workspace(const lca_params *p) {
+    lca::BwdWork w;
+    return lca::carve(p, nullptr, &w);
+}
+
+extern "C" int lca_cuda_attention_bwd(const lca_params *p0, void *workspace,
+                                      int64_t workspace_bytes, int device, void *stream,
+                                      char *err, int errlen) {
+    using namespace lca;
+    if (p0->B == 0 || p0->L == 0) return LCA_OK;
+    if (p0->D > 1024 || p0->Dv > 1024) {
+        snprintf(err, (size_t)errlen, "attention backward on CUDA: head widths D=%lld, Dv=%lld; "
+                 "the CUDA engine supports up to 1024", (long long)p0->D, (long long)p0->Dv);
+        return LCA_ERR_UNSUPPORTED;
+    }
+    if (p0->D + 2 * p0->g > 12288) {
+        snprintf(err, (size_t)errlen, "attention backward on CUDA: head width + 2 group_size = "
+                 "%lld exceeds 12288 (shared memory)", (long long)(p0->D + 2 * p0->g));
+        return LCA_ERR_UNSUPPORTED;
+    }
+    const int64_t m = p0->L / p0->g;
+    if ((p0->B * p0->L * p0->H + kBwdWarps - 1) / kBwdWarps > 2147483647 ||
+        (m + p0->L + kBwdWarps - 1) / kBwdWarps > 2147483647 || p0->B > 65535 ||
+        p0->Hkv > 65535) {
+        snprintf(err, (size_t)errlen, "attention backward on CUDA: grid too large (B = %lld, "
+                 "L = %lld, H = %lld, Hkv = %lld)", (long long)p0->B, (long long)p0->L,
+                 (long long)p0->H, (long long)p0->Hkv);
+        return LCA_ERR_UNSUPPORTED;
+    }
+    lca_params p = *p0;
+    p.m = m;
+    BwdWork w;
+    const int64_t need = carve(&p, nullptr, &w);
+    if (workspace_bytes < need || (uintptr_t)workspace % 256) {
+        snprintf(err, (size_t)errlen, "attention backward on CUDA: workspace of %lld bytes at "
+                 "%p; needs %lld bytes, 256-byte aligned", (long long)workspace_bytes,
+                 workspace, (long long)need);
+        return LCA_ERR_ARG;
+    }
+    carve(&p, (char *)workspace, &w);
+    DeviceGuard guard(device);
+    if (guard.status != cudaSuccess) return cuda_error(guard.status, "cudaSetDevice", err, errlen);
+    cudaStream_t s = (cudaStream_t)stream;
+    /* 1. the condensation the forward used, into the workspace */
+    const int64_t D = p.D, Dv = p.Dv, Hkv = p.Hkv;
+    p.kbar = lca_view{w.kbar, m * Hkv * D, Hkv * D, D};
+    p.vbar = p.v_in_k ? p.kbar : lca_view{w.vbar, m * Hkv * Dv, Hkv * Dv, Dv};
+    if (m > 0) {
+        lca_params pc = p;
+        pc.anchor = lca_view{w.anchor, m * Hkv, Hkv, 1};
+        pc.alpha = lca_view{w.alpha, m * Hkv * p.g, Hkv * p.g, p.g};
+        const int st = lca_cuda_condense(&pc, device, stream, err, errlen);
+        if (st != LCA_OK) return st;
+    }
+    const int mma = lca_cuda_bwd_mma_supported(&p);
+    int st;
+    switch (p.dtype) {
+    case LCA_F32: st = Bwd<float>::run(&p, &w, mma, s); break;
+    case LCA_F16: st = Bwd<__half>::run(&p, &w, mma, s); break;
+    case LCA_BF16: st = Bwd<__nv_bfloat16>::run(&p, &w, mma, s); break;
+    default:
+        snprintf(err, (size_t)errlen, "attention backward on CUDA: unsupported dtype");
+        return LCA_ERR_UNSUPPORTED;
+    }
+    if (st != LCA_OK) {
+        snprintf(err, (size_t)errlen, "attention backward on CUDA: tensor-core kernel setup "
+                 "failed (status %d)", st);
+        return st;
+    }
+    cudaError_t e = cudaGetLastError();
+    return e == cudaSuccess ? LCA_OK : cuda_error(e, "attention backward kernel launch", err, errlen);
+}

@@ -1,0 +1,503 @@
+/* attend_bwd_mma.cu — steps 3 and 4 of the backward (see attend_bwd.cu) on tensor cores
+ * (mma.sync m16n8k16, float32 accumulation, sm_80+) for bf16/fp16 with (D, Dv) in {(64, 64),
+ * (128, 128), (192, 128)}: GQA/MHA head dims and the non-absorbed MLA shape.  Rows are the
+ * flattened (position, head-in-group) space of one (batch, kv head), as in attend_mma.cu, so
+ * the hg query heads sharing a kv head share its key tiles.  All tiles are row-major in shared
+ * memory with 8 elements of padding (ldmatrix without bank conflicts); the transposed operands
+ * come from ldmatrix.trans.
+ *
+ * dq kernel: a block owns 128 rows (8 warps x 16) and walks the key blocks of 64 a row tile of
+ * the forward sees (the condensed entries, then the exact tokens), K/V tiles double-buffered
+ * with cp.async:  S = Q K^T,  P = exp2(S tau log2e + bias - lse log2e) masked,  dP = dO V^T,
+ *                 dS = P (dP - delta),  dQ += dS K.
+ * dk/dv kernel: a block owns 128 keys (8 warps x 16) — condensed entries or exact tokens of one
+ * (batch, kv head) — holds K and V in shared memory, and walks the row tiles of 32 rows that
+ * see them, Q/dO tiles double-buffered:  S^T = K Q^T,  dP^T = V dO^T,  dV += P^T dO,
+ *                 dK += dS^T Q.
+ * Each output row belongs to one warp of one block and is summed in row order: deterministic.
+ * dq is written whole; dk/dv are per key, so no atomics.  Not yet: wgmma, TMA. */
+#include "bwd.cuh"
+
+namespace lca {
+namespace bwdmma {
+
+constexpr int kPad = 8;
+constexpr float kLog2e = 1.4426950408889634f;
+
+template <typename T> __device__ __forceinline__ uint32_t pack2(float a, float b);
+template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float a, float b) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
+    return *(uint32_t *)&v;
+}
+template <> __device__ __forceinline__ uint32_t pack2<__half>(float a, float b) {
+    __half2 v = __floats2half2_rn(a, b);
+    return *(uint32_t *)&v;
+}
+
+template <typename T>
+__device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                    uint32_t b1);
+template <>
+__device__ __forceinline__ void mma<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4],
+                                                   uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, "
+                 "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                            uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, "
+                 "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void ldsm4(uint32_t (&r)[4], const void *p) {
+    const uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+__device__ __forceinline__ void ldsm4t(uint32_t (&r)[4], const void *p) {
+    const uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+__device__ __forceinline__ void cp16(void *dst, const void *src) {
+    const uint32_t a = (uint32_t)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(a), "l"(src));
+}
+__device__ __forceinline__ void commit() { asm volatile("cp.async.commit_group;\n"); }
+template <int N> __device__ __forceinline__ void wait_groups() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+/* Row R of the flattened (position, head-in-group) space -> position t, query head index within
+ * the group; 32-bit (the launcher checks L * hg < 2^31), no division when hg = 1. */
+__device__ __forceinline__ void split_row(int64_t R, uint32_t hg, int64_t &t, int64_t &i) {
+    const uint32_t Ru = (uint32_t)R, tu = hg == 1 ? Ru : Ru / hg;
+    t = tu, i = Ru - tu * hg;
+}
+
+/* G_t of SPEC §3 in 32-bit arithmetic (t, w, g < 2^31). */
+__device__ __forceinline__ int ncond32(int t, int g, int w) {
+    return t + 1 < w ? 0 : (int)((uint32_t)(t + 1 - w) / (uint32_t)g);
+}
+
+/* Rows [0, n) of a ROWS x W tile (ld W + kPad) from src(r), 16 bytes a thread; rows n .. ROWS-1
+ * zeroed.  ASYNC: cp.async (completed by wait_groups), else plain loads. */
+template <typename T, int ROWS, int W, int NT, bool ASYNC, typename F>
+__device__ __forceinline__ void load_rows(T *tile, int n, F src) {
+    constexpr int V = W / 8;
+    for (int i = threadIdx.x; i < ROWS * V; i += NT) {
+        const int r = i / V, c = (i % V) * 8;
+        T *dst = tile + r * (W + kPad) + c;
+        if (r < n && ASYNC) cp16(dst, src(r) + c);
+        else *(uint4 *)dst = r < n ? *(const uint4 *)(src(r) + c) : make_uint4(0, 0, 0, 0);
+    }
+}
+
+/* A fragment (16 x 16 at row m0, column k0) of a row-major [m][k] tile. */
+template <typename T, int LD>
+__device__ __forceinline__ void frag_a(uint32_t (&a)[4], const T *tile, int m0, int k0, int lane) {
+    ldsm4(a, tile + (m0 + (lane & 15)) * LD + k0 + (lane >> 4) * 8);
+}
+/* B fragments of n-tiles n0 and n0 + 8 (k0 .. k0+15) from a row-major [n][k] tile. */
+template <typename T, int LD>
+__device__ __forceinline__ void frag_b(uint32_t (&b)[4], const T *tile, int n0, int k0, int lane) {
+    ldsm4(b, tile + (n0 + (lane & 7) + ((lane >> 4) << 3)) * LD + k0 + ((lane >> 3) & 1) * 8);
+}
+/* B fragments of n-tiles n0 and n0 + 8 (k0 .. k0+15) from a row-major [k][n] tile. */
+template <typename T, int LD>
+__device__ __forceinline__ void frag_bt(uint32_t (&b)[4], const T *tile, int n0, int k0, int lane) {
+    ldsm4t(b, tile + (k0 + (lane & 15)) * LD + n0 + (lane >> 4) * 8);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+
+constexpr int kQWarps = 8, kQRows = 16 * kQWarps, kQKeys = 64;
+
+template <typename T, int D, int DV>
+constexpr size_t dq_smem() {
+    return sizeof(T) * (size_t)(kQRows * (D + kPad) + kQRows * (DV + kPad) +
+                                2 * (kQKeys * (D + kPad) + kQKeys * (DV + kPad)));
+}
+
+template <typename T, int D, int DV>
+__global__ void __launch_bounds__(32 * kQWarps, 1) dq_kernel(lca_params p, BwdWork w) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    constexpr int LDQ = D + kPad, LDV = DV + kPad, NT = 32 * kQWarps;
+    constexpr int kStage = kQKeys * LDQ + kQKeys * LDV;
+    T *Qs = (T *)smem_raw, *dOs = Qs + kQRows * LDQ, *stages = dOs + kQRows * LDV;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gq = lane >> 2, tq = lane & 3;
+    const int64_t hg = p.H / p.Hkv, b = blockIdx.z, h = blockIdx.y, L = p.L;
+    const int64_t R0 = (int64_t)(gridDim.x - 1 - blockIdx.x) * kQRows;   /* longest rows first */
+    const int64_t nrows = L * hg;
+    const int nvalid = (int)(nrows - R0 < kQRows ? nrows - R0 : kQRows);
+    const int64_t t_first = R0 / hg, t_last = (R0 + nvalid - 1) / hg;
+
+    load_rows<T, kQRows, D, NT, true>(Qs, nvalid, [&](int r) {
+        const int64_t R = R0 + r;
+        return row<const T>(p.q, b, R / hg, h * hg + R % hg);
+    });
+    load_rows<T, kQRows, DV, NT, true>(dOs, nvalid, [&](int r) {
+        const int64_t R = R0 + r;
+        return row<const T>(p.dout, b, R / hg, h * hg + R % hg);
+    });
+    commit();
+
+    int64_t tr[2], Gr[2];
+    bool live[2];
+    float lse2[2], dl[2];
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        const int64_t R = R0 + warp * 16 + gq + 8 * i;
+        live[i] = R < nrows;
+        tr[i] = live[i] ? R / hg : t_last;
+        Gr[i] = num_condensed(tr[i], p.g, p.w);
+        const int64_t hq = h * hg + (live[i] ? R % hg : 0);
+        lse2[i] = live[i] ? ((const float *)p.lse.p)[b * p.lse.sb + hq * p.lse.st + tr[i]] * kLog2e
+                          : 0.0f;
+        dl[i] = live[i] ? w.delta[(b * p.H + hq) * L + tr[i]] : 0.0f;
+    }
+    float acc[D / 8][4];
+#pragma unroll
+    for (int n = 0; n < D / 8; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0;
+    const float sl2 = (float)p.scale * kLog2e, bl2 = (float)p.rep_bias * kLog2e;
+    const int64_t Gmax = num_condensed(t_last, p.g, p.w);
+    const int64_t e0 = num_condensed(t_first, p.g, p.w) * p.g;
+    const int64_t ncb = (Gmax + kQKeys - 1) / kQKeys;
+    const int64_t nblocks = ncb + (t_last + 1 - e0 + kQKeys - 1) / kQKeys;
+    auto block_start = [&](int64_t blk) {
+        return blk < ncb ? blk * kQKeys : e0 + (blk - ncb) * kQKeys;
+    };
+    auto issue = [&](int64_t blk) {
+        const bool cond = blk < ncb;
+        const int64_t key0 = block_start(blk), kend = cond ? Gmax : t_last + 1;
+        const int nk = (int)(kend - key0 < kQKeys ? kend - key0 : kQKeys);
+        T *Ks = stages + (blk & 1) * kStage, *Vs = Ks + kQKeys * LDQ;
+        const lca_view &kv = cond ? p.kbar : p.k, &vv = cond ? p.vbar : p.v;
+        load_rows<T, kQKeys, D, NT, true>(Ks, nk, [&](int r) { return row<const T>(kv, b, key0 + r, h); });
+        load_rows<T, kQKeys, DV, NT, true>(Vs, nk, [&](int r) { return row<const T>(vv, b, key0 + r, h); });
+        commit();
+    };
+    if (nblocks > 0) issue(0);
+
+    for (int64_t blk = 0; blk < nblocks; blk++) {
+        const bool cond = blk < ncb;
+        const int64_t key0 = block_start(blk);
+        if (blk + 1 < nblocks) {
+            issue(blk + 1);
+            wait_groups<1>();
+        } else {
+            wait_groups<0>();
+        }
+        __syncthreads();
+        const T *Ks = stages + (blk & 1) * kStage, *Vs = Ks + kQKeys * LDQ;
+
+        float s[kQKeys / 8][4], dp[kQKeys / 8][4];
+#pragma unroll
+        for (int n = 0; n < kQKeys / 8; n++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) s[n][e] = dp[n][e] = 0;
+#pragma unroll
+        for (int ks = 0; ks < D / 16; ks++) {                       /* S = Q K^T */
+            uint32_t a[4];
+            frag_a<T, LDQ>(a, Qs, warp * 16, ks * 16, lane);
+#pragma unroll
+            for (int n = 0; n < kQKeys / 8; n += 2) {
+                uint32_t bb[4];
+                frag_b<T, LDQ>(bb, Ks, n * 8, ks * 16, lane);
+                mma<T>(s[n], a, bb[0], bb[1]);
+                mma<T>(s[n + 1], a, bb[2], bb[3]);
+            }
+        }
+#pragma unroll
+        for (int ks = 0; ks < DV / 16; ks++) {                      /* dP = dO V^T */
+            uint32_t a[4];
+            frag_a<T, LDV>(a, dOs, warp * 16, ks * 16, lane);
+#pragma unroll
+            for (int n = 0; n < kQKeys / 8; n += 2) {
+                uint32_t bb[4];
+                frag_b<T, LDV>(bb, Vs, n * 8, ks * 16, lane);
+                mma<T>(dp[n], a, bb[0], bb[1]);
+                mma<T>(dp[n + 1], a, bb[2], bb[3]);
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < 2; i++) {                               /* P, dS (into s) */
+            const int lo = live[i] ? (cond ? 0 : (int)(Gr[i] * p.g)) : 1;   /* dead: empty */
+            const int hi = live[i] ? (cond ? (int)Gr[i] : (int)tr[i] + 1) : 0;
+            const float bias = cond ? bl2 : 0.0f;
+            const int kb = (int)key0 + 2 * tq;
+#pragma unroll
+            for (int n = 0; n < kQKeys / 8; n++)
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    const int key = kb + n * 8 + e;
+                    const bool vis = key >= lo && key < hi;
+                    const float pr = vis ? exp2f(s[n][2 * i + e] * sl2 + bias - lse2[i]) : 0.0f;
+                    s[n][2 * i + e] = pr * (dp[n][2 * i + e] - dl[i]);
+                }
+        }
+#pragma unroll
+        for (int kk = 0; kk < kQKeys / 16; kk++) {                  /* dQ += dS K */
+            const uint32_t a[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]),
+                                   pack2<T>(s[2 * kk][2], s[2 * kk][3]),
+                                   pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                                   pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+            for (int n = 0; n < D / 8; n += 2) {
+                uint32_t bb[4];
+                frag_bt<T, LDQ>(bb, Ks, n * 8, kk * 16, lane);
+                mma<T>(acc[n], a, bb[0], bb[1]);
+                mma<T>(acc[n + 1], a, bb[2], bb[3]);
+            }
+        }
+        __syncthreads();                                            /* stage may be refilled */
+    }
+    if (nblocks == 0) wait_groups<0>();
+
+    const float scale = (float)p.scale;
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        if (!live[i]) continue;
+        const int64_t R = R0 + warp * 16 + gq + 8 * i, hq = h * hg + R % hg;
+        float *dst = w.dq + ((b * L + tr[i]) * p.H + hq) * D;
+#pragma unroll
+        for (int n = 0; n < D / 8; n++)
+            *(float2 *)(dst + n * 8 + 2 * tq) =
+                make_float2(acc[n][2 * i] * scale, acc[n][2 * i + 1] * scale);
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+
+constexpr int kKWarps = 8, kKKeys = 16 * kKWarps, kKRows = 32;
+
+template <typename T, int D, int DV>
+constexpr size_t dkdv_smem() {
+    return sizeof(T) * (size_t)(kKKeys * (D + kPad) + kKKeys * (DV + kPad) +
+                                2 * (kKRows * (D + kPad) + kKRows * (DV + kPad))) +
+           2 * kKRows * 4 * sizeof(float);
+}
+
+template <typename T, int D, int DV>
+__global__ void __launch_bounds__(32 * kKWarps, 1) dkdv_kernel(lca_params p, BwdWork w) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    constexpr int LDQ = D + kPad, LDV = DV + kPad, NT = 32 * kKWarps;
+    constexpr int kStage = kKRows * LDQ + kKRows * LDV;
+    T *Ks = (T *)smem_raw, *Vs = Ks + kKKeys * LDQ, *stages = Vs + kKKeys * LDV;
+    float *rowinfo = (float *)(stages + 2 * kStage);      /* [stage][lse2, delta, lo, hi][row] */
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gq = lane >> 2, tq = lane & 3;
+    const int64_t hg = p.H / p.Hkv, b = blockIdx.z, h = blockIdx.y, L = p.L, g = p.g, m = p.m;
+    const int64_t ncb = (m + kKKeys - 1) / kKKeys;
+    const bool cond = blockIdx.x < ncb;                   /* condensed blocks first: longest */
+    const int64_t key0 = cond ? (int64_t)blockIdx.x * kKKeys : ((int64_t)blockIdx.x - ncb) * kKKeys;
+    const int64_t nkeys = cond ? m : L;
+    const int nk = (int)(nkeys - key0 < kKKeys ? nkeys - key0 : kKKeys);
+    int64_t Rb, Re;                                       /* the rows that see these keys */
+    if (cond) {
+        Rb = ((key0 + 1) * g + p.w - 1) * hg, Re = L * hg;
+    } else {
+        int64_t tmax = ((key0 + nk - 1) / g + 1) * g + p.w - 2;
+        if (tmax > L - 1) tmax = L - 1;
+        Rb = key0 * hg, Re = (tmax + 1) * hg;
+    }
+    const int64_t ntiles = Re > Rb ? (Re - Rb + kKRows - 1) / kKRows : 0;
+
+    const lca_view &kv = cond ? p.kbar : p.k, &vv = cond ? p.vbar : p.v;
+    load_rows<T, kKKeys, D, NT, true>(Ks, nk, [&](int r) { return row<const T>(kv, b, key0 + r, h); });
+    load_rows<T, kKKeys, DV, NT, true>(Vs, nk, [&](int r) { return row<const T>(vv, b, key0 + r, h); });
+    commit();
+
+    auto issue = [&](int64_t it) {
+        const int64_t r0 = Rb + it * kKRows;
+        const int n = (int)(Re - r0 < kKRows ? Re - r0 : kKRows);
+        T *Qs = stages + (it & 1) * kStage, *dOs = Qs + kKRows * LDQ;
+        load_rows<T, kKRows, D, NT, true>(Qs, n, [&](int r) {
+            int64_t t, i;
+            split_row(r0 + r, (uint32_t)hg, t, i);
+            return row<const T>(p.q, b, t, h * hg + i);
+        });
+        load_rows<T, kKRows, DV, NT, true>(dOs, n, [&](int r) {
+            int64_t t, i;
+            split_row(r0 + r, (uint32_t)hg, t, i);
+            return row<const T>(p.dout, b, t, h * hg + i);
+        });
+        commit();
+        float *info = rowinfo + (it & 1) * 4 * kKRows;
+        for (int r = threadIdx.x; r < kKRows; r += NT) {
+            float l2 = 0, dl = 0;
+            int lo = 0, hi = 0;
+            if (r < n) {
+                int64_t t, i;
+                split_row(r0 + r, (uint32_t)hg, t, i);
+                const int64_t hq = h * hg + i;
+                const int G = ncond32((int)t, (int)g, (int)p.w);
+                l2 = ((const float *)p.lse.p)[b * p.lse.sb + hq * p.lse.st + t] * kLog2e;
+                dl = w.delta[(b * p.H + hq) * L + t];
+                lo = cond ? 0 : G * (int)g;
+                hi = cond ? G : (int)t + 1;
+            }
+            info[r] = l2, info[kKRows + r] = dl;
+            ((int *)info)[2 * kKRows + r] = lo, ((int *)info)[3 * kKRows + r] = hi;
+        }
+    };
+
+    float dk[D / 8][4], dv[DV / 8][4];
+#pragma unroll
+    for (int n = 0; n < D / 8; n++) dk[n][0] = dk[n][1] = dk[n][2] = dk[n][3] = 0;
+#pragma unroll
+    for (int n = 0; n < DV / 8; n++) dv[n][0] = dv[n][1] = dv[n][2] = dv[n][3] = 0;
+    const float sl2 = (float)p.scale * kLog2e, bias = cond ? (float)p.rep_bias * kLog2e : 0.0f;
+    const int kw = warp * 16;                            /* this warp's keys: kw .. kw + 15 */
+    const int mykey = (int)key0 + kw + gq;               /* this thread's: mykey, mykey + 8 */
+    if (ntiles > 0) issue(0);
+
+    for (int64_t it = 0; it < ntiles; it++) {
+        if (it + 1 < ntiles) {
+            issue(it + 1);
+            wait_groups<1>();
+        } else {
+            wait_groups<0>();
+        }
+        __syncthreads();
+        const T *Qs = stages + (it & 1) * kStage, *dOs = Qs + kKRows * LDQ;
+        const float *info = rowinfo + (it & 1) * 4 * kKRows;
+
+        float s[kKRows / 8][4], dp[kKRows / 8][4];
+#pragma unroll
+        for (int n = 0; n < kKRows / 8; n++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) s[n][e] = dp[n][e] = 0;
+#pragma unroll
+        for (int ks = 0; ks < D / 16; ks++) {                       /* S^T = K Q^T */
+            uint32_t a[4];
+            frag_a<T, LDQ>(a, Ks, kw, ks * 16, lane);
+#pragma unroll
+            for (int n = 0; n < kKRows / 8; n += 2) {
+                uint32_t bb[4];
+                frag_b<T, LDQ>(bb, Qs, n * 8, ks * 16, lane);
+                mma<T>(s[n], a, bb[0], bb[1]);
+                mma<T>(s[n + 1], a, bb[2], bb[3]);
+            }
+        }
+#pragma unroll
+        for (int ks = 0; ks < DV / 16; ks++) {                      /* dP^T = V dO^T */
+            uint32_t a[4];
+            frag_a<T, LDV>(a, Vs, kw, ks * 16, lane);
+#pragma unroll
+            for (int n = 0; n < kKRows / 8; n += 2) {
+                uint32_t bb[4];
+                frag_b<T, LDV>(bb, dOs, n * 8, ks * 16, lane);
+                mma<T>(dp[n], a, bb[0], bb[1]);
+                mma<T>(dp[n + 1], a, bb[2], bb[3]);
+            }
+        }
+#pragma unroll
+        for (int n = 0; n < kKRows / 8; n++)                        /* P^T (s), dS^T (dp) */
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const int r = n * 8 + 2 * tq + e;
+                const float l2 = info[r], dl = info[kKRows + r];
+                const int lo = ((const int *)info)[2 * kKRows + r];
+                const int hi = ((const int *)info)[3 * kKRows + r];
+#pragma unroll
+                for (int i = 0; i < 2; i++) {
+                    const int key = mykey + 8 * i;
+                    const bool vis = key >= lo && key < hi;
+                    const float pr = vis ? exp2f(s[n][2 * i + e] * sl2 + bias - l2) : 0.0f;
+                    s[n][2 * i + e] = pr;
+                    dp[n][2 * i + e] = pr * (dp[n][2 * i + e] - dl);
+                }
+            }
+#pragma unroll
+        for (int kk = 0; kk < kKRows / 16; kk++) {
+            const uint32_t pa[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]),
+                                    pack2<T>(s[2 * kk][2], s[2 * kk][3]),
+                                    pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                                    pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+            for (int n = 0; n < DV / 8; n += 2) {                   /* dV += P^T dO */
+                uint32_t bb[4];
+                frag_bt<T, LDV>(bb, dOs, n * 8, kk * 16, lane);
+                mma<T>(dv[n], pa, bb[0], bb[1]);
+                mma<T>(dv[n + 1], pa, bb[2], bb[3]);
+            }
+            const uint32_t da[4] = {pack2<T>(dp[2 * kk][0], dp[2 * kk][1]),
+                                    pack2<T>(dp[2 * kk][2], dp[2 * kk][3]),
+                                    pack2<T>(dp[2 * kk + 1][0], dp[2 * kk + 1][1]),
+                                    pack2<T>(dp[2 * kk + 1][2], dp[2 * kk + 1][3])};
+#pragma unroll
+            for (int n = 0; n < D / 8; n += 2) {                    /* dK += dS^T Q */
+                uint32_t bb[4];
+                frag_bt<T, LDQ>(bb, Qs, n * 8, kk * 16, lane);
+                mma<T>(dk[n], da, bb[0], bb[1]);
+                mma<T>(dk[n + 1], da, bb[2], bb[3]);
+            }
+        }
+        __syncthreads();
+    }
+    if (ntiles == 0) wait_groups<0>();
+
+    const float scale = (float)p.scale;
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        const int kr = kw + gq + 8 * i;
+        if (kr >= nk) continue;
+        const int64_t key = key0 + kr;
+        float *dkd = cond ? w.dkb + ((b * m + key) * p.Hkv + h) * D : w.dk + ((b * L + key) * p.Hkv + h) * D;
+        float *dvd = cond ? w.dvb + ((b * m + key) * p.Hkv + h) * DV : w.dv + ((b * L + key) * p.Hkv + h) * DV;
+#pragma unroll
+        for (int n = 0; n < D / 8; n++)
+            *(float2 *)(dkd + n * 8 + 2 * tq) = make_float2(dk[n][2 * i] * scale, dk[n][2 * i + 1] * scale);
+#pragma unroll
+        for (int n = 0; n < DV / 8; n++)
+            *(float2 *)(dvd + n * 8 + 2 * tq) = make_float2(dv[n][2 * i], dv[n][2 * i + 1]);
+    }
+}
+
+template <typename T, int D, int DV> int launch(const lca_params *p, const BwdWork *w, cudaStream_t stream) {
+    const size_t sq = dq_smem<T, D, DV>(), sk = dkdv_smem<T, D, DV>();
+    auto kq = dq_kernel<T, D, DV>;
+    auto kk = dkdv_kernel<T, D, DV>;
+    if (cudaFuncSetAttribute(kq, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sq) != cudaSuccess ||
+        cudaFuncSetAttribute(kk, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sk) != cudaSuccess)
+        return LCA_ERR_CUDA;
+    const int64_t nrows = p->L * (p->H / p->Hkv);
+    const dim3 gq((unsigned)((nrows + kQRows - 1) / kQRows), (unsigned)p->Hkv, (unsigned)p->B);
+    kq<<<gq, 32 * kQWarps, sq, stream>>>(*p, *w);
+    const int64_t nkb = (p->m + kKKeys - 1) / kKKeys + (p->L + kKKeys - 1) / kKKeys;
+    const dim3 gk((unsigned)nkb, (unsigned)p->Hkv, (unsigned)p->B);
+    kk<<<gk, 32 * kKWarps, sk, stream>>>(*p, *w);
+    return LCA_OK;
+}
+
+}  // namespace bwdmma
+}  // namespace lca
+
+/* Whether the tensor-core kernels cover this call: dtype, widths, separate v, 16-byte rows. */
+extern "C" int lca_cuda_bwd_mma_supported(const lca_params *p) {
+    if (p->dtype != LCA_BF16 && p->dtype != LCA_F16) return 0;
+    if (!((p->D == 64 && p->Dv == 64) || (p->D == 128 && p->Dv == 128) ||
+          (p->D == 192 && p->Dv == 128)))
+        return 0;
+    if (p->v_in_k || p->L * (p->H / p->Hkv) >= 2147483647 || p->w >= 2147483647) return 0;
+    const lca_view *vs[] = {&p->q, &p->k, &p->v, &p->kbar, &p->vbar, &p->dout};
+    for (const lca_view *v : vs)
+        if ((uintptr_t)v->p % 16 || v->sb % 8 || v->st % 8 || v->sh % 8) return 0;
+    return p->Hkv <= 65535 && p->B <= 65535;
+}
+
+extern "C" int lca_cuda_bwd_mma(const lca_params *p, const lca::BwdWork *w, void *stream) {
+    using namespace lca::bwdmma;
+    cudaStream_t s = (cudaStream_t)stream;
+    const bool bf = p->dtype == LCA_BF16;
+    if (p->D == 64) return bf ? launch<__nv_bfloat16, 64, 64>(p, w, s) : launch<__half, 64, 64>(p, w, s);
+    if (p->D == 128) return bf ? launch<__nv_bfloat16, 128, 128>(p, w, s) : launch<__half, 128, 128>(p, w, s);
+    return bf ? launch<__nv_bfloat16, 192, 128>(p, w, s) : launch<__half, 192, 128>(p, w, s);
+}

@@ -1,0 +1,27 @@
+/* bwd.cuh — what the two backward files share: the float32 scratch the backward works in
+ * (carved out of one workspace the caller allocates; see lca_cuda_bwd_workspace) and the
+ * tensor-core entry points of attend_bwd_mma.cu. */
+#pragma once
+#include "common.cuh"
+
+namespace lca {
+
+/* Contiguous buffers, all float32 except anchor (int32) and kbar/vbar (the input dtype):
+ *   dq (B, L, H, D), dk (B, L, Hkv, D), dv (B, L, Hkv, Dv)   gradients before conversion
+ *   dkb (B, m, Hkv, D), dvb (B, m, Hkv, Dv)                    gradients of the condensed entries
+ *   delta (B, H, L)                                            rowsum(dO o O)
+ *   alpha (B, m, Hkv, g), anchor (B, m, Hkv)                   the recomputed condensation
+ *   kbar (B, m, Hkv, D), vbar (B, m, Hkv, Dv)                  the entries the forward attended
+ * With v_in_k, dv / dvb / vbar are the first Dv columns of dk / dkb / kbar (same pointers). */
+struct BwdWork {
+    float *dq, *dk, *dv, *dkb, *dvb, *delta, *alpha;
+    int32_t *anchor;
+    void *kbar, *vbar;
+    int64_t ldv;                     /* row stride of dv and dvb: Dv, or D with v_in_k */
+};
+
+}  // namespace lca
+
+/* attend_bwd_mma.cu: tensor-core dq and dk/dv kernels, and the calls they cover. */
+extern "C" int lca_cuda_bwd_mma_supported(const lca_params *p);
+extern "C" int lca_cuda_bwd_mma(const lca_params *p, const lca::BwdWork *w, void *stream);
