@@ -21,7 +21,7 @@ from ._arrays import (as_array, check_dim, check_rank, choice_param, float_param
 
 __all__ = ["attention", "attention_backward", "gqa_attention", "gqa_attention_backward",
            "condense", "gqa_condense", "attend", "gqa_attend", "num_condensed",
-           "cache_entries", "HAS_CUDA"]
+           "cache_entries", "LatentCache", "GQACache", "HAS_CUDA"]
 __version__ = "0.1.0"
 
 HAS_CUDA = _cuda.device_count() > 0      # built with the CUDA engine and a device is visible
@@ -359,3 +359,6 @@ def _counts(t, name, group_size, window):
     """The counting functions' arguments: integers, t and window >= 0, group_size >= 1."""
     return (int_param(t, name, 0, math.inf), int_param(group_size, "group_size", 1, math.inf),
             int_param(window, "window", 0, math.inf))
+
+
+from .cache import GQACache, LatentCache  # noqa: E402  (uses the helpers above)
