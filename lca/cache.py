@@ -469,10 +469,9 @@ class GQACache(_Cache):
 
     .prefill(q, k, v) -> out     q (B, P, H, D), k (B, P, Hkv, D), v (B, P, Hkv, Dv):
                                  lca.gqa_attention's output; the cache then holds the P tokens.
-    .step(q, k, v) -> out        q (B, H, D), k (B, Hkv, D), v (B, Hkv, Dv) -> (B, H, Dv).
-    rep_bias is added to the logits of condensed entries, as in the engine (lca.gqa_attention
-    has no rep_bias keyword: compare with rep_bias=0).  See the module docstring for dtype and
-    device."""
+    .step(q, k, v) -> out        q (B, H, D), k (B, Hkv, D), v (B, Hkv, Dv) -> (B, H, Dv):
+                                 equal to lca.gqa_attention of the whole sequence at that row.
+    See the module docstring for dtype and device."""
 
     def __init__(self, batch, num_heads, num_kv_heads, head_dim, v_head_dim, max_len, *,
                  group_size=16, window=1024, n_summary=None, softmax_scale=None,
