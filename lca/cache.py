@@ -42,8 +42,8 @@ from ._arrays import as_array, choice_param, float_param, int_param
 
 __all__ = ["LatentCache", "GQACache"]
 
-_SPLIT_KEYS = 128          # fewest visible entries per split of the CUDA decode
-_TARGET_BLOCKS = 264       # CUDA blocks a step aims for (2 per SM of an H200)
+_SPLIT_KEYS = 64           # fewest visible entries per split of the CUDA decode
+_TARGET_BLOCKS = 264       # CUDA blocks a step aims for at most (2 per SM of an H200)
 
 
 def _num_condensed(t, g, w):
@@ -255,10 +255,14 @@ class _Cache:
         if st.kind != "numpy":
             hchunks = -(-(H // Hkv) // 16)
             most = self._M + self._R                       # visible entries never exceed it
-            self._nsplit = max(1, min(-(-_TARGET_BLOCKS // (B * Hkv * hchunks)),
+            self._nsplit = max(1, min(_TARGET_BLOCKS // (B * Hkv * hchunks),
                                       -(-most // _SPLIT_KEYS)))
             self._work = st.zeros((self._nsplit * B * H * (Dv + 2),), dtype=st.sum_dtype)
             self._held_arrays.append(self._work)
+            d = st.fe.desc                                 # the state's descriptors, once
+            self._state_descs = (d(self._kbar), d(self._vbar), d(self._kr), d(self._vr),
+                                 d(self._qsum))
+            self._work_desc = d(self._work)
         self.length = 0
 
     # -- reporting -----------------------------------------------------------------------------
@@ -327,8 +331,7 @@ class _Cache:
             out = st.empty_out((B, 1, H, self._Dv))
             d = fe.desc
             _C.cuda_decode_step(st.code, d(q[:, None]), d(k[:, None]), d(v[:, None]), d(out),
-                                d(self._kbar), d(self._vbar), d(self._kr), d(self._vr),
-                                d(self._qsum), *args, d(self._work), self._nsplit,
+                                *self._state_descs, *args, self._work_desc, self._nsplit,
                                 st.device_id, fe.stream())
         self.length += 1
         return out[:, 0]

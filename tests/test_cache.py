@@ -411,11 +411,13 @@ def test_gpu_mla_decode(case, dtype, monkeypatch):
     assert torch.isfinite(got.float()).all(), "non-finite (unwritten) elements"
     want = lca.attention(to64(q), to64(c), to64(r), **kw)
     err = rel_err(to64(got), want)
-    n_ = n or g
-    k = torch.cat([c, r], -1)[:, :, None]
-    naive = torch_decode_rows(q, k, c[:, :, None], g, w, n_, 1 / math.sqrt(Dc + Dr), bias,
-                              Dc + Dr if score == "full" else Dc, Dc)
-    bound = gpu_bound(rel_err(to64(naive), want), dtype)
+    naive_err = 0.0
+    if dtype != "float32":
+        k = torch.cat([c, r], -1)[:, :, None]
+        naive = torch_decode_rows(q, k, c[:, :, None], g, w, n or g, 1 / math.sqrt(Dc + Dr),
+                                  bias, Dc + Dr if score == "full" else Dc, Dc)
+        naive_err = rel_err(to64(naive), want)
+    bound = gpu_bound(naive_err, dtype)
     assert err <= bound, f"{dtype} decode error {err:.2e} > {bound:.2e}"
     for t in range(P, L):                          # the decoded rows one by one
         assert rel_err(to64(got[:, t]), want[:, t]) <= 4 * bound, f"row {t}"
@@ -448,9 +450,12 @@ def test_gpu_gqa_decode(case, dtype, monkeypatch):
     got = torch.cat(rows, 1)
     assert torch.isfinite(got.float()).all()
     want = lca.gqa_attention(to64(q), to64(k), to64(v), **kw)
-    naive = torch_decode_rows(q, k, v, g, w, n or g, 1 / math.sqrt(D), bias, D,
-                              D if km == "pool" else 0)
-    bound = gpu_bound(rel_err(to64(naive), want), dtype)
+    naive_err = 0.0
+    if dtype != "float32":
+        naive = torch_decode_rows(q, k, v, g, w, n or g, 1 / math.sqrt(D), bias, D,
+                                  D if km == "pool" else 0)
+        naive_err = rel_err(to64(naive), want)
+    bound = gpu_bound(naive_err, dtype)
     err = rel_err(to64(got), want)
     assert err <= bound, f"{dtype} decode error {err:.2e} > {bound:.2e}"
 
