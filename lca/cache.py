@@ -253,7 +253,8 @@ class _Cache:
         self._held_arrays = [self._kbar, self._kr, self._qsum] + \
             ([] if v_in_k else [self._vbar, self._vr])
         if st.kind != "numpy":
-            hchunks = -(-(H // Hkv) // 16)
+            hg = H // Hkv
+            hchunks = 1 if hg <= 16 else -(-hg // 32)      # head chunks of the CUDA kernel
             most = self._M + self._R                       # visible entries never exceed it
             self._nsplit = max(1, min(_TARGET_BLOCKS // (B * Hkv * hchunks),
                                       -(-most // _SPLIT_KEYS)))

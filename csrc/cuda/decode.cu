@@ -291,13 +291,28 @@ __global__ void __launch_bounds__(128 * MT) lca_dec_partial_mma_kernel(DecArgs a
     const int64_t i0 = (int64_t)s * a.per, i1 = i0 + a.per < a.N ? i0 + a.per : a.N;
     const int ntiles = (int)((i1 - i0 + kDecKeys - 1) / kDecKeys);
 
+    /* Row r of tile t: condensed row k0 + r while k0 + r < G, else ring slot ring0 + (r - nc)
+     * (wrapped once: a tile's exact rows are fewer than R).  One modulo per tile, not per row:
+     * the row addresses are on the path of every 16-byte copy. */
+    const T *kb0 = row<const T>(p.kbar, b, 0, h), *kr0 = row<const T>(p.kr, b, 0, h);
+    const T *vb0 = row<const T>(p.vbar, b, 0, h), *vr0 = row<const T>(p.vr, b, 0, h);
     auto issue = [&](int t) {
         const int64_t k0 = i0 + (int64_t)t * kDecKeys;
         const int nk = (int)(i1 - k0 < kDecKeys ? i1 - k0 : kDecKeys);
+        const int nc = (int)(a.G - k0 <= 0 ? 0 : a.G - k0 < nk ? a.G - k0 : nk);
+        const int64_t R = p.R, ring0 = (a.e0 + (k0 > a.G ? k0 - a.G : 0)) % R;
+        auto slot = [&](int r) {
+            int64_t sl = ring0 + (r - nc);
+            return sl >= R ? sl - R : sl;
+        };
         T *Ks = stage0 + (t & 1) * S_::kStage;
-        dec_load<T, D, NTH>(Ks, nk, [&](int r) { return key_row<T>(a, b, h, k0 + r); });
-        if (!VK) dec_load<T, DV, NTH>(Ks + kDecKeys * (D + kDecPad), nk,
-                                      [&](int r) { return val_row<T>(a, b, h, k0 + r); });
+        dec_load<T, D, NTH>(Ks, nk, [&](int r) {
+            return r < nc ? kb0 + (k0 + r) * p.kbar.st : kr0 + slot(r) * p.kr.st;
+        });
+        if (!VK)
+            dec_load<T, DV, NTH>(Ks + kDecKeys * (D + kDecPad), nk, [&](int r) {
+                return r < nc ? vb0 + (k0 + r) * p.vbar.st : vr0 + slot(r) * p.vr.st;
+            });
         dec_commit();
     };
     issue(0);
@@ -338,14 +353,29 @@ __global__ void __launch_bounds__(128 * MT) lca_dec_partial_mma_kernel(DecArgs a
         const T *Vs = VK ? Ks : Ks + kDecKeys * (D + kDecPad);
         const int64_t k0 = i0 + (int64_t)t * kDecKeys;
 
-        /* S[16 rows of m-tile mt][keys 8 wq .. 8 wq + 7] = Q K^T over D */
-        float sc[4] = {0, 0, 0, 0};
+        /* S[16 rows of m-tile mt][keys 8 wq .. 8 wq + 7] = Q K^T over D, in NACC independent
+         * accumulators (a single one would chain D / 16 dependent mma) */
+        constexpr int KS = D / 16, NACC = KS % 4 == 0 ? 4 : 2;
+        float acc[NACC][4];
+#pragma unroll
+        for (int u = 0; u < NACC; u++) acc[u][0] = acc[u][1] = acc[u][2] = acc[u][3] = 0;
         const T *kb = Ks + (wq * 8 + gq) * (D + kDecPad) + 2 * tq;
-#pragma unroll 4
-        for (int ks = 0; ks < D / 16; ks++) {
-            uint32_t af[4];
-            ldsm_x4(af, Qw + (lane & 15) * (D + kDecPad) + ks * 16 + (lane >> 4) * 8);
-            dmma<T>(sc, af, *(const uint32_t *)(kb + ks * 16), *(const uint32_t *)(kb + ks * 16 + 8));
+#pragma unroll
+        for (int k2 = 0; k2 < KS; k2 += NACC)
+#pragma unroll
+            for (int u = 0; u < NACC; u++) {
+                const int ks = k2 + u;
+                uint32_t af[4];
+                ldsm_x4(af, Qw + (lane & 15) * (D + kDecPad) + ks * 16 + (lane >> 4) * 8);
+                dmma<T>(acc[u], af, *(const uint32_t *)(kb + ks * 16),
+                        *(const uint32_t *)(kb + ks * 16 + 8));
+            }
+        float sc[4];
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            sc[e] = acc[0][e];
+#pragma unroll
+            for (int u = 1; u < NACC; u++) sc[e] += acc[u][e];
         }
         float *Sw = Ss + mt * 16 * SR;
         Sw[gq * SR + wq * 8 + 2 * tq] = sc[0];
@@ -456,9 +486,15 @@ int launch_dec_mma(const DecArgs &a, cudaStream_t st) {
     using S_ = DecMmaShape<D, DV, MT, VK>;
     const size_t smem = S_::template smem<T>();
     auto kernel = lca_dec_partial_mma_kernel<T, D, DV, MT, VK>;
-    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) !=
-        cudaSuccess)
-        return LCA_ERR_CUDA;
+    static unsigned char done[64];                 /* the attribute, once per device */
+    int dev = 0;
+    cudaGetDevice(&dev);
+    if (dev >= 64 || !done[dev]) {
+        if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 (int)smem) != cudaSuccess)
+            return LCA_ERR_CUDA;
+        if (dev < 64) done[dev] = 1;
+    }
     const dim3 grid((unsigned)a.hchunks, (unsigned)a.nsplit, (unsigned)(a.p.B * a.p.Hkv));
     kernel<<<grid, S_::kThreads, smem, st>>>(a);
     return LCA_OK;
