@@ -96,6 +96,22 @@ def test_gqa_decode_matches_one_shot(case, dtype, rng):
     assert_rows(np.concatenate(rows, axis=1), want, tol(dtype), "GQA decode vs reference")
 
 
+def test_threaded_decode_matches(rng):
+    """Large enough for the CPU step to use its thread team (B x kv heads units)."""
+    B, L, H, Dc, Dr = 8, 300, 8, 64, 16
+    kw = dict(group_size=8, window=32, n_summary=5, rep_bias=0.1)
+    q, c, r = mla_inputs(rng, B, L, H, Dc, Dr)
+    cache = lca.LatentCache(B, H, Dc, Dr, L, dtype=np.float64, **kw)
+    assert_rows(decode_mla(cache, q, c, r, 150, check_entries=False),
+                lca.attention(q, c, r, **kw), 1e-12, "threaded")
+    q, k, v = gqa_inputs(rng, 8, 220, 16, 8, 64, 56)
+    kw = dict(group_size=4, window=16, key_mode="pool")
+    cache = lca.GQACache(8, 16, 8, 64, 56, 220, dtype=np.float64, **kw)
+    rows = [cache.prefill(q[:, :160], k[:, :160], v[:, :160])]
+    rows += [cache.step(q[:, t], k[:, t], v[:, t])[:, None] for t in range(160, 220)]
+    assert_rows(np.concatenate(rows, 1), lca.gqa_attention(q, k, v, **kw), 1e-12, "GQA threaded")
+
+
 def test_max_len_not_a_multiple_and_reset(rng):
     """A cache longer than the sequence, reused after reset() with a different prefill."""
     q, c, r = mla_inputs(rng, 2, 30, 2, 8, 4)
