@@ -114,6 +114,11 @@ class _TorchStore(_CudaStore):
     kind = "torch"
 
     def __init__(self, device, dtype):
+        if isinstance(device, str) and not (device == "cuda" or device.startswith("cuda:")):
+            raise ValueError(f"device: expected None, 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+        if not _cuda_ok():                                   # before importing torch
+            raise ValueError(f"device: {device!r}, but lca has no usable CUDA engine here "
+                             "(lca.HAS_CUDA is False)")
         import torch
         self.torch = torch
         try:
@@ -122,9 +127,6 @@ class _TorchStore(_CudaStore):
             raise ValueError(f"device: {device!r} is not a device ({e})") from None
         if dev.type != "cuda":
             raise ValueError(f"device: expected None, 'cpu' or a CUDA device, got {device!r}")
-        if not _cuda_ok():
-            raise ValueError(f"device: {device!r}, but lca has no usable CUDA engine here "
-                             "(lca.HAS_CUDA is False)")
         if dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
         if dev.index >= torch.cuda.device_count():

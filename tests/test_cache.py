@@ -299,11 +299,12 @@ def test_gqa_bad_heads():
 
 
 def test_cuda_device_without_cuda():
+    """Without a CUDA engine a CUDA device is refused (before torch is imported)."""
     if lca.HAS_CUDA:
         pytest.skip("a CUDA device is present")
-    pytest.importorskip("torch")
-    with pytest.raises(ValueError, match="device"):
-        lca.LatentCache(1, 2, 8, 4, 16, device="cuda")
+    for dev in ("cuda", "cuda:0", 0):
+        with pytest.raises(ValueError, match="device"):
+            lca.LatentCache(1, 2, 8, 4, 16, device=dev)
 
 
 def test_engine_checks_direct_misuse():
