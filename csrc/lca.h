@@ -59,6 +59,39 @@ static inline int64_t lca_num_condensed(int64_t t, int64_t g, int64_t w) {
     return t + 1 < w ? 0 : (t + 1 - w) / g;
 }
 
+/* One decode step of a condensed cache (SPEC §6; lca/cache.py).  Every sequence of the batch
+ * has seen T tokens; the step appends token T (ring slot T % R), adds its query (summed over
+ * the query heads of each kv head) to the running sum of its group when it is one of the last n
+ * of the group (sum slot (T / g) % S), condenses the groups the query at T needs, attends over
+ * condensed rows [0, G_T) and the ring's exact tokens [G_T g, T], writes out, and condenses the
+ * groups the state after T + 1 tokens holds: min(G_{T+1}, floor((T+1)/g)) rows in all.
+ * Views are (B, rows, kv heads, width) with strides (sb, st, sh); q and out are (B, H, width)
+ * and k, v the new token (B, Hkv, width), with st unused. */
+typedef struct {
+    lca_dtype dtype;           /* of every array but qsum (REAL on the CPU, float32 on CUDA) */
+    int64_t B, H, Hkv, D, Dv;
+    int64_t g, w, n, d_score, d_pool;
+    int v_in_k;                /* vbar / vr / v are prefix views of kbar / kr / k (MLA) */
+    double scale, rep_bias;
+    int64_t T;                 /* tokens seen before this step: the new token's position */
+    int64_t M, R, S;           /* condensed rows, ring slots, summary-sum slots */
+    lca_view q, k, v, out;
+    lca_view kbar, vbar, kr, vr, qsum;
+    void *work;                /* CUDA: split-softmax partials, nsplit_max * B * H * (Dv + 2)
+                                  floats */
+    int64_t nsplit_max;
+    int num_threads;
+} lca_decode_params;
+
+/* The decode geometry both engines and the cache share. */
+static inline int64_t lca_cache_condensed(int64_t T, int64_t g, int64_t w) {
+    const int64_t G = lca_num_condensed(T, g, w), F = T / g;   /* entries after T tokens */
+    return G < F ? G : F;
+}
+int lca_cpu_decode_step(const lca_decode_params *p, char *err, int errlen);
+int lca_cuda_decode_step(const lca_decode_params *p, int device, void *stream, char *err,
+                         int errlen);
+
 /* CPU engine (csrc/cpu). Each returns an lca_status and writes a message into err. */
 int lca_cpu_condense(const lca_params *p, char *err, int errlen);
 int lca_cpu_attend_fwd(const lca_params *p, char *err, int errlen);

@@ -9,9 +9,11 @@
  *   attend(q, k, v, kbar, vbar, out, lse, g, w, scale, rep_bias, v_in_k)
  *   backward(dout, q, k, v, out, lse, dq, dk, dv, g, w, n, scale, rep_bias, d_score, d_pool,
  *            v_in_k)
- * and, when built with the CUDA engine (LCA_WITH_CUDA), cuda_condense, cuda_attend and
- * cuda_backward (+ cuda_backward_workspace), which take device-array descriptors from
- * lca/_cuda.py.
+ *   decode_step(q, k, v, out, kbar, vbar, kr, vr, qsum, T, g, w, n, scale, rep_bias, d_score,
+ *               d_pool, v_in_k)                     one step of the condensed cache (lca/cache.py)
+ * and, when built with the CUDA engine (LCA_WITH_CUDA), cuda_condense, cuda_attend,
+ * cuda_backward (+ cuda_backward_workspace) and cuda_decode_step, which take device-array
+ * descriptors from lca/_cuda.py.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -266,6 +268,117 @@ static PyObject *py_backward(PyObject *self, PyObject *args) {
     return finish(status, err);
 }
 
+/* ---------------------------------------------------------------------------------------------
+ * Decode (the condensed cache, lca/cache.py).  Arrays are 4-D: q (B, 1, H, D), k (B, 1, Hkv, D),
+ * v (B, 1, Hkv, Dv), out (B, 1, H, Dv) for the new token; kbar (B, M, Hkv, D), vbar (B, M, Hkv,
+ * Dv), ring kr (B, R, Hkv, D), vr (B, R, Hkv, Dv) and the summary sums qsum (B, S, Hkv, D). */
+
+/* The ring, sum and condensed capacities the step at position T needs (lca.h). */
+static int decode_check(lca_decode_params *p) {
+    if (p->g < 1 || p->g > INT32_MAX || p->w < 0 || p->n < 1 || p->n > p->g || p->T < 0) {
+        PyErr_SetString(PyExc_ValueError, "group_size, window, n_summary or T out of range");
+        return -1;
+    }
+    if (p->H < 1 || p->Hkv < 1 || p->H % p->Hkv || p->D < 1 || p->Dv < 1) {
+        PyErr_SetString(PyExc_ValueError, "q, k, v: heads must be a multiple of kv heads >= 1 "
+                        "and widths >= 1");
+        return -1;
+    }
+    if (p->d_score < 1 || p->d_score > p->D || p->d_pool < 0 || p->d_pool > p->D ||
+        (p->v_in_k && p->Dv > p->d_pool)) {
+        PyErr_SetString(PyExc_ValueError, "d_score or d_pool out of range");
+        return -1;
+    }
+    if (!isfinite(p->scale) || !isfinite(p->rep_bias) ||
+        (p->dtype != LCA_F64 && (fabs(p->scale) > FLT_MAX || fabs(p->rep_bias) > FLT_MAX))) {
+        PyErr_SetString(PyExc_ValueError, "softmax_scale and rep_bias must be finite (in the "
+                        "inputs' precision)");
+        return -1;
+    }
+    const int64_t T = p->T, g = p->g, w = p->w;
+    const int64_t ring = w + g - 1 > g ? w + g - 1 : g;
+    const int64_t sums = w ? (w + g - 2) / g + 1 : 1;
+    const int64_t c1 = lca_cache_condensed(T + 1, g, w), Gt = lca_num_condensed(T, g, w);
+    if (p->R < 1 || p->R < (T + 1 < ring ? T + 1 : ring)) {
+        PyErr_Format(PyExc_ValueError, "kr: %lld ring slots, the step at %lld needs %lld",
+                     (long long)p->R, (long long)T, (long long)(T + 1 < ring ? T + 1 : ring));
+        return -1;
+    }
+    if (p->S < 1 || p->S < (T / g + 1 < sums ? T / g + 1 : sums)) {
+        PyErr_Format(PyExc_ValueError, "qsum: %lld sum slots, too few for window %lld",
+                     (long long)p->S, (long long)w);
+        return -1;
+    }
+    if (p->M < c1 || p->M < Gt) {
+        PyErr_Format(PyExc_ValueError, "kbar: %lld condensed rows, the step at %lld needs %lld",
+                     (long long)p->M, (long long)T, (long long)(c1 > Gt ? c1 : Gt));
+        return -1;
+    }
+    return 0;
+}
+
+/* Shapes of the nine decode arrays, from q (B, 1, H, D), k (B, 1, Hkv, D), v (B, 1, Hkv, Dv),
+ * kbar (M rows), kr (R rows), qsum (S rows); every other shape must agree. */
+static int decode_shapes(lca_decode_params *p, npy_intp (*s)[4]) {
+    p->B = s[0][0], p->H = s[0][2], p->D = s[0][3], p->Hkv = s[1][2], p->Dv = s[2][3];
+    p->M = s[4][1], p->R = s[6][1], p->S = s[8][1];
+    const char *names[9] = {"q", "k", "v", "out", "kbar", "vbar", "kr", "vr", "qsum"};
+    npy_intp want[9][4] = {
+        {p->B, 1, p->H, p->D}, {p->B, 1, p->Hkv, p->D}, {p->B, 1, p->Hkv, p->Dv},
+        {p->B, 1, p->H, p->Dv}, {p->B, p->M, p->Hkv, p->D}, {p->B, p->M, p->Hkv, p->Dv},
+        {p->B, p->R, p->Hkv, p->D}, {p->B, p->R, p->Hkv, p->Dv}, {p->B, p->S, p->Hkv, p->D}};
+    for (int i = 0; i < 9; i++)
+        if (same_shape(names[i], s[i], want[i], 4)) return -1;
+    if (p->v_in_k && (!same_view(&p->v, &p->k) || !same_view(&p->vbar, &p->kbar) ||
+                      !same_view(&p->vr, &p->kr))) {
+        PyErr_SetString(PyExc_ValueError, "v_in_k: v, vbar, vr must be prefix views of k, kbar, "
+                        "kr");
+        return -1;
+    }
+    return 0;
+}
+
+#define DECODE_FORMAT "OOOOOOOOOLLLLddLLi"
+#define DECODE_ARGS(p) &q, &k, &v, &out, &kbar, &vbar, &kr, &vr, &qsum, &(p).T, &(p).g, \
+    &(p).w, &(p).n, &(p).scale, &(p).rep_bias, &(p).d_score, &(p).d_pool, &(p).v_in_k
+
+PyDoc_STRVAR(decode_step_doc, "decode_step(q, k, v, out, kbar, vbar, kr, vr, qsum, T, g, w, n, "
+             "scale, rep_bias, d_score, d_pool, v_in_k): one decode step of the condensed cache "
+             "(lca.h lca_decode_params); updates kbar, vbar, kr, vr, qsum, writes out.");
+
+static PyObject *py_decode_step(PyObject *self, PyObject *args) {
+    PyObject *q, *k, *v, *out, *kbar, *vbar, *kr, *vr, *qsum;
+    lca_decode_params p = {0};
+    if (!PyArg_ParseTuple(args, DECODE_FORMAT, DECODE_ARGS(p))) return NULL;
+    if (!PyArray_Check(q)) {
+        PyErr_SetString(PyExc_TypeError, "q: expected a NumPy array");
+        return NULL;
+    }
+    const int typenum = PyArray_TYPE((PyArrayObject *)q);
+    if (typenum != NPY_FLOAT32 && typenum != NPY_FLOAT64) {
+        PyErr_SetString(PyExc_TypeError, "q: expected dtype float32 or float64");
+        return NULL;
+    }
+    p.dtype = typenum == NPY_FLOAT32 ? LCA_F32 : LCA_F64;
+    npy_intp s[9][4];
+    if (view_of(q, "q", 4, typenum, 0, s[0], &p.q) || view_of(k, "k", 4, typenum, 0, s[1], &p.k) ||
+        view_of(v, "v", 4, typenum, 0, s[2], &p.v) ||
+        view_of(out, "out", 4, typenum, 1, s[3], &p.out) ||
+        view_of(kbar, "kbar", 4, typenum, 1, s[4], &p.kbar) ||
+        view_of(vbar, "vbar", 4, typenum, 1, s[5], &p.vbar) ||
+        view_of(kr, "kr", 4, typenum, 1, s[6], &p.kr) ||
+        view_of(vr, "vr", 4, typenum, 1, s[7], &p.vr) ||
+        view_of(qsum, "qsum", 4, typenum, 1, s[8], &p.qsum))
+        return NULL;
+    if (decode_shapes(&p, s) || decode_check(&p)) return NULL;
+    char err[256] = "";
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = lca_cpu_decode_step(&p, err, sizeof err);
+    Py_END_ALLOW_THREADS
+    return finish(status, err);
+}
+
 
 #ifdef LCA_WITH_CUDA
 /* ---------------------------------------------------------------------------------------------
@@ -283,7 +396,7 @@ static int desc_of(PyObject *o, const char *name, int ndim, npy_intp *shape, lca
         PyErr_Format(PyExc_ValueError, "%s: expected %d dimensions", name, ndim);
         return -1;
     }
-    int64_t st[4], size = 1;
+    int64_t st[4] = {0}, size = 1;
     for (int i = 0; i < ndim; i++) {
         shape[i] = (npy_intp)PyLong_AsLongLong(PyTuple_GET_ITEM(shp, i));
         st[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(str, i));
@@ -438,6 +551,46 @@ static PyObject *py_cuda_backward(PyObject *self, PyObject *args) {
     return cuda_finish(status, err);
 }
 
+PyDoc_STRVAR(cuda_decode_step_doc, "cuda_decode_step(dtype, q, k, v, out, kbar, vbar, kr, vr, "
+             "qsum, T, g, w, n, scale, rep_bias, d_score, d_pool, v_in_k, work, nsplit_max, "
+             "device, stream): decode_step on the GPU (qsum float32; work: the split-softmax "
+             "partials, nsplit_max * B * H * (Dv + 2) float32).");
+
+static PyObject *py_cuda_decode_step(PyObject *self, PyObject *args) {
+    PyObject *q, *k, *v, *out, *kbar, *vbar, *kr, *vr, *qsum, *work;
+    lca_decode_params p = {0};
+    int dtype, device;
+    unsigned long long stream;
+    if (!PyArg_ParseTuple(args, "i" DECODE_FORMAT "OLiK", &dtype, DECODE_ARGS(p), &work,
+                          &p.nsplit_max, &device, &stream))
+        return NULL;
+    if (dtype != LCA_F32 && dtype != LCA_BF16 && dtype != LCA_F16) {
+        PyErr_SetString(PyExc_TypeError, "q: the CUDA engine takes float32, float16, bfloat16");
+        return NULL;
+    }
+    p.dtype = (lca_dtype)dtype;
+    npy_intp s[9][4], sw[4];
+    lca_view wv;
+    if (desc_of(q, "q", 4, s[0], &p.q) || desc_of(k, "k", 4, s[1], &p.k) ||
+        desc_of(v, "v", 4, s[2], &p.v) || desc_of(out, "out", 4, s[3], &p.out) ||
+        desc_of(kbar, "kbar", 4, s[4], &p.kbar) || desc_of(vbar, "vbar", 4, s[5], &p.vbar) ||
+        desc_of(kr, "kr", 4, s[6], &p.kr) || desc_of(vr, "vr", 4, s[7], &p.vr) ||
+        desc_of(qsum, "qsum", 4, s[8], &p.qsum) || desc_of(work, "work", 1, sw, &wv))
+        return NULL;
+    if (decode_shapes(&p, s) || decode_check(&p)) return NULL;
+    if (p.nsplit_max < 1 || sw[0] < p.nsplit_max * p.B * p.H * (p.Dv + 2)) {
+        PyErr_SetString(PyExc_ValueError, "work: smaller than nsplit_max * B * H * (Dv + 2)");
+        return NULL;
+    }
+    p.work = wv.p;
+    char err[256] = "";
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = lca_cuda_decode_step(&p, device, (void *)(uintptr_t)stream, err, sizeof err);
+    Py_END_ALLOW_THREADS
+    return cuda_finish(status, err);
+}
+
 static PyObject *py_cuda_device_count(PyObject *self, PyObject *noargs) {
     return PyLong_FromLong(lca_cuda_device_count());
 }
@@ -451,6 +604,7 @@ static PyMethodDef methods[] = {
     {"condense", py_condense, METH_VARARGS, condense_doc},
     {"attend", py_attend, METH_VARARGS, attend_doc},
     {"backward", py_backward, METH_VARARGS, backward_doc},
+    {"decode_step", py_decode_step, METH_VARARGS, decode_step_doc},
     {"max_threads", py_max_threads, METH_NOARGS, "Threads the CPU engine uses by default."},
 #ifdef LCA_WITH_CUDA
     {"cuda_condense", py_cuda_condense, METH_VARARGS, cuda_condense_doc},
@@ -458,6 +612,7 @@ static PyMethodDef methods[] = {
     {"cuda_backward", py_cuda_backward, METH_VARARGS, cuda_backward_doc},
     {"cuda_backward_workspace", py_cuda_backward_workspace, METH_VARARGS,
      cuda_backward_workspace_doc},
+    {"cuda_decode_step", py_cuda_decode_step, METH_VARARGS, cuda_decode_step_doc},
     {"cuda_device_count", py_cuda_device_count, METH_NOARGS, "CUDA devices visible (0: none)."},
 #endif
     {NULL, NULL, 0, NULL},

@@ -25,7 +25,7 @@ from ._arrays import (as_array, check_dim, check_rank, choice_param, float_param
 
 __all__ = ["attention", "attention_backward", "gqa_attention", "gqa_attention_backward",
            "condense", "gqa_condense", "attend", "gqa_attend", "num_condensed",
-           "cache_entries", "mla_prefill", "HAS_CUDA"]
+           "cache_entries", "mla_prefill", "LatentCache", "GQACache", "HAS_CUDA"]
 __version__ = "0.1.0"
 
 HAS_CUDA = _cuda.device_count() > 0      # built with the CUDA engine and a device is visible
@@ -362,3 +362,4 @@ def _counts(t, name, group_size, window):
 
 
 from ._prefill import mla_prefill  # noqa: E402  (uses the functions above)
+from .cache import GQACache, LatentCache  # noqa: E402  (uses the helpers above)

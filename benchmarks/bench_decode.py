@@ -1,0 +1,178 @@
+"""Decode on the GPU: one lca.LatentCache.step per sequence against dense absorbed-MLA decode
+over the full latent cache in plain torch (bmm + softmax: what a user without FlashMLA has),
+and against the bytes-moved floor (the LCA cache bytes over the measured 4.27 TB/s copy rate).
+
+Shape: absorbed MLA, Dc = 512, Dr = 64 (576/512), g = 16, w = 1024, bf16; H in {16, 128},
+B in {1, 16, 64}, context 32K and 128K (tokens already in the cache).  The cache is filled
+directly with random data (a prefill at 128K x B = 64 would only cost time): condensed rows,
+ring and summary sums, then `length` is set to the context, and every timed step is a real
+step at that position (append, attention over the G_T condensed rows and the exact window,
+and the condensation when one falls due) — `length` is set back before each repetition.
+
+Bytes read per step = the visible entries (G_T + T + 1 - G_T g) x 576 x 2 bytes x B (the
+cache, once); the dense baseline reads (T + 1) x 576 x 2 x B.  GB/s = those bytes / time.
+Two LCA times: one Python call (host overhead included: what a Python caller sees per step)
+and the device time of the same step captured in a CUDA graph and replayed.  Times are
+CUDA-event medians.  Prints one table; appends it to benchmarks/RESULTS.md.
+
+    python3 benchmarks/bench_decode.py [--quick] [--reps 30] [--no-append]
+"""
+import argparse
+import datetime
+import math
+import os
+import subprocess
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import lca  # noqa: E402
+
+DC, DR, G, W = 512, 64, 16, 1024
+COPY_TBS = 4.27          # measured device copy rate (SPEC §9)
+
+
+def median_ms(fn, reps, before=None):
+    for _ in range(3):
+        if before:
+            before()
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        if before:
+            before()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return sorted(times)[len(times) // 2]
+
+
+def visible(T):
+    Gt = max(0, (T - W + 1) // G)
+    return Gt + (T + 1 - Gt * G)
+
+
+def filled_cache(B, H, T):
+    """A LatentCache holding T random tokens' state (written directly, no prefill)."""
+    cache = lca.LatentCache(B, H, DC, DR, T + 64, group_size=G, window=W,
+                            dtype=torch.bfloat16, device="cuda")
+    gen = torch.Generator(device="cuda").manual_seed(B * 1000 + H)
+    for a in cache._held_arrays:
+        if a.dtype == torch.float32 and a.dim() == 1:
+            continue                                      # the workspace
+        a.copy_(torch.randn(a.shape, generator=gen, device="cuda", dtype=torch.float32))
+    cache.length = T
+    return cache
+
+
+def dense_step(q, kv, scale):
+    """Absorbed MLA decode over the full latent cache: q (B, H, 576), kv (B, T, 576).  The
+    values are kv's first 512 columns; P @ kv then a slice avoids copying that strided view."""
+    s = torch.bmm(q, kv.transpose(1, 2)) * scale                  # (B, H, T)
+    p = torch.softmax(s, dim=-1)
+    return torch.bmm(p, kv)[..., :DC]                             # (B, H, 512)
+
+
+def graph_ms(cache, q, c, r, T, reps):
+    """GPU time of one step without the host: the step at position T captured once in a CUDA
+    graph and replayed (each replay is the same step: same slot, same condensation).  None if
+    capture fails."""
+    try:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            cache.length = T
+            cache.step(q, c, r)                                    # warm: attributes, pools
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        cache.length = T
+        with torch.cuda.graph(graph):
+            cache.step(q, c, r)
+        cache.length = T
+        n = 20
+        return median_ms(lambda: [graph.replay() for _ in range(n)], reps) / n
+    except Exception as e:  # noqa: BLE001 - report and go on with the host-inclusive time
+        print(f"  (CUDA graph capture failed: {e})", flush=True)
+        return None
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="three rows only")
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--no-append", action="store_true")
+    a = ap.parse_args()
+    assert lca.HAS_CUDA, "needs a CUDA device"
+    grid = [(T, B, H) for T in (32768, 131072) for H in (16, 128) for B in (1, 16, 64)]
+    if a.quick:
+        grid = [(131072, 64, 16), (131072, 1, 16), (32768, 16, 128)]
+    scale = 1.0 / math.sqrt(DC + DR)
+    rows = []
+    for T, B, H in grid:
+        cache = filled_cache(B, H, T)
+        q = torch.randn(B, H, DC + DR, device="cuda", dtype=torch.bfloat16)
+        c = torch.randn(B, DC, device="cuda", dtype=torch.bfloat16)
+        r = torch.randn(B, DR, device="cuda", dtype=torch.bfloat16)
+
+        def reset():
+            cache.length = T
+
+        t_call = median_ms(lambda: cache.step(q, c, r), a.reps, before=reset)
+        t_gpu = graph_ms(cache, q, c, r, T, a.reps)
+        t_lca = t_gpu if t_gpu is not None else t_call
+        lca_bytes = visible(T) * (DC + DR) * 2 * B
+        held = lca.cache_entries(T + 1, G, W) * (DC + DR) * 2 * B
+        del cache
+        kv = torch.randn(B, T + 1, DC + DR, device="cuda", dtype=torch.bfloat16)
+        t_dense = median_ms(lambda: dense_step(q, kv, scale), a.reps)
+        full_bytes = (T + 1) * (DC + DR) * 2 * B
+        del kv
+        torch.cuda.empty_cache()
+        rows.append((T, B, H, t_call, t_lca, lca_bytes / t_lca / 1e6,
+                     lca_bytes / 1e9 / COPY_TBS, t_dense, full_bytes / t_dense / 1e6, held,
+                     full_bytes))
+        print(f"  T={T} B={B} H={H}: LCA call {t_call:.4f} ms, GPU {t_lca:.4f} ms, dense "
+              f"{t_dense:.4f} ms", flush=True)
+
+    head = ("| context | B | H | LCA step ms (call) | LCA GPU ms | LCA GB/s | % of 4.27 TB/s "
+            "| floor ms | dense torch ms | dense GB/s | speedup (call) | speedup (GPU) "
+            "| LCA cache MB | full cache MB | smaller |")
+    lines = [head, "|" + "---|" * 15]
+    for T, B, H, tc, tl, gl, fl, td, gd, held, full in rows:
+        lines.append(f"| {T // 1024}K | {B} | {H} | {tc:.4f} | {tl:.4f} | {gl:.0f} | "
+                     f"{100 * gl / (COPY_TBS * 1000):.1f}% | {fl:.4f} | {td:.4f} | {gd:.0f} | "
+                     f"{td / tc:.1f}x | {td / tl:.1f}x | {held / 1e6:.1f} | {full / 1e6:.1f} | "
+                     f"{100 * (1 - held / full):.1f}% |")
+    table = "\n".join(lines)
+    print(table)
+    if not a.no_append:
+        commit = os.environ.get("LCA_COMMIT")
+        if not commit:
+            try:
+                commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"],
+                                                 text=True, stderr=subprocess.DEVNULL).strip()
+            except Exception:  # noqa: BLE001 - the device copy may have no git metadata
+                commit = "unknown"
+        gpu = torch.cuda.get_device_name()
+        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md"),
+                  "a") as f:
+            f.write(f"\n## Decode step, GPU — {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC, "
+                    f"{gpu}, commit {commit}\n\nCommand: `python3 benchmarks/bench_decode.py "
+                    f"{' '.join(sys.argv[1:])}`. Absorbed MLA 576/512, g = 16, w = 1024, bf16; "
+                    "one lca.LatentCache.step (append, attention over the condensed rows and "
+                    "the window, condensation when due) vs dense decode over the full latent "
+                    "cache in plain torch (bmm + softmax). 'call': one Python call, host "
+                    "included; 'GPU': the same step captured in a CUDA graph and replayed "
+                    "(device time alone). GB/s on the GPU time and the cache bytes read once "
+                    "(LCA: the visible entries; dense: all T + 1 tokens); floor = LCA bytes / "
+                    "4.27 TB/s; cache MB after T + 1 tokens. CUDA-event medians.\n\n"
+                    f"{table}\n")
+
+
+if __name__ == "__main__":
+    main()
