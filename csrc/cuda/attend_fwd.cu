@@ -1,5 +1,6 @@
 /* attend_fwd.cu — SPEC §3 attention forward on the GPU: the entry point, which sends bf16/fp16
- * calls of the common head widths to the tensor-core kernel (attend_mma.cu), and the portable
+ * calls of the absorbed MLA widths to attend_mla.cu and of the common head widths to the
+ * tensor-core kernel attend_mma.cu, and the portable
  * path for everything else (CUDA cores, any NVIDIA GPU from sm_80): one warp per query row (b, t, head), walking its visible entries —
  * the condensed ones, then the exact window — in one online softmax.  Lane l holds columns
  * l, l+32, ... of the query and of the output accumulator; each entry costs one warp-wide dot
@@ -79,6 +80,12 @@ template <typename T> struct AttendFwd {
 
 }  // namespace lca
 
+/* Which kernel the last lca_cuda_attend_fwd call launched ("mla", "mma", "simt"; "" before
+ * any): evidence for the tests that a call took the fast path, not a silent fallback. */
+static const char *last_attend_kernel = "";
+
+extern "C" const char *lca_cuda_last_attend_kernel(void) { return last_attend_kernel; }
+
 extern "C" int lca_cuda_attend_fwd(const lca_params *p, int device, void *stream, char *err,
                                    int errlen) {
     using namespace lca;
@@ -95,11 +102,20 @@ extern "C" int lca_cuda_attend_fwd(const lca_params *p, int device, void *stream
     }
     DeviceGuard guard(device);
     if (guard.status != cudaSuccess) return cuda_error(guard.status, "cudaSetDevice", err, errlen);
+    if (lca_cuda_mla_supported(p, device)) {         /* absorbed MLA: attend_mla.cu */
+        last_attend_kernel = "mla";
+        int s = lca_cuda_attend_mla(p, stream);
+        cudaError_t e = cudaGetLastError();
+        if (s != LCA_OK && e == cudaSuccess) e = cudaErrorInvalidValue;
+        return e == cudaSuccess ? LCA_OK : cuda_error(e, "lca_attend_mla_kernel launch", err, errlen);
+    }
     if (lca_cuda_mma_supported(p)) {                 /* tensor cores: attend_mma.cu */
+        last_attend_kernel = "mma";
         lca_cuda_attend_mma(p, stream);
         cudaError_t e = cudaGetLastError();
         return e == cudaSuccess ? LCA_OK : cuda_error(e, "lca_attend_mma_kernel launch", err, errlen);
     }
+    last_attend_kernel = "simt";
     int s = dispatch<AttendFwd>(p->dtype, p, (cudaStream_t)stream);
     if (s != LCA_OK) {
         snprintf(err, (size_t)errlen, "attention on CUDA: unsupported dtype");

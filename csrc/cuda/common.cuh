@@ -80,3 +80,7 @@ inline int cuda_error(cudaError_t e, const char *what, char *err, int errlen) {
 /* attend_mma.cu: the tensor-core forward and the calls it covers. */
 extern "C" int lca_cuda_mma_supported(const lca_params *p);
 extern "C" int lca_cuda_attend_mma(const lca_params *p, void *stream);
+
+/* attend_mla.cu: the tensor-core forward for the absorbed MLA widths and the calls it covers. */
+extern "C" int lca_cuda_mla_supported(const lca_params *p, int device);
+extern "C" int lca_cuda_attend_mla(const lca_params *p, void *stream);
