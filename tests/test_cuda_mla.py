@@ -97,3 +97,31 @@ def test_other_widths_and_float32_do_not_take_the_mla_kernel():
     assert _C.cuda_last_attend_kernel() == "simt"
     lca.attention(q, c, r, group_size=4, window=8)
     assert _C.cuda_last_attend_kernel() == "mla"
+
+
+GQA256_CASES = [  # B, L, H, Hkv, g, w, n, key_mode
+    (1, 129, 4, 4, 16, 32, None, "pool"),        # MHA
+    (2, 333, 8, 1, 8, 40, 3, "anchor"),          # 8 heads a kv head, 2 condensed blocks
+    (1, 97, 6, 2, 4, 0, 2, "pool"),              # 3 heads a kv head, window 0
+    (1, 70, 128, 1, 8, 16, None, "anchor"),      # 128 heads a kv head: 2 tiles a position
+]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("case", GQA256_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_gqa_256_tensor_core_forward(case, dtype):
+    from torch_lca import gqa_lca
+    B, L, H, Hkv, g, w, n, km = case
+    gen = torch.Generator(device="cuda").manual_seed(hash((case, dtype)) % 2**31)
+    q, k, v = rand(gen, (B, L, H, 256), dtype), rand(gen, (B, L, Hkv, 256), dtype), \
+        rand(gen, (B, L, Hkv, 256), dtype)
+    kw = dict(group_size=g, window=w, n_summary=n, key_mode=km)
+    out, lse = lca.gqa_attention(q, k, v, return_lse=True, **kw)
+    assert _C.cuda_last_attend_kernel() == "wide", "the tensor-core kernel did not run"
+    assert torch.isfinite(out.float()).all() and torch.isfinite(lse).all(), "unwritten elements"
+    ref, ref_lse = lca.gqa_attention(to_np(q), to_np(k), to_np(v), return_lse=True, **kw)
+    naive, naive_lse = gqa_lca(q, k, v, **kw)
+    err, bound = rel(to_np(out), ref), 2 * rel(to_np(naive), ref)
+    assert err <= max(bound, 1e-3), f"out: {dtype} error {err:.2e} > 2x naive {bound:.2e}"
+    lerr, lbound = rel(to_np(lse), ref_lse), 2 * rel(to_np(naive_lse), ref_lse)
+    assert lerr <= max(lbound, 1e-4), f"lse: error {lerr:.2e} > 2x naive {lbound:.2e}"

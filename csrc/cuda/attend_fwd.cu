@@ -1,5 +1,5 @@
 /* attend_fwd.cu — SPEC §3 attention forward on the GPU: the entry point, which sends bf16/fp16
- * calls of the absorbed MLA widths to attend_mla.cu and of the common head widths to the
+ * calls of the absorbed MLA widths and of GQA 256/256 to attend_mla.cu and of the common head widths to the
  * tensor-core kernel attend_mma.cu, and the portable
  * path for everything else (CUDA cores, any NVIDIA GPU from sm_80): one warp per query row (b, t, head), walking its visible entries —
  * the condensed ones, then the exact window — in one online softmax.  Lane l holds columns
@@ -80,8 +80,9 @@ template <typename T> struct AttendFwd {
 
 }  // namespace lca
 
-/* Which kernel the last lca_cuda_attend_fwd call launched ("mla", "mma", "simt"; "" before
- * any): evidence for the tests that a call took the fast path, not a silent fallback. */
+/* Which kernel the last lca_cuda_attend_fwd call launched ("mla": attend_mla.cu on the absorbed
+ * widths, "wide": the same kernel on GQA 256/256, "mma", "simt"; "" before any): evidence for
+ * the tests that a call took the fast path, not a silent fallback. */
 static const char *last_attend_kernel = "";
 
 extern "C" const char *lca_cuda_last_attend_kernel(void) { return last_attend_kernel; }
@@ -102,8 +103,8 @@ extern "C" int lca_cuda_attend_fwd(const lca_params *p, int device, void *stream
     }
     DeviceGuard guard(device);
     if (guard.status != cudaSuccess) return cuda_error(guard.status, "cudaSetDevice", err, errlen);
-    if (lca_cuda_mla_supported(p, device)) {         /* absorbed MLA: attend_mla.cu */
-        last_attend_kernel = "mla";
+    if (lca_cuda_mla_supported(p, device)) {         /* absorbed MLA, GQA 256: attend_mla.cu */
+        last_attend_kernel = p->v_in_k ? "mla" : "wide";
         int s = lca_cuda_attend_mla(p, stream);
         cudaError_t e = cudaGetLastError();
         if (s != LCA_OK && e == cudaSuccess) e = cudaErrorInvalidValue;

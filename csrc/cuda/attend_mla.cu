@@ -1,7 +1,7 @@
 /* attend_mla.cu — SPEC §3 attention forward on tensor cores (mma.sync m16n8k16, sm_80+) for the
  * absorbed MLA shapes: keys [c; r] of width D = Dc + Dr, values v = k[..., :Dc] (v_in_k = 1),
- * (D, Dv) in {(576, 512), (288, 256)}, bf16/fp16.  Other shapes use attend_mma.cu or the SIMT
- * path of attend_fwd.cu.
+ * (D, Dv) in {(576, 512), (288, 256)}, bf16/fp16; and, with a separate value tile, GQA/MHA head
+ * dim 256/256 (VK = false).  Other shapes use attend_mma.cu or the SIMT path of attend_fwd.cu.
  *
  * A block owns 64 score rows of one (batch, kv head): rows R0 .. R0+63 of the flattened
  * (position, head-in-group) space, so with Hkv = 1 every key tile is read once for all H heads
@@ -108,14 +108,17 @@ __device__ __forceinline__ void load_tile(T *tile, int n, F src) {
     }
 }
 
-template <typename T, int D, int DV>
+template <typename T, int D, int DV, bool VK>
 __global__ void __launch_bounds__(kThreads, 1) lca_attend_mla_kernel(lca_params p) {
     using Ly = Layout<D>;
+    using Lv = Layout<DV>;
+    /* a stage: the key tile, then (unless v = k[..., :DV]) the value tile */
+    constexpr int kStage = kKeys * Ly::RS + (VK ? 0 : kKeys * Lv::RS);
     constexpr int kHalfV = DV / 2, kNT = kHalfV / 8;      /* output columns / n-tiles a warp */
     extern __shared__ __align__(128) unsigned char smem_raw[];
     T *Qs = (T *)smem_raw;
-    T *Kst = Qs + kRows * Ly::RS;                         /* two stages of kKeys rows */
-    T *Ps = Kst + 2 * kKeys * Ly::RS;                     /* kRows x kPs */
+    T *Kst = Qs + kRows * Ly::RS;                         /* two stages */
+    T *Ps = Kst + 2 * kStage;                             /* kRows x kPs */
     float *xmax = (float *)(Ps + kRows * kPs);            /* [2][kRows] */
     float *xsum = xmax + 2 * kRows;                       /* [2][kRows] */
 
@@ -163,8 +166,13 @@ __global__ void __launch_bounds__(kThreads, 1) lca_attend_mla_kernel(lca_params 
         const int64_t key0 = block_start(blk), kend = cond ? Gmax : t_last + 1;
         const int nk = (int)(kend - key0 < kKeys ? kend - key0 : kKeys);
         const lca_view &kv = cond ? p.kbar : p.k;
-        load_tile<T, D>(Kst + (blk & 1) * kKeys * Ly::RS, nk,
-                        [&](int r) { return row<const T>(kv, b, key0 + r, h); });
+        T *Ks = Kst + (blk & 1) * kStage;
+        load_tile<T, D>(Ks, nk, [&](int r) { return row<const T>(kv, b, key0 + r, h); });
+        if (!VK) {
+            const lca_view &vv = cond ? p.vbar : p.v;
+            load_tile<T, DV>(Ks + kKeys * Ly::RS, nk,
+                             [&](int r) { return row<const T>(vv, b, key0 + r, h); });
+        }
         cp_async_commit();
     };
     issue(0);
@@ -179,7 +187,8 @@ __global__ void __launch_bounds__(kThreads, 1) lca_attend_mla_kernel(lca_params 
             cp_async_wait<0>();
         }
         __syncthreads();
-        const T *Ks = Kst + (blk & 1) * kKeys * Ly::RS;
+        const T *Ks = Kst + (blk & 1) * kStage;
+        const T *Vs = VK ? Ks : Ks + kKeys * Ly::RS;
 
         /* S = Q K^T: this warp's 16 rows x 32 keys, depth D */
         float s[4][4];
@@ -247,8 +256,10 @@ __global__ void __launch_bounds__(kThreads, 1) lca_attend_mla_kernel(lca_params 
 #pragma unroll
             for (int n = 0; n < kNT; n += 2) {
                 uint32_t vb[4];
-                ldsm_x4_trans(vb, Ks + Ly::at(kk * 16 + (lane & 15),
-                                              (half * kHalfV + n * 8) / 8 + (lane >> 4)));
+                ldsm_x4_trans(vb, Vs + (VK ? Ly::at(kk * 16 + (lane & 15),
+                                                    (half * kHalfV + n * 8) / 8 + (lane >> 4))
+                                             : Lv::at(kk * 16 + (lane & 15),
+                                                    (half * kHalfV + n * 8) / 8 + (lane >> 4))));
                 mma16816<T>(o[n], a, vb[0], vb[1]);
                 mma16816<T>(o[n + 1], a, vb[2], vb[3]);
             }
@@ -280,13 +291,15 @@ __global__ void __launch_bounds__(kThreads, 1) lca_attend_mla_kernel(lca_params 
     }
 }
 
-template <int D, int DV> constexpr size_t smem_bytes() {
-    return 2 * (size_t)(3 * kRows * Layout<D>::RS + kRows * kPs) + 4 * 4 * kRows;
+template <int D, int DV, bool VK> constexpr size_t smem_bytes() {
+    return 2 * (size_t)(3 * kRows * Layout<D>::RS + (VK ? 0 : 2 * kKeys * Layout<DV>::RS) +
+                        kRows * kPs) + 4 * 4 * kRows;
 }
 
-template <typename T, int D, int DV> int launch(const lca_params *p, cudaStream_t stream) {
-    constexpr size_t smem = smem_bytes<D, DV>();
-    auto kernel = lca_attend_mla_kernel<T, D, DV>;
+template <typename T, int D, int DV, bool VK>
+int launch(const lca_params *p, cudaStream_t stream) {
+    constexpr size_t smem = smem_bytes<D, DV, VK>();
+    auto kernel = lca_attend_mla_kernel<T, D, DV, VK>;
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          (int)smem);
     if (e != cudaSuccess) return LCA_ERR_CUDA;
@@ -299,15 +312,16 @@ template <typename T, int D, int DV> int launch(const lca_params *p, cudaStream_
 }  // namespace mla
 }  // namespace lca
 
-/* Whether attend_mla covers this call: dtype, the absorbed widths with v = k[..., :Dv], 16-byte
- * aligned rows, and enough shared memory on `device` (226 KB at D = 576: sm_90, not sm_80). */
+/* Whether attend_mla covers this call: dtype, the absorbed widths with v = k[..., :Dv] or GQA
+ * 256/256, 16-byte aligned rows, and enough shared memory on `device` (226 KB at D = 576 and
+ * 170 KB at 256/256: sm_90, not sm_80). */
 extern "C" int lca_cuda_mla_supported(const lca_params *p, int device) {
     using namespace lca::mla;
     if (p->dtype != LCA_BF16 && p->dtype != LCA_F16) return 0;
-    if (!p->v_in_k) return 0;
     size_t need;
-    if (p->D == 576 && p->Dv == 512) need = smem_bytes<576, 512>();
-    else if (p->D == 288 && p->Dv == 256) need = smem_bytes<288, 256>();
+    if (p->v_in_k && p->D == 576 && p->Dv == 512) need = smem_bytes<576, 512, true>();
+    else if (p->v_in_k && p->D == 288 && p->Dv == 256) need = smem_bytes<288, 256, true>();
+    else if (!p->v_in_k && p->D == 256 && p->Dv == 256) need = smem_bytes<256, 256, false>();
     else return 0;
     const lca_view *vs[] = {&p->q, &p->k, &p->v, &p->kbar, &p->vbar, &p->out};
     for (const lca_view *v : vs)
@@ -328,6 +342,11 @@ extern "C" int lca_cuda_attend_mla(const lca_params *p, void *stream) {
     cudaStream_t s = (cudaStream_t)stream;
     const bool bf = p->dtype == LCA_BF16;
     if (p->D == 576)
-        return bf ? launch<__nv_bfloat16, 576, 512>(p, s) : launch<__half, 576, 512>(p, s);
-    return bf ? launch<__nv_bfloat16, 288, 256>(p, s) : launch<__half, 288, 256>(p, s);
+        return bf ? launch<__nv_bfloat16, 576, 512, true>(p, s)
+                  : launch<__half, 576, 512, true>(p, s);
+    if (p->D == 288)
+        return bf ? launch<__nv_bfloat16, 288, 256, true>(p, s)
+                  : launch<__half, 288, 256, true>(p, s);
+    return bf ? launch<__nv_bfloat16, 256, 256, false>(p, s)
+              : launch<__half, 256, 256, false>(p, s);
 }
