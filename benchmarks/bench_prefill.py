@@ -94,9 +94,9 @@ def main():
         with open(os.path.join(os.path.dirname(__file__), "RESULTS.md"), "a") as f:
             f.write(f"\n## Prefill forward, GPU — {datetime.date.today()}, {gpu}, commit "
                     f"{commit}\n\nCommand: `python3 benchmarks/bench_prefill.py "
-                    f"{' '.join(sys.argv[1:])}`. LCA absorbed (576/512) runs the portable "
-                    "CUDA-core path; LCA non-absorbed (192/128) the tensor-core mma.sync "
-                    "kernel. Medians of CUDA-event times, bf16.\n\n"
+                    f"{' '.join(sys.argv[1:])}`. LCA absorbed (576/512) runs the tensor-core "
+                    "mma.sync kernel attend_mla.cu; LCA non-absorbed (192/128) the tensor-core "
+                    "mma.sync kernel attend_mma.cu. Medians of CUDA-event times, bf16.\n\n"
                     f"{table}\n")
 
 
