@@ -70,8 +70,8 @@ int lca_cpu_max_threads(void);
 int lca_cuda_condense(const lca_params *p, int device, void *stream, char *err, int errlen);
 int lca_cuda_attend_fwd(const lca_params *p, int device, void *stream, char *err, int errlen);
 int lca_cuda_device_count(void);
-/* The kernel the last lca_cuda_attend_fwd call launched: "mla", "wide", "mma", "simt" ("": none).
- */
+/* The kernel the last lca_cuda_attend_fwd call launched: "mla_wgmma", "mla", "wide", "mma",
+ * "simt" ("": none). */
 const char *lca_cuda_last_attend_kernel(void);
 
 #ifdef __cplusplus

@@ -401,7 +401,7 @@ static PyMethodDef methods[] = {
     {"cuda_attend", py_cuda_attend, METH_VARARGS, cuda_attend_doc},
     {"cuda_device_count", py_cuda_device_count, METH_NOARGS, "CUDA devices visible (0: none)."},
     {"cuda_last_attend_kernel", py_cuda_last_attend_kernel, METH_NOARGS,
-     "The kernel the last cuda_attend launched: 'mla', 'wide', 'mma' or 'simt' ('' before any)."},
+     "The kernel the last cuda_attend launched: 'mla_wgmma', 'mla', 'wide', 'mma' or 'simt' ('' before any)."},
 #endif
     {NULL, NULL, 0, NULL},
 };

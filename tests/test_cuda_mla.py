@@ -125,3 +125,29 @@ def test_gqa_256_tensor_core_forward(case, dtype):
     assert err <= max(bound, 1e-3), f"out: {dtype} error {err:.2e} > 2x naive {bound:.2e}"
     lerr, lbound = rel(to_np(lse), ref_lse), 2 * rel(to_np(naive_lse), ref_lse)
     assert lerr <= max(lbound, 1e-4), f"lse: error {lerr:.2e} > 2x naive {lbound:.2e}"
+
+
+WGMMA_CASES = [c for c in CASES if c[3] == 512]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("case", WGMMA_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_mla_wgmma_forward(case, dtype, monkeypatch):
+    """The opt-in Hopper kernel (attend_mla_sm90a.cu, LCA_MLA_WGMMA=1) on a compute 9.0 device:
+    the same checks; elsewhere the opt-in must fall back to the mma.sync kernel."""
+    monkeypatch.setenv("LCA_MLA_WGMMA", "1")
+    B, L, H, Dc, Dr, g, w, n, score, bias = case
+    gen = torch.Generator(device="cuda").manual_seed(hash((case, dtype, "wgmma")) % 2**31)
+    q, c, r = rand(gen, (B, L, H, Dc + Dr), dtype), rand(gen, (B, L, Dc), dtype), \
+        rand(gen, (B, L, Dr), dtype)
+    kw = dict(group_size=g, window=w, n_summary=n, score=score, rep_bias=bias)
+    out, lse = lca.attention(q, c, r, return_lse=True, **kw)
+    hopper = torch.cuda.get_device_capability() == (9, 0)
+    assert _C.cuda_last_attend_kernel() == ("mla_wgmma" if hopper else "mla")
+    assert torch.isfinite(out.float()).all() and torch.isfinite(lse).all(), "unwritten elements"
+    ref, ref_lse = lca.attention(to_np(q), to_np(c), to_np(r), return_lse=True, **kw)
+    naive, naive_lse = mla_lca(q, c, r, **kw)
+    err, bound = rel(to_np(out), ref), 2 * rel(to_np(naive), ref)
+    assert err <= max(bound, 1e-3), f"out: {dtype} error {err:.2e} > 2x naive {bound:.2e}"
+    lerr, lbound = rel(to_np(lse), ref_lse), 2 * rel(to_np(naive_lse), ref_lse)
+    assert lerr <= max(lbound, 1e-4), f"lse: error {lerr:.2e} > 2x naive {lbound:.2e}"

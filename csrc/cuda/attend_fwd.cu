@@ -80,8 +80,9 @@ template <typename T> struct AttendFwd {
 
 }  // namespace lca
 
-/* Which kernel the last lca_cuda_attend_fwd call launched ("mla": attend_mla.cu on the absorbed
- * widths, "wide": the same kernel on GQA 256/256, "mma", "simt"; "" before any): evidence for
+/* Which kernel the last lca_cuda_attend_fwd call launched ("mla_wgmma": attend_mla_sm90a.cu,
+ * "mla": attend_mla.cu on the absorbed widths, "wide": the same kernel on GQA 256/256, "mma",
+ * "simt"; "" before any): evidence for
  * the tests that a call took the fast path, not a silent fallback. */
 static const char *last_attend_kernel = "";
 
@@ -103,6 +104,16 @@ extern "C" int lca_cuda_attend_fwd(const lca_params *p, int device, void *stream
     }
     DeviceGuard guard(device);
     if (guard.status != cudaSuccess) return cuda_error(guard.status, "cudaSetDevice", err, errlen);
+#ifndef LCA_NO_SM90A
+    if (lca_cuda_mla_wgmma_supported(p, device)) {   /* opt-in wgmma: attend_mla_sm90a.cu */
+        last_attend_kernel = "mla_wgmma";
+        int s = lca_cuda_attend_mla_wgmma(p, stream);
+        cudaError_t e = cudaGetLastError();
+        if (s != LCA_OK && e == cudaSuccess) e = cudaErrorInvalidValue;
+        return e == cudaSuccess ? LCA_OK
+                                : cuda_error(e, "lca_attend_mla_wgmma_kernel launch", err, errlen);
+    }
+#endif
     if (lca_cuda_mla_supported(p, device)) {         /* absorbed MLA, GQA 256: attend_mla.cu */
         last_attend_kernel = p->v_in_k ? "mla" : "wide";
         int s = lca_cuda_attend_mla(p, stream);
