@@ -5,6 +5,9 @@ Switches (environment):
                       statically so `import lca` needs no GPU): auto builds it when nvcc is
                       found ($CUDA_HOME/bin or PATH), 1 requires it, 0 skips it.
   LCA_CUDA_ARCHS      nvcc -gencode list, default sm_80 + sm_90 machine code and compute_80 PTX.
+                      Files named *_sm90a.cu (Hopper wgmma kernels) are compiled for sm_90a
+                      alone, when nvcc knows that target (else left out, with LCA_NO_SM90A
+                      defined for the other .cu files).
   LCA_DEBUG=1         -O0 -g, for gdb.
   LCA_SANITIZE=1      AddressSanitizer + UndefinedBehaviorSanitizer (needs LD_PRELOAD of libasan).
   LCA_SANITIZE=fuzz   with CC=clang LDSHARED="clang -shared": libFuzzer coverage counters and
@@ -52,6 +55,22 @@ elif os.environ.get("LCA_SANITIZE") == "fuzz":      # clang: coverage counters, 
 
 nvcc = find_nvcc() if cuda != "0" else None
 cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+sm90a_flags = ["-gencode=arch=compute_90a,code=sm_90a"]
+
+
+def nvcc_knows_sm90a():
+    """sm_90a (wgmma) came with CUDA 12.0."""
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+        major = int(out.split("release ")[1].split(".")[0])
+    except (OSError, IndexError, ValueError):
+        return False
+    return major >= 12
+
+
+if nvcc and not nvcc_knows_sm90a():
+    cuda_sources = [s for s in cuda_sources if not s.endswith("_sm90a.cu")]
+    sm90a_flags = None
 archs = os.environ.get("LCA_CUDA_ARCHS", "-gencode=arch=compute_80,code=sm_80 "
                        "-gencode=arch=compute_90,code=sm_90 -gencode=arch=compute_80,code=compute_80")
 
@@ -76,8 +95,12 @@ class BuildExt(build_ext):
         if os.path.exists(obj) and all(os.path.getmtime(obj) >= os.path.getmtime(d) for d in deps):
             return obj
         os.makedirs(os.path.dirname(obj), exist_ok=True)
+        if src.endswith("_sm90a.cu"):
+            targets = sm90a_flags
+        else:
+            targets = archs.split() + ([] if sm90a_flags else ["-DLCA_NO_SM90A=1"])
         cmd = [nvcc, "-O3", "-std=c++17", "-Icsrc", "-Xcompiler", "-fPIC", "-Xptxas",
-               "-warn-spills", *archs.split(), "-c", src, "-o", obj]
+               "-warn-spills", *targets, "-c", src, "-o", obj]
         print(" ".join(cmd))
         subprocess.check_call(cmd)
         return obj

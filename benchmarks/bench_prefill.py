@@ -227,7 +227,8 @@ def main():
         with open(os.path.join(os.path.dirname(__file__), "RESULTS.md"), "a") as f:
             f.write(f"\n## Prefill, GPU — {datetime.date.today()}, {gpu}, commit {commit}\n\n"
                     f"Command: `python3 benchmarks/bench_prefill.py {' '.join(sys.argv[1:])}`; "
-                    f"torch {torch.__version__}. Medians of CUDA-event times, bf16. Measured "
+                    f"torch {torch.__version__}. Kernels: absorbed 576/512 attend_mla.cu, non-absorbed "
+                    f"192/128 attend_mma.cu (mma.sync). Medians of CUDA-event times, bf16. Measured "
                     f"bf16 matmul ceiling in this run: {peak:.0f} TFLOP/s (8192^3).\n\n"
                     f"{table}\n\n" + "".join(f"- {n_}\n" for n_ in notes))
 

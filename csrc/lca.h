@@ -111,6 +111,9 @@ int lca_cuda_device_count(void);
 int64_t lca_cuda_bwd_workspace(const lca_params *p);
 int lca_cuda_attention_bwd(const lca_params *p, void *workspace, int64_t workspace_bytes,
                            int device, void *stream, char *err, int errlen);
+/* The kernel the last lca_cuda_attend_fwd call launched: "mla_wgmma", "mla", "wide", "mma",
+ * "simt" ("": none). */
+const char *lca_cuda_last_attend_kernel(void);
 
 #ifdef __cplusplus
 }

@@ -594,6 +594,10 @@ static PyObject *py_cuda_decode_step(PyObject *self, PyObject *args) {
 static PyObject *py_cuda_device_count(PyObject *self, PyObject *noargs) {
     return PyLong_FromLong(lca_cuda_device_count());
 }
+
+static PyObject *py_cuda_last_attend_kernel(PyObject *self, PyObject *noargs) {
+    return PyUnicode_FromString(lca_cuda_last_attend_kernel());
+}
 #endif /* LCA_WITH_CUDA */
 
 static PyObject *py_max_threads(PyObject *self, PyObject *noargs) {
@@ -614,6 +618,8 @@ static PyMethodDef methods[] = {
      cuda_backward_workspace_doc},
     {"cuda_decode_step", py_cuda_decode_step, METH_VARARGS, cuda_decode_step_doc},
     {"cuda_device_count", py_cuda_device_count, METH_NOARGS, "CUDA devices visible (0: none)."},
+    {"cuda_last_attend_kernel", py_cuda_last_attend_kernel, METH_NOARGS,
+     "The kernel the last cuda_attend launched: 'mla_wgmma', 'mla', 'wide', 'mma' or 'simt' ('' before any)."},
 #endif
     {NULL, NULL, 0, NULL},
 };

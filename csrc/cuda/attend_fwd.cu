@@ -1,5 +1,6 @@
 /* attend_fwd.cu — SPEC §3 attention forward on the GPU: the entry point, which sends bf16/fp16
- * calls of the common head widths to the tensor-core kernel (attend_mma.cu), and the portable
+ * calls of the absorbed MLA widths and of GQA 256/256 to attend_mla.cu and of the common head widths to the
+ * tensor-core kernel attend_mma.cu, and the portable
  * path for everything else (CUDA cores, any NVIDIA GPU from sm_80): one warp per query row (b, t, head), walking its visible entries —
  * the condensed ones, then the exact window — in one online softmax.  Lane l holds columns
  * l, l+32, ... of the query and of the output accumulator; each entry costs one warp-wide dot
@@ -79,11 +80,20 @@ template <typename T> struct AttendFwd {
 
 }  // namespace lca
 
-/* LCA_CUDA_DISABLE names kernels to skip (e.g. "mma"), so tests reach every path. */
+/* LCA_CUDA_DISABLE=mma skips every tensor-core kernel, so the tests reach the portable path
+ * on the same cases. */
 static bool disabled(const char *kernel) {
     const char *off = getenv("LCA_CUDA_DISABLE");
     return off && strstr(off, kernel);
 }
+
+/* Which kernel the last lca_cuda_attend_fwd call launched ("mla_wgmma": attend_mla_sm90a.cu,
+ * "mla": attend_mla.cu on the absorbed widths, "wide": the same kernel on GQA 256/256, "mma",
+ * "simt"; "" before any): evidence for the tests that a call took the fast path, not a silent
+ * fallback. */
+static const char *last_attend_kernel = "";
+
+extern "C" const char *lca_cuda_last_attend_kernel(void) { return last_attend_kernel; }
 
 extern "C" int lca_cuda_attend_fwd(const lca_params *p, int device, void *stream, char *err,
                                    int errlen) {
@@ -101,13 +111,32 @@ extern "C" int lca_cuda_attend_fwd(const lca_params *p, int device, void *stream
     }
     DeviceGuard guard(device);
     if (guard.status != cudaSuccess) return cuda_error(guard.status, "cudaSetDevice", err, errlen);
+#ifndef LCA_NO_SM90A
+    if (lca_cuda_mla_wgmma_supported(p, device)) {   /* opt-in wgmma: attend_mla_sm90a.cu */
+        last_attend_kernel = "mla_wgmma";
+        int s = lca_cuda_attend_mla_wgmma(p, stream);
+        cudaError_t e = cudaGetLastError();
+        if (s != LCA_OK && e == cudaSuccess) e = cudaErrorInvalidValue;
+        return e == cudaSuccess ? LCA_OK
+                                : cuda_error(e, "lca_attend_mla_wgmma_kernel launch", err, errlen);
+    }
+#endif
+    if (lca_cuda_mla_supported(p, device) && !disabled("mma")) {  /* absorbed MLA, GQA 256 */
+        last_attend_kernel = p->v_in_k ? "mla" : "wide";
+        int s = lca_cuda_attend_mla(p, stream);
+        cudaError_t e = cudaGetLastError();
+        if (s != LCA_OK && e == cudaSuccess) e = cudaErrorInvalidValue;
+        return e == cudaSuccess ? LCA_OK : cuda_error(e, "lca_attend_mla_kernel launch", err, errlen);
+    }
     if (lca_cuda_mma_supported(p) && !disabled("mma")) {   /* tensor cores: attend_mma.cu */
+        last_attend_kernel = "mma";
         const int s = lca_cuda_attend_mma(p, stream);
         cudaError_t e = cudaGetLastError();
         if (s == LCA_OK && e == cudaSuccess) return LCA_OK;
         return cuda_error(e != cudaSuccess ? e : cudaErrorInvalidValue,
                           "lca_attend_mma_kernel launch", err, errlen);
     }
+    last_attend_kernel = "simt";
     int s = dispatch<AttendFwd>(p->dtype, p, (cudaStream_t)stream);
     if (s != LCA_OK) {
         snprintf(err, (size_t)errlen, "attention on CUDA: unsupported dtype");

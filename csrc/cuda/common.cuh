@@ -82,3 +82,12 @@ inline int cuda_error(cudaError_t e, const char *what, char *err, int errlen) {
 /* attend_mma.cu: the tensor-core forward and the calls it covers. */
 extern "C" int lca_cuda_mma_supported(const lca_params *p);
 extern "C" int lca_cuda_attend_mma(const lca_params *p, void *stream);
+
+/* attend_mla.cu: the tensor-core forward for the absorbed MLA widths and the calls it covers. */
+extern "C" int lca_cuda_mla_supported(const lca_params *p, int device);
+extern "C" int lca_cuda_attend_mla(const lca_params *p, void *stream);
+
+/* attend_mla_sm90a.cu (sm_90a only; absent when setup.py defines LCA_NO_SM90A): the wgmma
+ * forward for the absorbed 576/512 shape, opt-in through LCA_MLA_WGMMA=1. */
+extern "C" int lca_cuda_mla_wgmma_supported(const lca_params *p, int device);
+extern "C" int lca_cuda_attend_mla_wgmma(const lca_params *p, void *stream);

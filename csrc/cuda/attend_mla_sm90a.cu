@@ -1,0 +1,437 @@
+/* attend_mla_sm90a.cu — the absorbed MLA forward (D = 576, Dv = 512, v = k[..., :512]) on
+ * Hopper's warpgroup tensor-core instructions (wgmma, sm_90a only: setup.py compiles the
+ * *_sm90a.cu files for that target alone; attend_fwd.cu routes here only on a compute 9.0
+ * device).  Same tiling and softmax as attend_mla.cu (64 rows x 64 keys, 8 warps), with the two
+ * warpgroups taking the two halves: warpgroup `half` computes S for keys 32*half .. +31 as 36
+ * wgmma m64n32k16 (Q and K straight from shared memory, no ldmatrix through registers) and
+ * O[:, 256*half .. +255] += P V as 4 wgmma m64n256k16 (P from shared memory, V = the key tile
+ * read N-major).  The m64nN accumulator fragment of warp w of a warpgroup is the mma.sync
+ * m16n8 fragment of rows 16w .. 16w+15, so the softmax code is attend_mla.cu's.
+ *
+ * Shared memory: every tile in the canonical 128-byte-swizzled layout, 64-column blocks of
+ * rows of 128 bytes, 16-byte chunk c of row r stored at chunk c ^ (r & 7), atoms 1024-byte
+ * aligned: Q 72 KB, 2 key stages of 72 KB (cp.async), P 8 KB; 226 KB a block.
+ *
+ * Opt-in (LCA_MLA_WGMMA=1) until it has been run on the device. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "common.cuh"
+
+namespace lca {
+namespace mla90 {
+
+constexpr int kRows = 64, kKeys = 64, kThreads = 256, kD = 576, kDV = 512;
+constexpr int kTile = 64 * kD;                     /* elements of a Q or key tile */
+constexpr size_t kSmem = 2 * (size_t)(3 * kTile + kRows * kKeys) + 4 * 4 * kRows + 1024;
+
+/* element offset of 16-byte chunk c (of 8 elements) of row r in a tile of `rows` rows */
+__device__ __forceinline__ int sw(int rows, int r, int c) {
+    return (c >> 3) * (rows * 64) + r * 64 + (((c & 7) ^ (r & 7)) << 3);
+}
+
+/* wgmma shared-memory descriptor: 128-byte swizzle, byte offsets lbo and sbo */
+__device__ __forceinline__ uint64_t gdesc(const void *p, uint32_t lbo, uint32_t sbo) {
+    const uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
+    return (uint64_t)((a & 0x3FFFF) >> 4) | ((uint64_t)((lbo >> 4) & 0x3FFF) << 16) |
+           ((uint64_t)((sbo >> 4) & 0x3FFF) << 32) | (1ull << 62);
+}
+
+__device__ __forceinline__ void wg_fence() {
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void wg_commit() {
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void wg_wait0() {
+    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+}
+/* generic-proxy shared-memory writes (cp.async, st.shared) made visible to wgmma reads */
+__device__ __forceinline__ void fence_async_smem() {
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+__device__ __forceinline__ void pair_sync(int rg) {
+    asm volatile("bar.sync %0, 64;\n" ::"r"(rg + 1));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+template <typename T> __device__ __forceinline__ uint32_t pack2(float a, float b);
+template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float a, float b) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
+    return *(uint32_t *)&v;
+}
+template <> __device__ __forceinline__ uint32_t pack2<__half>(float a, float b) {
+    __half2 v = __floats2half2_rn(a, b);
+    return *(uint32_t *)&v;
+}
+
+template <int TB>
+__device__ __forceinline__ void wgmma_m64n32(float (&d)[4][4], uint64_t da, uint64_t db,
+                                             __nv_bfloat16 *) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, "
+        "%12, %13, %14, %15"
+        "}, %16, %17, p, 1, 1, 0, %19;\n}\n"
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),
+          "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
+          "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
+          "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3])
+        : "l"(da), "l"(db), "r"(1), "n"(TB));
+}
+
+template <int TB>
+__device__ __forceinline__ void wgmma_m64n32(float (&d)[4][4], uint64_t da, uint64_t db,
+                                             __half *) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, "
+        "%12, %13, %14, %15"
+        "}, %16, %17, p, 1, 1, 0, %19;\n}\n"
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),
+          "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
+          "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
+          "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3])
+        : "l"(da), "l"(db), "r"(1), "n"(TB));
+}
+
+template <int TB>
+__device__ __forceinline__ void wgmma_m64n256(float (&d)[32][4], uint64_t da, uint64_t db,
+                                             __nv_bfloat16 *) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, "
+        "%12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, "
+        "%24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, "
+        "%36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, "
+        "%60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, "
+        "%72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, "
+        "%84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
+        "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, "
+        "%108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, "
+        "%120, %121, %122, %123, %124, %125, %126, %127"
+        "}, %128, %129, p, 1, 1, 0, %131;\n}\n"
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),
+          "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
+          "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
+          "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),
+          "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),
+          "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
+          "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),
+          "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]),
+          "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]),
+          "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]),
+          "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]),
+          "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]),
+          "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]),
+          "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]),
+          "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]),
+          "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3]),
+          "+f"(d[16][0]), "+f"(d[16][1]), "+f"(d[16][2]), "+f"(d[16][3]),
+          "+f"(d[17][0]), "+f"(d[17][1]), "+f"(d[17][2]), "+f"(d[17][3]),
+          "+f"(d[18][0]), "+f"(d[18][1]), "+f"(d[18][2]), "+f"(d[18][3]),
+          "+f"(d[19][0]), "+f"(d[19][1]), "+f"(d[19][2]), "+f"(d[19][3]),
+          "+f"(d[20][0]), "+f"(d[20][1]), "+f"(d[20][2]), "+f"(d[20][3]),
+          "+f"(d[21][0]), "+f"(d[21][1]), "+f"(d[21][2]), "+f"(d[21][3]),
+          "+f"(d[22][0]), "+f"(d[22][1]), "+f"(d[22][2]), "+f"(d[22][3]),
+          "+f"(d[23][0]), "+f"(d[23][1]), "+f"(d[23][2]), "+f"(d[23][3]),
+          "+f"(d[24][0]), "+f"(d[24][1]), "+f"(d[24][2]), "+f"(d[24][3]),
+          "+f"(d[25][0]), "+f"(d[25][1]), "+f"(d[25][2]), "+f"(d[25][3]),
+          "+f"(d[26][0]), "+f"(d[26][1]), "+f"(d[26][2]), "+f"(d[26][3]),
+          "+f"(d[27][0]), "+f"(d[27][1]), "+f"(d[27][2]), "+f"(d[27][3]),
+          "+f"(d[28][0]), "+f"(d[28][1]), "+f"(d[28][2]), "+f"(d[28][3]),
+          "+f"(d[29][0]), "+f"(d[29][1]), "+f"(d[29][2]), "+f"(d[29][3]),
+          "+f"(d[30][0]), "+f"(d[30][1]), "+f"(d[30][2]), "+f"(d[30][3]),
+          "+f"(d[31][0]), "+f"(d[31][1]), "+f"(d[31][2]), "+f"(d[31][3])
+        : "l"(da), "l"(db), "r"(1), "n"(TB));
+}
+
+template <int TB>
+__device__ __forceinline__ void wgmma_m64n256(float (&d)[32][4], uint64_t da, uint64_t db,
+                                             __half *) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, "
+        "%12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, "
+        "%24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, "
+        "%36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, "
+        "%60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, "
+        "%72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, "
+        "%84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
+        "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, "
+        "%108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, "
+        "%120, %121, %122, %123, %124, %125, %126, %127"
+        "}, %128, %129, p, 1, 1, 0, %131;\n}\n"
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),
+          "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
+          "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
+          "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),
+          "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),
+          "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
+          "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),
+          "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]),
+          "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]),
+          "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]),
+          "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]),
+          "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]),
+          "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]),
+          "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]),
+          "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]),
+          "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3]),
+          "+f"(d[16][0]), "+f"(d[16][1]), "+f"(d[16][2]), "+f"(d[16][3]),
+          "+f"(d[17][0]), "+f"(d[17][1]), "+f"(d[17][2]), "+f"(d[17][3]),
+          "+f"(d[18][0]), "+f"(d[18][1]), "+f"(d[18][2]), "+f"(d[18][3]),
+          "+f"(d[19][0]), "+f"(d[19][1]), "+f"(d[19][2]), "+f"(d[19][3]),
+          "+f"(d[20][0]), "+f"(d[20][1]), "+f"(d[20][2]), "+f"(d[20][3]),
+          "+f"(d[21][0]), "+f"(d[21][1]), "+f"(d[21][2]), "+f"(d[21][3]),
+          "+f"(d[22][0]), "+f"(d[22][1]), "+f"(d[22][2]), "+f"(d[22][3]),
+          "+f"(d[23][0]), "+f"(d[23][1]), "+f"(d[23][2]), "+f"(d[23][3]),
+          "+f"(d[24][0]), "+f"(d[24][1]), "+f"(d[24][2]), "+f"(d[24][3]),
+          "+f"(d[25][0]), "+f"(d[25][1]), "+f"(d[25][2]), "+f"(d[25][3]),
+          "+f"(d[26][0]), "+f"(d[26][1]), "+f"(d[26][2]), "+f"(d[26][3]),
+          "+f"(d[27][0]), "+f"(d[27][1]), "+f"(d[27][2]), "+f"(d[27][3]),
+          "+f"(d[28][0]), "+f"(d[28][1]), "+f"(d[28][2]), "+f"(d[28][3]),
+          "+f"(d[29][0]), "+f"(d[29][1]), "+f"(d[29][2]), "+f"(d[29][3]),
+          "+f"(d[30][0]), "+f"(d[30][1]), "+f"(d[30][2]), "+f"(d[30][3]),
+          "+f"(d[31][0]), "+f"(d[31][1]), "+f"(d[31][2]), "+f"(d[31][3])
+        : "l"(da), "l"(db), "r"(1), "n"(TB));
+}
+
+/* 64 rows of width kD from a strided global view into a swizzled tile (cp.async, 16 bytes a
+ * thread); rows n .. 63 are zeroed.  src(r): row r's address. */
+template <typename T, typename F>
+__device__ __forceinline__ void load_tile(T *tile, int n, F src) {
+    constexpr int V = kD / 8;
+    for (int i = threadIdx.x; i < 64 * V; i += kThreads) {
+        const int r = i / V, c = i % V;
+        T *dst = tile + sw(64, r, c);
+        if (r < n) {
+            const uint32_t a = (uint32_t)__cvta_generic_to_shared(dst);
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(a),
+                         "l"(src(r) + 8 * c));
+        } else {
+            *(uint4 *)dst = make_uint4(0, 0, 0, 0);
+        }
+    }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1) lca_attend_mla_wgmma_kernel(lca_params p) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    constexpr int kNT = kDV / 2 / 8;                      /* 32 n-tiles of 8 output columns */
+    extern __shared__ unsigned char smem_raw[];
+    unsigned char *base = (unsigned char *)(((uintptr_t)smem_raw + 1023) & ~(uintptr_t)1023);
+    T *Qs = (T *)base;
+    T *Kst = Qs + kTile;                                  /* two stages */
+    T *Ps = Kst + 2 * kTile;                              /* 64 x 64, one 64-column block */
+    float *xmax = (float *)(Ps + kRows * kKeys);          /* [2][kRows] */
+    float *xsum = xmax + 2 * kRows;                       /* [2][kRows] */
+
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gq = lane >> 2, tq = lane & 3;
+    const int rg = warp & 3, half = warp >> 2;            /* half = warpgroup */
+    const int64_t hg = p.H / p.Hkv, b = blockIdx.z, h = blockIdx.y;
+    const int64_t nrows = p.L * hg;
+    const int64_t R0 = (int64_t)(gridDim.x - 1 - blockIdx.x) * kRows;   /* heaviest first */
+    const int64_t t_first = R0 / hg;
+    const int64_t t_last = (R0 + kRows - 1 < nrows ? R0 + kRows - 1 : nrows - 1) / hg;
+
+    load_tile<T>(Qs, (int)(nrows - R0 < kRows ? nrows - R0 : kRows), [&](int r) {
+        const int64_t R = R0 + r;
+        return row<const T>(p.q, b, R / hg, h * hg + R % hg);
+    });
+    cp_async_commit();
+
+    int64_t tr[2], Gr[2];
+    bool live[2];
+    int lr[2];
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        lr[i] = rg * 16 + gq + 8 * i;
+        const int64_t R = R0 + lr[i];
+        live[i] = R < nrows;
+        tr[i] = live[i] ? R / hg : t_last;
+        Gr[i] = num_condensed(tr[i], p.g, p.w);
+    }
+    float o[kNT][4], m[2] = {-INFINITY, -INFINITY}, l[2] = {0, 0};
+#pragma unroll
+    for (int n = 0; n < kNT; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0;
+    const float scale = (float)p.scale, bias = (float)p.rep_bias;
+    const int64_t Gmax = num_condensed(t_last, p.g, p.w);
+    const int64_t e0 = num_condensed(t_first, p.g, p.w) * p.g;
+    const int64_t ncond_blocks = (Gmax + kKeys - 1) / kKeys;
+    const int64_t nblocks = ncond_blocks + (t_last + 1 - e0 + kKeys - 1) / kKeys;  /* >= 1 */
+
+    auto block_start = [&](int64_t blk) {
+        return blk < ncond_blocks ? blk * kKeys : e0 + (blk - ncond_blocks) * kKeys;
+    };
+    auto issue = [&](int64_t blk) {
+        const bool cond = blk < ncond_blocks;
+        const int64_t key0 = block_start(blk), kend = cond ? Gmax : t_last + 1;
+        const int nk = (int)(kend - key0 < kKeys ? kend - key0 : kKeys);
+        const lca_view &kv = cond ? p.kbar : p.k;
+        load_tile<T>(Kst + (blk & 1) * kTile, nk,
+                     [&](int r) { return row<const T>(kv, b, key0 + r, h); });
+        cp_async_commit();
+    };
+    issue(0);
+
+    for (int64_t blk = 0; blk < nblocks; blk++) {
+        const bool cond = blk < ncond_blocks;
+        const int64_t key0 = block_start(blk);
+        if (blk + 1 < nblocks) {
+            issue(blk + 1);
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        fence_async_smem();
+        __syncthreads();
+        const T *Ks = Kst + (blk & 1) * kTile;
+
+        /* S = Q K^T for keys 32*half .. +31: 36 x m64n32k16, K-major A and B */
+        float s[4][4];
+#pragma unroll
+        for (int n = 0; n < 4; n++) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0;
+        wg_fence();
+#pragma unroll
+        for (int ks = 0; ks < kD / 16; ks++) {
+            const int cb = ks >> 2, kin = (ks & 3) * 16;  /* 64-column block, offset in it */
+            const uint64_t da = gdesc(Qs + cb * 64 * 64 + kin, 16, 1024);
+            const uint64_t db = gdesc(Ks + cb * 64 * 64 + half * 32 * 64 + kin, 16, 1024);
+            wgmma_m64n32<0>(s, da, db, (T *)nullptr);
+        }
+        wg_commit();
+        wg_wait0();
+
+        float bmax[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            const int64_t lo = cond ? 0 : Gr[i] * p.g, hi = cond ? Gr[i] : tr[i] + 1;
+#pragma unroll
+            for (int n = 0; n < 4; n++)
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    const int64_t key = key0 + half * 32 + n * 8 + 2 * tq + e;
+                    float &x = s[n][2 * i + e];
+                    x = (live[i] && key >= lo && key < hi) ? x * scale + (cond ? bias : 0.0f)
+                                                           : -INFINITY;
+                    bmax[i] = fmaxf(bmax[i], x);
+                }
+            bmax[i] = fmaxf(bmax[i], __shfl_xor_sync(0xffffffffu, bmax[i], 1));
+            bmax[i] = fmaxf(bmax[i], __shfl_xor_sync(0xffffffffu, bmax[i], 2));
+            if (tq == 0) xmax[half * kRows + lr[i]] = bmax[i];
+        }
+        pair_sync(rg);
+
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            const float mnew = fmaxf(m[i], fmaxf(bmax[i], xmax[(1 - half) * kRows + lr[i]]));
+            const float base_m = mnew == -INFINITY ? 0.0f : mnew;
+            const float corr = __expf(m[i] - base_m);
+            m[i] = mnew;
+            l[i] *= corr;
+#pragma unroll
+            for (int n = 0; n < kNT; n++) o[n][2 * i] *= corr, o[n][2 * i + 1] *= corr;
+#pragma unroll
+            for (int n = 0; n < 4; n++) {
+                const float p0 = __expf(s[n][2 * i] - base_m);
+                const float p1 = __expf(s[n][2 * i + 1] - base_m);
+                l[i] += p0 + p1;
+                const int kc = half * 32 + n * 8 + 2 * tq;          /* key column in P */
+                *(uint32_t *)(Ps + sw(kRows, lr[i], kc >> 3) + (kc & 7)) = pack2<T>(p0, p1);
+            }
+        }
+        fence_async_smem();
+        __syncthreads();                                  /* P complete: all 64 rows */
+
+        /* O[:, 256*half ..] += P V: 4 x m64n256k16, P K-major, V N-major (transposed B):
+           LBO = the next 64 output columns (8 KB on), SBO = the next 8 keys (1 KB on) */
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < kKeys / 16; kk++) {
+            const uint64_t da = gdesc(Ps + kk * 16, 16, 1024);
+            const uint64_t db = gdesc(Ks + (4 * half) * 64 * 64 + kk * 16 * 64, 64 * 64 * 2, 1024);
+            wgmma_m64n256<1>(o, da, db, (T *)nullptr);
+        }
+        wg_commit();
+        wg_wait0();
+        __syncthreads();                                  /* stage and P may be refilled */
+    }
+
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
+        l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
+        if (tq == 0) xsum[half * kRows + lr[i]] = l[i];
+    }
+    pair_sync(rg);
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        if (!live[i]) continue;
+        const float lt = l[i] + xsum[(1 - half) * kRows + lr[i]];
+        const int64_t R = R0 + lr[i], hq = h * hg + R % hg;
+        T *dst = row<T>(p.out, b, tr[i], hq) + half * (kDV / 2);
+        const float inv = 1.0f / lt;
+#pragma unroll
+        for (int n = 0; n < kNT; n++)
+            *(uint32_t *)(dst + n * 8 + 2 * tq) =
+                pack2<T>(o[n][2 * i] * inv, o[n][2 * i + 1] * inv);
+        if (half == 0 && tq == 0)
+            ((float *)p.lse.p)[b * p.lse.sb + hq * p.lse.st + tr[i]] = m[i] + logf(lt);
+    }
+#endif
+}
+
+template <typename T> int launch(const lca_params *p, cudaStream_t stream) {
+    auto kernel = lca_attend_mla_wgmma_kernel<T>;
+    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         (int)kSmem);
+    if (e != cudaSuccess) return LCA_ERR_CUDA;
+    const int64_t nrows = p->L * (p->H / p->Hkv);
+    const dim3 grid((unsigned)((nrows + kRows - 1) / kRows), (unsigned)p->Hkv, (unsigned)p->B);
+    kernel<<<grid, kThreads, kSmem, stream>>>(*p);
+    return LCA_OK;
+}
+
+}  // namespace mla90
+}  // namespace lca
+
+/* Whether the wgmma kernel covers this call: opted in (LCA_MLA_WGMMA=1), bf16/fp16, D = 576,
+ * Dv = 512 with v = k[..., :512], 16-byte aligned rows, a compute 9.0 device with the shared
+ * memory. */
+extern "C" int lca_cuda_mla_wgmma_supported(const lca_params *p, int device) {
+    using namespace lca::mla90;
+    const char *opt = getenv("LCA_MLA_WGMMA");
+    if (!opt || strcmp(opt, "1") != 0) return 0;
+    if (p->dtype != LCA_BF16 && p->dtype != LCA_F16) return 0;
+    if (!p->v_in_k || p->D != kD || p->Dv != kDV) return 0;
+    const lca_view *vs[] = {&p->q, &p->k, &p->v, &p->kbar, &p->vbar, &p->out};
+    for (const lca_view *v : vs)
+        if ((uintptr_t)v->p % 16 || v->sb % 8 || v->st % 8 || v->sh % 8) return 0;
+    int major = 0, minor = 0, optin = 0;
+    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) !=
+            cudaSuccess) {
+        cudaGetLastError();
+        return 0;
+    }
+    if (major != 9 || minor != 0 || (size_t)optin < kSmem) return 0;
+    return (p->L * (p->H / p->Hkv) + kRows - 1) / kRows <= 2147483647 && p->Hkv <= 65535 &&
+           p->B <= 65535;
+}
+
+extern "C" int lca_cuda_attend_mla_wgmma(const lca_params *p, void *stream) {
+    using namespace lca::mla90;
+    cudaStream_t s = (cudaStream_t)stream;
+    return p->dtype == LCA_BF16 ? launch<__nv_bfloat16>(p, s) : launch<__half>(p, s);
+}
