@@ -14,6 +14,7 @@ Switches (environment):
                       undefined behaviour as a trap; loads only once atheris' libFuzzer runs
                       (tests/fuzz/fuzz_lca.py, .ci/fuzz.sh).
 """
+import concurrent.futures
 import glob
 import os
 import shutil
@@ -81,7 +82,10 @@ class BuildExt(build_ext):
     def build_extensions(self):
         if nvcc and cuda_sources:
             home = os.path.dirname(os.path.dirname(nvcc))
-            objects = [self.nvcc_compile(src) for src in cuda_sources]
+            # the .cu files are independent: compile them side by side
+            workers = min(len(cuda_sources), os.cpu_count() or 1)
+            with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+                objects = list(pool.map(self.nvcc_compile, cuda_sources))
             for e in self.extensions:
                 e.extra_objects += objects
                 e.define_macros.append(("LCA_WITH_CUDA", "1"))

@@ -17,7 +17,7 @@ and every TFLOP/s figure is also given as a share of it.  Appends the table to
 benchmarks/RESULTS.md.
 
     python3 benchmarks/bench_prefill.py [--lengths 8192 32768] [--reps 5] [--backward]
-                                        [--no-flex] [--no-append]
+                                        [--no-flex | --flex-lengths L..] [--no-append]
 """
 import argparse
 import datetime
@@ -127,6 +127,8 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--backward", action="store_true", help="forward+backward rows too")
     ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--flex-lengths", type=int, nargs="+", default=None,
+                    help="run FlexAttention only at these lengths (each length compiles anew)")
     ap.add_argument("--no-append", action="store_true")
     a = ap.parse_args()
     assert lca.HAS_CUDA, "needs a CUDA device"
@@ -152,7 +154,8 @@ def main():
         del q, c, r
         t_non = median_ms(lambda: lca.gqa_attention(qn, kn, vn), a.reps)
         t_flex = float("nan")
-        if not a.no_flex:
+        use_flex = not a.no_flex and (a.flex_lengths is None or L in a.flex_lengths)
+        if use_flex:
             flex, flex_keys, flex_attend = flex_lca(L)
             kk, vv = flex_keys(qn, kn, vn)
             # the attention alone (condensation and key concatenation not timed: the peer's
@@ -185,7 +188,7 @@ def main():
                 notes.append(f"LCA forward+backward not run: {e}")
             leaves = [x.detach().requires_grad_() for x in (qn, kn, vn)]
             t_flex_fb = float("nan")
-            if not a.no_flex:
+            if use_flex:
                 t_flex_fb = median_ms(lambda: flex(*leaves).backward(dout), a.reps, warmup=2)
             lt = [x.transpose(1, 2) for x in leaves]
             with cudnn():

@@ -1,24 +1,37 @@
 #!/usr/bin/env bash
-# One device call: build lca there (its Python differs from ours), run the tests given by
-# LCA_TESTS (default: the whole suite, GPU tests included) and the GPU benchmarks.  Logs and
-# RESULTS.md go to $OUT.
-#   run on the device:  [LCA_TESTS="tests/test_cuda.py"] [LCA_BENCH="prefill decode"] \
-#                       bash benchmarks/gpu_check.sh [bench_prefill args...]
+# One device call: build lca there (its Python differs from ours), then stages in priority
+# order, each under its own time limit, each logging to $OUT/<stage>.log (at most 8 files come
+# back).  Benchmarks append to benchmarks/RESULTS.md, copied to $OUT at the end.
+#   bash benchmarks/gpu_check.sh [stage ...]     stages: tests prefill decode flex wgmma
+#   LCA_TESTS="tests/..."  the test files (default: the whole suite)
 set -uo pipefail
 OUT=${OUT:-/tmp/lca-out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 LCA_CUDA=1
-nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
+export PYTHONUNBUFFERED=1 LCA_CUDA=1 LCA_COMMIT=${LCA_COMMIT:-unknown}
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader
 t0=$(date +%s)
 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
-echo "build: $(( $(date +%s) - t0 )) s"
-grep -E "spill|error" "$OUT/build.log" | sort | uniq -c | head
+echo "build: $(( $(date +%s) - t0 )) s"; grep -c "spill" "$OUT/build.log"
 python3 -c "import lca; print('HAS_CUDA', lca.HAS_CUDA)"
-python3 -m pytest -q -p no:cacheprovider ${LCA_TESTS:-tests} 2>&1 | tee "$OUT/tests.log" | tail -15
-for b in ${LCA_BENCH:-prefill}; do
-  if [ "$b" = prefill ]; then
-    LCA_COMMIT=${LCA_COMMIT:-unknown} python3 benchmarks/bench_prefill.py "$@" 2>&1 | tee "$OUT/bench_prefill.log"
-  else
-    LCA_COMMIT=${LCA_COMMIT:-unknown} python3 benchmarks/bench_$b.py 2>&1 | tee "$OUT/bench_$b.log"
-  fi
+
+stage() {   # name, seconds, command...
+  local name=$1 secs=$2; shift 2
+  local s=$(date +%s)
+  timeout "$secs" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "== $name: rc=$rc, $(( $(date +%s) - s )) s"
+  grep -vE "Warning|warn\(|^\s*$" "$OUT/$name.log" | tail -n 25
+}
+for st in "${@:-tests prefill}"; do
+  case $st in
+    tests)   stage tests 200 python3 -m pytest -q -p no:cacheprovider ${LCA_TESTS:-tests} ;;
+    prefill) stage prefill 120 python3 benchmarks/bench_prefill.py --lengths 8192 32768 131072 \
+               --reps 3 --backward --no-flex ;;
+    decode)  stage decode 90 python3 benchmarks/bench_decode.py --reps 20 ;;
+    flex)    stage flex 150 python3 benchmarks/bench_prefill.py --lengths 131072 --reps 3 \
+               --backward ;;
+    wgmma)   stage wgmma 60 env LCA_MLA_WGMMA=1 sh -c "python3 -m pytest -q -p no:cacheprovider \
+               tests/test_cuda_mla.py -k wgmma && python3 benchmarks/bench_mla.py --lengths 32768 \
+               131072 --reps 3" ;;
+  esac
 done
 cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
