@@ -7,8 +7,9 @@ lca.attention (condensation included): CUDA-event medians, ms and TFLOP/s on the
     python3 benchmarks/bench_mla.py [--lengths 8192 32768] [--heads 16] [--dc 512 --dr 64]
                                     [--dtype bfloat16] [--reps 5]
 
-With LCA_MLA_WGMMA=1 in the environment the 576/512 shape runs the opt-in Hopper wgmma kernel
-(attend_mla_sm90a.cu) on a compute 9.0 device; the "kernel" column says which one ran.
+On a compute 9.0 device the 576/512 shape runs the Hopper wgmma kernel (attend_mla_sm90a.cu);
+LCA_CUDA_DISABLE=wgmma runs the mma.sync kernel (attend_mla.cu); the "kernel" column says which
+one ran.
 """
 import argparse
 import os

@@ -2,7 +2,7 @@
 # One device call: build lca there (its Python differs from ours), then stages in priority
 # order, each under its own time limit, each logging to $OUT/<stage>.log (at most 8 files come
 # back).  Benchmarks append to benchmarks/RESULTS.md, copied to $OUT at the end.
-#   bash benchmarks/gpu_check.sh [stage ...]     stages: tests prefill decode flex wgmma
+#   bash benchmarks/gpu_check.sh [stage ...]     stages: tests prefill decode flex mla
 #   LCA_TESTS="tests/..."  the test files (default: the whole suite)
 set -uo pipefail
 OUT=${OUT:-/tmp/lca-out}; mkdir -p "$OUT"
@@ -29,9 +29,7 @@ for st in "${@:-tests prefill}"; do
     decode)  stage decode 90 python3 benchmarks/bench_decode.py --reps 20 ;;
     flex)    stage flex 150 python3 benchmarks/bench_prefill.py --lengths 131072 --reps 3 \
                --backward ;;
-    wgmma)   stage wgmma 60 env LCA_MLA_WGMMA=1 sh -c "python3 -m pytest -q -p no:cacheprovider \
-               tests/test_cuda_mla.py -k wgmma && python3 benchmarks/bench_mla.py --lengths 32768 \
-               131072 --reps 3" ;;
+    mla)     stage mla 60 python3 benchmarks/bench_mla.py --lengths 32768 131072 --reps 3 ;;
   esac
 done
 cp benchmarks/RESULTS.md "$OUT/RESULTS.md"

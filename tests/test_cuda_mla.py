@@ -20,6 +20,9 @@ if lca.HAS_CUDA:
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
     monkeypatch.setenv("LCA_POISON_OUTPUTS", "1")
+    # the mma.sync kernel (attend_mla.cu) here; on compute 9.0 the default for 576/512 is the
+    # wgmma kernel, tested by test_mla_wgmma_forward (and through tests/test_cuda.py)
+    monkeypatch.setenv("LCA_CUDA_DISABLE", "wgmma")
 
 
 def rel(a, b):
@@ -133,9 +136,9 @@ WGMMA_CASES = [c for c in CASES if c[3] == 512]
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("case", WGMMA_CASES, ids=lambda c: "-".join(map(str, c)))
 def test_mla_wgmma_forward(case, dtype, monkeypatch):
-    """The opt-in Hopper kernel (attend_mla_sm90a.cu, LCA_MLA_WGMMA=1) on a compute 9.0 device:
-    the same checks; elsewhere the opt-in must fall back to the mma.sync kernel."""
-    monkeypatch.setenv("LCA_MLA_WGMMA", "1")
+    """The Hopper kernel (attend_mla_sm90a.cu), the default for 576/512 on a compute 9.0 device:
+    the same checks; elsewhere the call must take the mma.sync kernel."""
+    monkeypatch.delenv("LCA_CUDA_DISABLE", raising=False)
     B, L, H, Dc, Dr, g, w, n, score, bias = case
     gen = torch.Generator(device="cuda").manual_seed(hash((case, dtype, "wgmma")) % 2**31)
     q, c, r = rand(gen, (B, L, H, Dc + Dr), dtype), rand(gen, (B, L, Dc), dtype), \

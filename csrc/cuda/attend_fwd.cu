@@ -80,8 +80,8 @@ template <typename T> struct AttendFwd {
 
 }  // namespace lca
 
-/* LCA_CUDA_DISABLE=mma skips every tensor-core kernel, so the tests reach the portable path
- * on the same cases. */
+/* LCA_CUDA_DISABLE names kernels to skip, so the tests reach every path on the same cases:
+ * "wgmma" the Hopper kernels, "mma" every tensor-core kernel. */
 static bool disabled(const char *kernel) {
     const char *off = getenv("LCA_CUDA_DISABLE");
     return off && strstr(off, kernel);
@@ -112,7 +112,8 @@ extern "C" int lca_cuda_attend_fwd(const lca_params *p, int device, void *stream
     DeviceGuard guard(device);
     if (guard.status != cudaSuccess) return cuda_error(guard.status, "cudaSetDevice", err, errlen);
 #ifndef LCA_NO_SM90A
-    if (lca_cuda_mla_wgmma_supported(p, device)) {   /* opt-in wgmma: attend_mla_sm90a.cu */
+    if (!disabled("wgmma") && !disabled("mma") &&
+        lca_cuda_mla_wgmma_supported(p, device)) {   /* Hopper: attend_mla_sm90a.cu */
         last_attend_kernel = "mla_wgmma";
         int s = lca_cuda_attend_mla_wgmma(p, stream);
         cudaError_t e = cudaGetLastError();

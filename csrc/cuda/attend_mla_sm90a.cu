@@ -12,7 +12,8 @@
  * rows of 128 bytes, 16-byte chunk c of row r stored at chunk c ^ (r & 7), atoms 1024-byte
  * aligned: Q 72 KB, 2 key stages of 72 KB (cp.async), P 8 KB; 226 KB a block.
  *
- * Opt-in (LCA_MLA_WGMMA=1) until it has been run on the device. */
+ * The default for this shape on a compute 9.0 device (LCA_CUDA_DISABLE=wgmma runs the mma.sync
+ * kernel attend_mla.cu instead). */
 #include <stdlib.h>
 #include <string.h>
 
@@ -405,13 +406,11 @@ template <typename T> int launch(const lca_params *p, cudaStream_t stream) {
 }  // namespace mla90
 }  // namespace lca
 
-/* Whether the wgmma kernel covers this call: opted in (LCA_MLA_WGMMA=1), bf16/fp16, D = 576,
+/* Whether the wgmma kernel covers this call: bf16/fp16, D = 576,
  * Dv = 512 with v = k[..., :512], 16-byte aligned rows, a compute 9.0 device with the shared
  * memory. */
 extern "C" int lca_cuda_mla_wgmma_supported(const lca_params *p, int device) {
     using namespace lca::mla90;
-    const char *opt = getenv("LCA_MLA_WGMMA");
-    if (!opt || strcmp(opt, "1") != 0) return 0;
     if (p->dtype != LCA_BF16 && p->dtype != LCA_F16) return 0;
     if (!p->v_in_k || p->D != kD || p->Dv != kDV) return 0;
     const lca_view *vs[] = {&p->q, &p->k, &p->v, &p->kbar, &p->vbar, &p->out};

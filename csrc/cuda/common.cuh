@@ -88,6 +88,6 @@ extern "C" int lca_cuda_mla_supported(const lca_params *p, int device);
 extern "C" int lca_cuda_attend_mla(const lca_params *p, void *stream);
 
 /* attend_mla_sm90a.cu (sm_90a only; absent when setup.py defines LCA_NO_SM90A): the wgmma
- * forward for the absorbed 576/512 shape, opt-in through LCA_MLA_WGMMA=1. */
+ * forward for the absorbed 576/512 shape, the default there on compute 9.0. */
 extern "C" int lca_cuda_mla_wgmma_supported(const lca_params *p, int device);
 extern "C" int lca_cuda_attend_mla_wgmma(const lca_params *p, void *stream);
