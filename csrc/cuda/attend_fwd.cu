@@ -83,8 +83,11 @@ template <typename T> struct AttendFwd {
 /* LCA_CUDA_DISABLE names kernels to skip, so the tests reach every path on the same cases:
  * "wgmma" the Hopper kernels, "mma" every tensor-core kernel. */
 static bool disabled(const char *kernel) {
-    const char *off = getenv("LCA_CUDA_DISABLE");
-    return off && strstr(off, kernel);
+    const char *off = getenv("LCA_CUDA_DISABLE");    /* comma-separated names, matched whole */
+    const size_t n = strlen(kernel);
+    for (const char *t = off; t && *t; t = strchr(t, ',') ? strchr(t, ',') + 1 : NULL)
+        if (strncmp(t, kernel, n) == 0 && (t[n] == ',' || t[n] == '\0')) return true;
+    return false;
 }
 
 /* Which kernel the last lca_cuda_attend_fwd call launched ("mla_wgmma": attend_mla_sm90a.cu,
