@@ -136,7 +136,7 @@ def main():
     torch.manual_seed(0)
     peak = matmul_peak(a.reps)
     print(f"measured bf16 matmul ceiling (8192^3): {peak:.0f} TFLOP/s", flush=True)
-    fwd_rows, bwd_rows, notes = [], [], []
+    fwd_rows, bwd_rows, notes, kernels = [], [], [], {}
     for L in a.lengths:
         pairs = attended_pairs(L) * H
         dense_pairs = L * (L + 1) / 2 * H
@@ -150,9 +150,11 @@ def main():
         vn = torch.randn(1, L, H, DV, device=dev, dtype=bf)
 
         t_abs = median_ms(lambda: lca.attention(q, c, r), a.reps)
+        kernels["absorbed"] = lca._C.cuda_last_attend_kernel()
         t_cond = median_ms(lambda: lca.condense(q, c, r), a.reps)
         del q, c, r
         t_non = median_ms(lambda: lca.gqa_attention(qn, kn, vn), a.reps)
+        kernels["non-absorbed"] = lca._C.cuda_last_attend_kernel()
         t_flex = float("nan")
         use_flex = not a.no_flex and (a.flex_lengths is None or L in a.flex_lengths)
         if use_flex:
@@ -221,17 +223,20 @@ def main():
     for n_ in notes:
         print(n_)
     if not a.no_append:
-        try:
-            commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"],
-                                             text=True, stderr=subprocess.DEVNULL).strip()
-        except Exception:  # noqa: BLE001 - the device copy has no git metadata
-            commit = os.environ.get("LCA_COMMIT", "unknown")
+        commit = os.environ.get("LCA_COMMIT")    # the device copy's .git may be stale
+        if not commit:
+            try:
+                commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"],
+                                                 text=True, stderr=subprocess.DEVNULL).strip()
+            except Exception:  # noqa: BLE001 - no git metadata
+                commit = "unknown"
         gpu = torch.cuda.get_device_name()
         with open(os.path.join(os.path.dirname(__file__), "RESULTS.md"), "a") as f:
             f.write(f"\n## Prefill, GPU — {datetime.date.today()}, {gpu}, commit {commit}\n\n"
                     f"Command: `python3 benchmarks/bench_prefill.py {' '.join(sys.argv[1:])}`; "
-                    f"torch {torch.__version__}. Kernels: absorbed 576/512 attend_mla.cu, non-absorbed "
-                    f"192/128 attend_mma.cu (mma.sync). Medians of CUDA-event times, bf16. Measured "
+                    f"torch {torch.__version__}. Forward kernels (lca._C.cuda_last_attend_kernel): "
+                    f"absorbed {kernels.get('absorbed')}, non-absorbed "
+                    f"{kernels.get('non-absorbed')}. Medians of CUDA-event times, bf16. Measured "
                     f"bf16 matmul ceiling in this run: {peak:.0f} TFLOP/s (8192^3).\n\n"
                     f"{table}\n\n" + "".join(f"- {n_}\n" for n_ in notes))
 
