@@ -4,7 +4,6 @@ Every output is compared with the CPU engine in float64 on the same (rounded) in
 are poisoned with NaN before each launch (LCA_POISON_OUTPUTS) so an unwritten element fails.
 SPEC §8: float32 within 1e-5; bf16 and fp16 at most twice the error of the same computation in
 plain PyTorch at that precision (tests/torch_lca.py)."""
-import os
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ pytestmark = pytest.mark.skipif(not lca.HAS_CUDA, reason="needs a CUDA device")
 torch = pytest.importorskip("torch") if lca.HAS_CUDA else None
 
 if lca.HAS_CUDA:
-    from torch_lca import gqa_lca, mla_lca   # noqa: E402  (tests/ is on sys.path under pytest)
+    from torch_lca import gqa_lca, mla_lca, rand, rel, to_np  # noqa: E402  (tests/ on sys.path)
 
 DTYPES = ["float32", "bfloat16", "float16"]
 
@@ -23,20 +22,6 @@ DTYPES = ["float32", "bfloat16", "float16"]
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
     monkeypatch.setenv("LCA_POISON_OUTPUTS", "1")
-
-
-def rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300)
-
-
-def to_np(x):
-    return x.detach().double().cpu().numpy()
-
-
-def rand(gen, shape, dtype):
-    return torch.randn(shape, generator=gen, dtype=torch.float32, device="cuda").to(
-        getattr(torch, dtype))
 
 
 def check(got, ref64, naive, dtype, what):

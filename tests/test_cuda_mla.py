@@ -4,7 +4,6 @@ inputs with the SPEC §8 rule (at most twice the error of the same computation i
 at that precision, tests/torch_lca.py).  Outputs are NaN-poisoned before launch.  Each test
 also checks, through _C.cuda_last_attend_kernel(), that the call ran the tensor-core kernel and
 not the SIMT fallback (which would give the same answers, slowly)."""
-import numpy as np
 import pytest
 
 import lca
@@ -14,7 +13,7 @@ torch = pytest.importorskip("torch") if lca.HAS_CUDA else None
 
 if lca.HAS_CUDA:
     from lca import _C                       # noqa: E402
-    from torch_lca import mla_lca            # noqa: E402  (tests/ is on sys.path under pytest)
+    from torch_lca import mla_lca, rand, rel, to_np  # noqa: E402  (tests/ is on sys.path)
 
 
 @pytest.fixture(autouse=True)
@@ -23,20 +22,6 @@ def poison(monkeypatch):
     # the mma.sync kernel (attend_mla.cu) here; on compute 9.0 the default for 576/512 is the
     # wgmma kernel, tested by test_mla_wgmma_forward (and through tests/test_cuda.py)
     monkeypatch.setenv("LCA_CUDA_DISABLE", "wgmma")
-
-
-def rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300)
-
-
-def to_np(x):
-    return x.detach().double().cpu().numpy()
-
-
-def rand(gen, shape, dtype):
-    return torch.randn(shape, generator=gen, dtype=torch.float32, device="cuda").to(
-        getattr(torch, dtype))
 
 
 CASES = [  # B, L, H, Dc, Dr, g, w, n, score, rep_bias

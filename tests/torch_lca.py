@@ -2,6 +2,7 @@
 for small sizes only.  Run in bf16/fp16 it is the "same computation done in plain PyTorch at that
 precision" against which SPEC §8 bounds the CUDA kernels' error; run in float64 it is a second
 reference.  Imported by the GPU tests only (torch is needed)."""
+import numpy as np
 import torch
 
 
@@ -51,3 +52,21 @@ def mla_lca(q, latent, kpos, *, score="full", **kw):
     k = torch.cat([latent, kpos], dim=-1)[:, :, None]
     return gqa_lca(q, k, latent[:, :, None], d_pool=Dc,
                    d_score=q.shape[-1] if score == "full" else Dc, **kw)
+
+
+# helpers of the GPU tests
+
+def rel(a, b):
+    """Relative Frobenius error ||a - b|| / ||b|| in float64 (SPEC §8)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300)
+
+
+def to_np(x):
+    return x.detach().double().cpu().numpy()
+
+
+def rand(gen, shape, dtype):
+    """Standard normal on the GPU, drawn in float32 and rounded to dtype (a name)."""
+    return torch.randn(shape, generator=gen, dtype=torch.float32, device="cuda").to(
+        getattr(torch, dtype))

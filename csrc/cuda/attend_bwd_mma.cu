@@ -17,6 +17,7 @@
  * Each output row belongs to one warp of one block and is summed in row order: deterministic.
  * dq is written whole; dk/dv are per key, so no atomics.  Not yet: wgmma, TMA. */
 #include "bwd.cuh"
+#include "mma.cuh"
 
 namespace lca {
 namespace bwdmma {
@@ -24,56 +25,6 @@ namespace bwdmma {
 constexpr int kPad = 8;
 constexpr float kLog2e = 1.4426950408889634f;
 
-template <typename T> __device__ __forceinline__ uint32_t pack2(float a, float b);
-template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float a, float b) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
-    return *(uint32_t *)&v;
-}
-template <> __device__ __forceinline__ uint32_t pack2<__half>(float a, float b) {
-    __half2 v = __floats2half2_rn(a, b);
-    return *(uint32_t *)&v;
-}
-
-template <typename T>
-__device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
-                                    uint32_t b1);
-template <>
-__device__ __forceinline__ void mma<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4],
-                                                   uint32_t b0, uint32_t b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, "
-                 "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-template <>
-__device__ __forceinline__ void mma<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
-                                            uint32_t b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, "
-                 "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ void ldsm4(uint32_t (&r)[4], const void *p) {
-    const uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(a));
-}
-__device__ __forceinline__ void ldsm4t(uint32_t (&r)[4], const void *p) {
-    const uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(a));
-}
-__device__ __forceinline__ void cp16(void *dst, const void *src) {
-    const uint32_t a = (uint32_t)__cvta_generic_to_shared(dst);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(a), "l"(src));
-}
-__device__ __forceinline__ void commit() { asm volatile("cp.async.commit_group;\n"); }
-template <int N> __device__ __forceinline__ void wait_groups() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
 
 /* Row R of the flattened (position, head-in-group) space -> position t, query head index within
  * the group; 32-bit (the launcher checks L * hg < 2^31), no division when hg = 1. */
@@ -95,7 +46,7 @@ __device__ __forceinline__ void load_rows(T *tile, int n, F src) {
     for (int i = threadIdx.x; i < ROWS * V; i += NT) {
         const int r = i / V, c = (i % V) * 8;
         T *dst = tile + r * (W + kPad) + c;
-        if (r < n && ASYNC) cp16(dst, src(r) + c);
+        if (r < n && ASYNC) cp_async16(dst, src(r) + c);
         else *(uint4 *)dst = r < n ? *(const uint4 *)(src(r) + c) : make_uint4(0, 0, 0, 0);
     }
 }
@@ -103,17 +54,17 @@ __device__ __forceinline__ void load_rows(T *tile, int n, F src) {
 /* A fragment (16 x 16 at row m0, column k0) of a row-major [m][k] tile. */
 template <typename T, int LD>
 __device__ __forceinline__ void frag_a(uint32_t (&a)[4], const T *tile, int m0, int k0, int lane) {
-    ldsm4(a, tile + (m0 + (lane & 15)) * LD + k0 + (lane >> 4) * 8);
+    ldmatrix_x4(a, tile + (m0 + (lane & 15)) * LD + k0 + (lane >> 4) * 8);
 }
 /* B fragments of n-tiles n0 and n0 + 8 (k0 .. k0+15) from a row-major [n][k] tile. */
 template <typename T, int LD>
 __device__ __forceinline__ void frag_b(uint32_t (&b)[4], const T *tile, int n0, int k0, int lane) {
-    ldsm4(b, tile + (n0 + (lane & 7) + ((lane >> 4) << 3)) * LD + k0 + ((lane >> 3) & 1) * 8);
+    ldmatrix_x4(b, tile + (n0 + (lane & 7) + ((lane >> 4) << 3)) * LD + k0 + ((lane >> 3) & 1) * 8);
 }
 /* B fragments of n-tiles n0 and n0 + 8 (k0 .. k0+15) from a row-major [k][n] tile. */
 template <typename T, int LD>
 __device__ __forceinline__ void frag_bt(uint32_t (&b)[4], const T *tile, int n0, int k0, int lane) {
-    ldsm4t(b, tile + (k0 + (lane & 15)) * LD + n0 + (lane >> 4) * 8);
+    ldmatrix_x4_trans(b, tile + (k0 + (lane & 15)) * LD + n0 + (lane >> 4) * 8);
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -147,7 +98,7 @@ __global__ void __launch_bounds__(32 * kQWarps, 1) dq_kernel(lca_params p, BwdWo
         const int64_t R = R0 + r;
         return row<const T>(p.dout, b, R / hg, h * hg + R % hg);
     });
-    commit();
+    cp_async_commit();
 
     int64_t tr[2], Gr[2];
     bool live[2];
@@ -182,7 +133,7 @@ __global__ void __launch_bounds__(32 * kQWarps, 1) dq_kernel(lca_params p, BwdWo
         const lca_view &kv = cond ? p.kbar : p.k, &vv = cond ? p.vbar : p.v;
         load_rows<T, kQKeys, D, NT, true>(Ks, nk, [&](int r) { return row<const T>(kv, b, key0 + r, h); });
         load_rows<T, kQKeys, DV, NT, true>(Vs, nk, [&](int r) { return row<const T>(vv, b, key0 + r, h); });
-        commit();
+        cp_async_commit();
     };
     if (nblocks > 0) issue(0);
 
@@ -191,9 +142,9 @@ __global__ void __launch_bounds__(32 * kQWarps, 1) dq_kernel(lca_params p, BwdWo
         const int64_t key0 = block_start(blk);
         if (blk + 1 < nblocks) {
             issue(blk + 1);
-            wait_groups<1>();
+            cp_async_wait<1>();
         } else {
-            wait_groups<0>();
+            cp_async_wait<0>();
         }
         __syncthreads();
         const T *Ks = stages + (blk & 1) * kStage, *Vs = Ks + kQKeys * LDQ;
@@ -211,8 +162,8 @@ __global__ void __launch_bounds__(32 * kQWarps, 1) dq_kernel(lca_params p, BwdWo
             for (int n = 0; n < kQKeys / 8; n += 2) {
                 uint32_t bb[4];
                 frag_b<T, LDQ>(bb, Ks, n * 8, ks * 16, lane);
-                mma<T>(s[n], a, bb[0], bb[1]);
-                mma<T>(s[n + 1], a, bb[2], bb[3]);
+                mma16816<T>(s[n], a, bb[0], bb[1]);
+                mma16816<T>(s[n + 1], a, bb[2], bb[3]);
             }
         }
 #pragma unroll
@@ -223,8 +174,8 @@ __global__ void __launch_bounds__(32 * kQWarps, 1) dq_kernel(lca_params p, BwdWo
             for (int n = 0; n < kQKeys / 8; n += 2) {
                 uint32_t bb[4];
                 frag_b<T, LDV>(bb, Vs, n * 8, ks * 16, lane);
-                mma<T>(dp[n], a, bb[0], bb[1]);
-                mma<T>(dp[n + 1], a, bb[2], bb[3]);
+                mma16816<T>(dp[n], a, bb[0], bb[1]);
+                mma16816<T>(dp[n + 1], a, bb[2], bb[3]);
             }
         }
 #pragma unroll
@@ -253,13 +204,13 @@ __global__ void __launch_bounds__(32 * kQWarps, 1) dq_kernel(lca_params p, BwdWo
             for (int n = 0; n < D / 8; n += 2) {
                 uint32_t bb[4];
                 frag_bt<T, LDQ>(bb, Ks, n * 8, kk * 16, lane);
-                mma<T>(acc[n], a, bb[0], bb[1]);
-                mma<T>(acc[n + 1], a, bb[2], bb[3]);
+                mma16816<T>(acc[n], a, bb[0], bb[1]);
+                mma16816<T>(acc[n + 1], a, bb[2], bb[3]);
             }
         }
         __syncthreads();                                            /* stage may be refilled */
     }
-    if (nblocks == 0) wait_groups<0>();
+    if (nblocks == 0) cp_async_wait<0>();
 
     const float scale = (float)p.scale;
 #pragma unroll
@@ -312,7 +263,7 @@ __global__ void __launch_bounds__(32 * kKWarps, 1) dkdv_kernel(lca_params p, Bwd
     const lca_view &kv = cond ? p.kbar : p.k, &vv = cond ? p.vbar : p.v;
     load_rows<T, kKKeys, D, NT, true>(Ks, nk, [&](int r) { return row<const T>(kv, b, key0 + r, h); });
     load_rows<T, kKKeys, DV, NT, true>(Vs, nk, [&](int r) { return row<const T>(vv, b, key0 + r, h); });
-    commit();
+    cp_async_commit();
 
     auto issue = [&](int64_t it) {
         const int64_t r0 = Rb + it * kKRows;
@@ -328,7 +279,7 @@ __global__ void __launch_bounds__(32 * kKWarps, 1) dkdv_kernel(lca_params p, Bwd
             split_row(r0 + r, (uint32_t)hg, t, i);
             return row<const T>(p.dout, b, t, h * hg + i);
         });
-        commit();
+        cp_async_commit();
         float *info = rowinfo + (it & 1) * 4 * kKRows;
         for (int r = threadIdx.x; r < kKRows; r += NT) {
             float l2 = 0, dl = 0;
@@ -361,9 +312,9 @@ __global__ void __launch_bounds__(32 * kKWarps, 1) dkdv_kernel(lca_params p, Bwd
     for (int64_t it = 0; it < ntiles; it++) {
         if (it + 1 < ntiles) {
             issue(it + 1);
-            wait_groups<1>();
+            cp_async_wait<1>();
         } else {
-            wait_groups<0>();
+            cp_async_wait<0>();
         }
         __syncthreads();
         const T *Qs = stages + (it & 1) * kStage, *dOs = Qs + kKRows * LDQ;
@@ -382,8 +333,8 @@ __global__ void __launch_bounds__(32 * kKWarps, 1) dkdv_kernel(lca_params p, Bwd
             for (int n = 0; n < kKRows / 8; n += 2) {
                 uint32_t bb[4];
                 frag_b<T, LDQ>(bb, Qs, n * 8, ks * 16, lane);
-                mma<T>(s[n], a, bb[0], bb[1]);
-                mma<T>(s[n + 1], a, bb[2], bb[3]);
+                mma16816<T>(s[n], a, bb[0], bb[1]);
+                mma16816<T>(s[n + 1], a, bb[2], bb[3]);
             }
         }
 #pragma unroll
@@ -394,8 +345,8 @@ __global__ void __launch_bounds__(32 * kKWarps, 1) dkdv_kernel(lca_params p, Bwd
             for (int n = 0; n < kKRows / 8; n += 2) {
                 uint32_t bb[4];
                 frag_b<T, LDV>(bb, dOs, n * 8, ks * 16, lane);
-                mma<T>(dp[n], a, bb[0], bb[1]);
-                mma<T>(dp[n + 1], a, bb[2], bb[3]);
+                mma16816<T>(dp[n], a, bb[0], bb[1]);
+                mma16816<T>(dp[n + 1], a, bb[2], bb[3]);
             }
         }
 #pragma unroll
@@ -425,8 +376,8 @@ __global__ void __launch_bounds__(32 * kKWarps, 1) dkdv_kernel(lca_params p, Bwd
             for (int n = 0; n < DV / 8; n += 2) {                   /* dV += P^T dO */
                 uint32_t bb[4];
                 frag_bt<T, LDV>(bb, dOs, n * 8, kk * 16, lane);
-                mma<T>(dv[n], pa, bb[0], bb[1]);
-                mma<T>(dv[n + 1], pa, bb[2], bb[3]);
+                mma16816<T>(dv[n], pa, bb[0], bb[1]);
+                mma16816<T>(dv[n + 1], pa, bb[2], bb[3]);
             }
             const uint32_t da[4] = {pack2<T>(dp[2 * kk][0], dp[2 * kk][1]),
                                     pack2<T>(dp[2 * kk][2], dp[2 * kk][3]),
@@ -436,13 +387,13 @@ __global__ void __launch_bounds__(32 * kKWarps, 1) dkdv_kernel(lca_params p, Bwd
             for (int n = 0; n < D / 8; n += 2) {                    /* dK += dS^T Q */
                 uint32_t bb[4];
                 frag_bt<T, LDQ>(bb, Qs, n * 8, kk * 16, lane);
-                mma<T>(dk[n], da, bb[0], bb[1]);
-                mma<T>(dk[n + 1], da, bb[2], bb[3]);
+                mma16816<T>(dk[n], da, bb[0], bb[1]);
+                mma16816<T>(dk[n + 1], da, bb[2], bb[3]);
             }
         }
         __syncthreads();
     }
-    if (ntiles == 0) wait_groups<0>();
+    if (ntiles == 0) cp_async_wait<0>();
 
     const float scale = (float)p.scale;
 #pragma unroll

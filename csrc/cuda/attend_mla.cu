@@ -20,7 +20,7 @@
  * Q 72 KB + 2 x K 72 KB + P 9 KB = 226 KB (rows XOR-swizzled in 16-byte chunks instead of
  * padded, to fit under the 227 KB a block may take on sm_90); one block (8 warps) per SM.
  * Tiles are issued heaviest first (last positions see the most condensed entries). */
-#include "common.cuh"
+#include "mma.cuh"
 
 namespace lca {
 namespace mla {
@@ -38,53 +38,6 @@ template <int D> struct Layout {
     }
 };
 
-template <typename T> __device__ __forceinline__ uint32_t pack2(float a, float b);
-template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float a, float b) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
-    return *(uint32_t *)&v;
-}
-template <> __device__ __forceinline__ uint32_t pack2<__half>(float a, float b) {
-    __half2 v = __floats2half2_rn(a, b);
-    return *(uint32_t *)&v;
-}
-
-template <typename T>
-__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
-                                         uint32_t b1);
-template <>
-__device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4],
-                                                        uint32_t b0, uint32_t b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, "
-                 "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-template <>
-__device__ __forceinline__ void mma16816<__half>(float (&c)[4], const uint32_t (&a)[4],
-                                                 uint32_t b0, uint32_t b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, "
-                 "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void *p) {
-    const uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(a));
-}
-__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void *p) {
-    const uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(a));
-}
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
-template <int N> __device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
 /* the two warps of row group rg (warps rg and rg + 4): 64 threads on barrier 1 + rg */
 __device__ __forceinline__ void pair_sync(int rg) {
     asm volatile("bar.sync %0, 64;\n" ::"r"(rg + 1));
@@ -197,11 +150,11 @@ __global__ void __launch_bounds__(kThreads, 1) lca_attend_mla_kernel(lca_params 
 #pragma unroll 6
         for (int ks = 0; ks < D / 16; ks++) {
             uint32_t a[4];
-            ldsm_x4(a, Qs + Ly::at(rg * 16 + (lane & 15), 2 * ks + (lane >> 4)));
+            ldmatrix_x4(a, Qs + Ly::at(rg * 16 + (lane & 15), 2 * ks + (lane >> 4)));
 #pragma unroll
             for (int nn = 0; nn < 2; nn++) {
                 uint32_t kb[4];
-                ldsm_x4(kb, Ks + Ly::at(half * 32 + nn * 16 + (lane & 7) + ((lane >> 4) << 3),
+                ldmatrix_x4(kb, Ks + Ly::at(half * 32 + nn * 16 + (lane & 7) + ((lane >> 4) << 3),
                                         2 * ks + ((lane >> 3) & 1)));
                 mma16816<T>(s[2 * nn], a, kb[0], kb[1]);
                 mma16816<T>(s[2 * nn + 1], a, kb[2], kb[3]);
@@ -252,11 +205,11 @@ __global__ void __launch_bounds__(kThreads, 1) lca_attend_mla_kernel(lca_params 
 #pragma unroll
         for (int kk = 0; kk < kKeys / 16; kk++) {
             uint32_t a[4];
-            ldsm_x4(a, Ps + (rg * 16 + (lane & 15)) * kPs + kk * 16 + (lane >> 4) * 8);
+            ldmatrix_x4(a, Ps + (rg * 16 + (lane & 15)) * kPs + kk * 16 + (lane >> 4) * 8);
 #pragma unroll
             for (int n = 0; n < kNT; n += 2) {
                 uint32_t vb[4];
-                ldsm_x4_trans(vb, Vs + (VK ? Ly::at(kk * 16 + (lane & 15),
+                ldmatrix_x4_trans(vb, Vs + (VK ? Ly::at(kk * 16 + (lane & 15),
                                                     (half * kHalfV + n * 8) / 8 + (lane >> 4))
                                              : Lv::at(kk * 16 + (lane & 15),
                                                     (half * kHalfV + n * 8) / 8 + (lane >> 4))));

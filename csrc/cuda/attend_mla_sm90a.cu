@@ -17,7 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "common.cuh"
+#include "mma.cuh"
 
 namespace lca {
 namespace mla90 {
@@ -54,20 +54,7 @@ __device__ __forceinline__ void fence_async_smem() {
 __device__ __forceinline__ void pair_sync(int rg) {
     asm volatile("bar.sync %0, 64;\n" ::"r"(rg + 1));
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
-template <int N> __device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
 
-template <typename T> __device__ __forceinline__ uint32_t pack2(float a, float b);
-template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float a, float b) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
-    return *(uint32_t *)&v;
-}
-template <> __device__ __forceinline__ uint32_t pack2<__half>(float a, float b) {
-    __half2 v = __floats2half2_rn(a, b);
-    return *(uint32_t *)&v;
-}
 
 template <int TB>
 __device__ __forceinline__ void wgmma_m64n32(float (&d)[4][4], uint64_t da, uint64_t db,

@@ -24,7 +24,7 @@
  * float32 use a CUDA-core path (one warp per query head and split).  Accumulation in float32. */
 #include <type_traits>
 
-#include "common.cuh"
+#include "mma.cuh"
 
 namespace lca {
 
@@ -194,52 +194,6 @@ __global__ void __launch_bounds__(32 * kDecSimtWarps) lca_dec_partial_simt_kerne
 /* ---------------------------------------------------------------------------------------------
  * 3b. partial, tensor cores */
 
-template <typename T> __device__ __forceinline__ uint32_t dpack2(float a, float b);
-template <> __device__ __forceinline__ uint32_t dpack2<__nv_bfloat16>(float a, float b) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
-    return *(uint32_t *)&v;
-}
-template <> __device__ __forceinline__ uint32_t dpack2<__half>(float a, float b) {
-    __half2 v = __floats2half2_rn(a, b);
-    return *(uint32_t *)&v;
-}
-
-template <typename T>
-__device__ __forceinline__ void dmma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
-                                     uint32_t b1);
-template <>
-__device__ __forceinline__ void dmma<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4],
-                                                    uint32_t b0, uint32_t b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, "
-                 "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-template <>
-__device__ __forceinline__ void dmma<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
-                                             uint32_t b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, "
-                 "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void *p) {
-    const uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(a));
-}
-__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void *p) {
-    const uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(a));
-}
-__device__ __forceinline__ void dec_commit() { asm volatile("cp.async.commit_group;\n"); }
-template <int N> __device__ __forceinline__ void dec_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
 
 /* rows [0, n) of width W from src(r) into a padded tile by cp.async (16 bytes a thread);
  * rows n .. kDecKeys-1 zeroed */
@@ -313,7 +267,7 @@ __global__ void __launch_bounds__(128 * MT) lca_dec_partial_mma_kernel(DecArgs a
             dec_load<T, DV, NTH>(Ks + kDecKeys * (D + kDecPad), nk, [&](int r) {
                 return r < nc ? vb0 + (k0 + r) * p.vbar.st : vr0 + slot(r) * p.vr.st;
             });
-        dec_commit();
+        cp_async_commit();
     };
     issue(0);
 
@@ -344,9 +298,9 @@ __global__ void __launch_bounds__(128 * MT) lca_dec_partial_mma_kernel(DecArgs a
     for (int t = 0; t < ntiles; t++) {
         if (t + 1 < ntiles) {
             issue(t + 1);
-            dec_wait<1>();
+            cp_async_wait<1>();
         } else {
-            dec_wait<0>();
+            cp_async_wait<0>();
         }
         __syncthreads();
         const T *Ks = stage0 + (t & 1) * S_::kStage;
@@ -366,8 +320,8 @@ __global__ void __launch_bounds__(128 * MT) lca_dec_partial_mma_kernel(DecArgs a
             for (int u = 0; u < NACC; u++) {
                 const int ks = k2 + u;
                 uint32_t af[4];
-                ldsm_x4(af, Qw + (lane & 15) * (D + kDecPad) + ks * 16 + (lane >> 4) * 8);
-                dmma<T>(acc[u], af, *(const uint32_t *)(kb + ks * 16),
+                ldmatrix_x4(af, Qw + (lane & 15) * (D + kDecPad) + ks * 16 + (lane >> 4) * 8);
+                mma16816<T>(acc[u], af, *(const uint32_t *)(kb + ks * 16),
                         *(const uint32_t *)(kb + ks * 16 + 8));
             }
         float sc[4];
@@ -423,17 +377,17 @@ __global__ void __launch_bounds__(128 * MT) lca_dec_partial_mma_kernel(DecArgs a
         /* O[:, wq's columns] += P V */
 #pragma unroll
         for (int kk = 0; kk < 2; kk++) {
-            const uint32_t af[4] = {dpack2<T>(x[0][kk][0], x[0][kk][1]),
-                                    dpack2<T>(x[1][kk][0], x[1][kk][1]),
-                                    dpack2<T>(x[0][kk][2], x[0][kk][3]),
-                                    dpack2<T>(x[1][kk][2], x[1][kk][3])};
+            const uint32_t af[4] = {pack2<T>(x[0][kk][0], x[0][kk][1]),
+                                    pack2<T>(x[1][kk][0], x[1][kk][1]),
+                                    pack2<T>(x[0][kk][2], x[0][kk][3]),
+                                    pack2<T>(x[1][kk][2], x[1][kk][3])};
 #pragma unroll
             for (int n = 0; n < NTV; n += 2) {
                 uint32_t bf[4];
                 const int r = kk * 16 + (lane & 15), c = wq * WCOL + n * 8 + (lane >> 4) * 8;
-                ldsm_x4_trans(bf, Vs + r * (VK ? D + kDecPad : DV + kDecPad) + c);
-                dmma<T>(o[n], af, bf[0], bf[1]);
-                dmma<T>(o[n + 1], af, bf[2], bf[3]);
+                ldmatrix_x4_trans(bf, Vs + r * (VK ? D + kDecPad : DV + kDecPad) + c);
+                mma16816<T>(o[n], af, bf[0], bf[1]);
+                mma16816<T>(o[n + 1], af, bf[2], bf[3]);
             }
         }
         __syncthreads();                     /* the stage and S may be overwritten */
