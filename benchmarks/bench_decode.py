@@ -66,7 +66,7 @@ def filled_cache(B, H, T):
         if a.dtype == torch.float32 and a.dim() == 1:
             continue                                      # the workspace
         a.copy_(torch.randn(a.shape, generator=gen, device="cuda", dtype=torch.float32))
-    cache.length = T
+    cache._length = T
     return cache
 
 
@@ -86,14 +86,14 @@ def graph_ms(cache, q, c, r, T, reps):
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
-            cache.length = T
+            cache._length = T
             cache.step(q, c, r)                                    # warm: attributes, pools
         torch.cuda.current_stream().wait_stream(s)
         graph = torch.cuda.CUDAGraph()
-        cache.length = T
+        cache._length = T
         with torch.cuda.graph(graph):
             cache.step(q, c, r)
-        cache.length = T
+        cache._length = T
         n = 20
         return median_ms(lambda: [graph.replay() for _ in range(n)], reps) / n
     except Exception as e:  # noqa: BLE001 - report and go on with the host-inclusive time
@@ -120,7 +120,7 @@ def main():
         r = torch.randn(B, DR, device="cuda", dtype=torch.bfloat16)
 
         def reset():
-            cache.length = T
+            cache._length = T
 
         t_call = median_ms(lambda: cache.step(q, c, r), a.reps, before=reset)
         t_gpu = graph_ms(cache, q, c, r, T, a.reps)

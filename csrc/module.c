@@ -275,7 +275,8 @@ static PyObject *py_backward(PyObject *self, PyObject *args) {
 
 /* The ring, sum and condensed capacities the step at position T needs (lca.h). */
 static int decode_check(lca_decode_params *p) {
-    if (p->g < 1 || p->g > INT32_MAX || p->w < 0 || p->n < 1 || p->n > p->g || p->T < 0) {
+    if (p->g < 1 || p->g > INT32_MAX || p->w < 0 || p->w > ((int64_t)1 << 62) || p->n < 1 ||
+        p->n > p->g || p->T < 0 || p->T > ((int64_t)1 << 62)) {
         PyErr_SetString(PyExc_ValueError, "group_size, window, n_summary or T out of range");
         return -1;
     }
@@ -501,8 +502,17 @@ static PyObject *py_cuda_backward_workspace(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "iLLLLLLLi", &dtype, &p.B, &p.L, &p.H, &p.Hkv, &p.D, &p.Dv, &p.g,
                           &p.v_in_k))
         return NULL;
-    if (p.B < 0 || p.L < 0 || p.H < 1 || p.Hkv < 1 || p.D < 1 || p.Dv < 1 || p.g < 1) {
+    if (p.B < 0 || p.L < 0 || p.H < 1 || p.Hkv < 1 || p.D < 1 || p.Dv < 1 || p.g < 1 ||
+        p.D > 1024 || p.Dv > 1024 || p.g > INT32_MAX ||
+        /* the workspace's products stay far from int64 overflow (in double: no wrap here) */
+        (double)p.B * (double)p.L * (double)(p.H + p.Hkv) * (double)(p.D + p.Dv + p.g + 16) >
+            (double)((int64_t)1 << 56)) {
         PyErr_SetString(PyExc_ValueError, "cuda_backward_workspace: sizes out of range");
+        return NULL;
+    }
+    if (dtype != LCA_F32 && dtype != LCA_BF16 && dtype != LCA_F16) {
+        PyErr_SetString(PyExc_TypeError, "cuda_backward_workspace: dtype must be float32, "
+                        "float16 or bfloat16");
         return NULL;
     }
     p.dtype = (lca_dtype)dtype;
@@ -578,8 +588,11 @@ static PyObject *py_cuda_decode_step(PyObject *self, PyObject *args) {
         desc_of(qsum, "qsum", 4, s[8], &p.qsum) || desc_of(work, "work", 1, sw, &wv))
         return NULL;
     if (decode_shapes(&p, s) || decode_check(&p)) return NULL;
-    if (p.nsplit_max < 1 || sw[0] < p.nsplit_max * p.B * p.H * (p.Dv + 2)) {
-        PyErr_SetString(PyExc_ValueError, "work: smaller than nsplit_max * B * H * (Dv + 2)");
+    /* in double: with direct misuse (fake shapes) the product could wrap in int64 */
+    if (p.nsplit_max < 1 || p.nsplit_max > 65535 ||
+        (double)sw[0] < (double)p.nsplit_max * (double)p.B * (double)p.H * (double)(p.Dv + 2)) {
+        PyErr_SetString(PyExc_ValueError, "work: smaller than nsplit_max * B * H * (Dv + 2), or "
+                        "nsplit_max outside [1, 65535]");
         return NULL;
     }
     p.work = wv.p;

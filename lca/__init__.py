@@ -15,6 +15,7 @@ the caller's current stream, and come back as the caller's arrays (lse and alpha
 PyTorch autograd and torch.compile: lca.torch (imported only on request; `import lca` never
 imports torch).
 """
+import functools
 import math
 
 import numpy as np
@@ -29,6 +30,32 @@ __all__ = ["attention", "attention_backward", "gqa_attention", "gqa_attention_ba
 __version__ = "0.1.0"
 
 HAS_CUDA = _cuda.device_count() > 0      # built with the CUDA engine and a device is visible
+
+
+# ---------------------------------------------------------------------------------------------
+# results in the caller's array type: torch CPU tensors run on the C engine through NumPy views
+# of their memory, and the results come back as torch tensors over the same buffers (no copies)
+
+def _is_torch_cpu(a):
+    return type(a).__module__.split(".")[0] == "torch" and getattr(a, "is_cuda", True) is False
+
+
+def _to_caller(out, torch):
+    if isinstance(out, tuple):
+        return tuple(_to_caller(o, torch) for o in out)
+    return torch.from_numpy(out) if isinstance(out, np.ndarray) else out
+
+
+def _caller_type(fn):
+    """fn's NumPy results as torch tensors when any array argument is a torch CPU tensor."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kw):
+        out = fn(*args, **kw)
+        if any(_is_torch_cpu(a) for a in args):
+            import torch
+            return _to_caller(out, torch)
+        return out
+    return wrapper
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,6 +244,7 @@ def _given_condensed(fe, q, batched, arrays, names, widths, heads, cfg):
     return arrays
 
 
+@_caller_type
 def condense(q, latent, kpos, *, group_size=16, n_summary=None, softmax_scale=None,
              score="full"):
     """SPEC §2 condensation of every complete group.
@@ -233,6 +261,7 @@ def condense(q, latent, kpos, *, group_size=16, n_summary=None, softmax_scale=No
                     anchor[:, :, 0], alpha[:, :, 0])
 
 
+@_caller_type
 def attend(q, latent, kpos, latent_bar, kpos_bar, *, group_size=16, window=1024,
            softmax_scale=None, rep_bias=0.0, return_lse=False):
     """SPEC §3 attention over given condensed entries (latent_bar (B, m, Dc), kpos_bar (B, m, Dr),
@@ -252,6 +281,7 @@ def attend(q, latent, kpos, latent_bar, kpos_bar, *, group_size=16, window=1024,
     return (out, lse) if return_lse else out
 
 
+@_caller_type
 def attention(q, latent, kpos, *, group_size=16, window=1024, n_summary=None,
               softmax_scale=None, score="full", rep_bias=0.0, return_lse=False):
     """LCA attention for MLA in absorbed form (SPEC §2 + §3).
@@ -268,6 +298,7 @@ def attention(q, latent, kpos, *, group_size=16, window=1024, n_summary=None,
     return (out, lse) if return_lse else out
 
 
+@_caller_type
 def attention_backward(dout, q, latent, kpos, out, lse, *, group_size=16, window=1024,
                        n_summary=None, softmax_scale=None, score="full", rep_bias=0.0):
     """Exact gradient of attention() (SPEC §5): (dq, dlatent, dkpos), through the summary
@@ -289,6 +320,7 @@ def _gqa_pool(key_mode, D):
     return D if choice_param(key_mode, "key_mode", ("anchor", "pool")) == "pool" else 0
 
 
+@_caller_type
 def gqa_condense(q, k, v, *, group_size=16, n_summary=None, softmax_scale=None,
                  key_mode="anchor"):
     """SPEC §4 condensation: (kbar (B, m, Hkv, D), vbar (B, m, Hkv, Dv), anchor (B, m, Hkv)
@@ -300,6 +332,7 @@ def gqa_condense(q, k, v, *, group_size=16, n_summary=None, softmax_scale=None,
     return _unbatch(batched, *_condense(fe, code, q, k, v, cfg, D, _gqa_pool(key_mode, D), 0))
 
 
+@_caller_type
 def gqa_attend(q, k, v, kbar, vbar, *, group_size=16, window=1024, softmax_scale=None,
                rep_bias=0.0, return_lse=False):
     """SPEC §3 for GQA over given condensed entries kbar (B, m, Hkv, D), vbar (B, m, Hkv, Dv)."""
@@ -314,6 +347,7 @@ def gqa_attend(q, k, v, kbar, vbar, *, group_size=16, window=1024, softmax_scale
     return (out, lse) if return_lse else out
 
 
+@_caller_type
 def gqa_attention(q, k, v, *, group_size=16, window=1024, n_summary=None, softmax_scale=None,
                   key_mode="anchor", rep_bias=0.0, return_lse=False):
     """LCA attention for GQA/MHA (SPEC §4): q (B, L, H, D), k (B, L, Hkv, D), v (B, L, Hkv, Dv)
@@ -327,6 +361,7 @@ def gqa_attention(q, k, v, *, group_size=16, window=1024, n_summary=None, softma
     return (out, lse) if return_lse else out
 
 
+@_caller_type
 def gqa_attention_backward(dout, q, k, v, out, lse, *, group_size=16, window=1024,
                            n_summary=None, softmax_scale=None, key_mode="anchor", rep_bias=0.0):
     """Exact gradient of gqa_attention() (SPEC §5): (dq, dk, dv)."""
@@ -361,5 +396,6 @@ def _counts(t, name, group_size, window):
             int_param(window, "window", 0, math.inf))
 
 
-from ._prefill import mla_prefill  # noqa: E402  (uses the functions above)
+from ._prefill import mla_prefill as _mla_prefill  # noqa: E402  (uses the functions above)
+mla_prefill = _caller_type(_mla_prefill)
 from .cache import GQACache, LatentCache  # noqa: E402  (uses the helpers above)

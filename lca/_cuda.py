@@ -180,7 +180,7 @@ def check_grad_inputs(fe, q, dout, out, lse):
     if fe.device_id(lse) != fe.device_id(q):
         raise ValueError(f"lse: on device {fe.device_id(lse)}, q on {fe.device_id(q)}")
     if lse.dtype not in fe.codes:
-        raise TypeError(f"lse: expected a float dtype, got {lse.dtype}")
+        raise TypeError(f"lse: expected float32, float16 or bfloat16, got {lse.dtype}")
     return fe.contiguous_last(dout), fe.contiguous_last(out), fe.contiguous_last(fe.float32(lse))
 
 

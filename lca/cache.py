@@ -37,7 +37,7 @@ import math
 
 import numpy as np
 
-from . import _C, _cuda
+from . import _C, _caller_type, _cuda
 from ._arrays import as_array, choice_param, float_param, int_param
 
 __all__ = ["LatentCache", "GQACache"]
@@ -208,8 +208,9 @@ def _cuda_ok():
 
 
 def _store(device, dtype):
-    if device is None or (isinstance(device, str) and device == "cpu"):
-        return _NumpyStore(dtype)
+    if device is None or (isinstance(device, str) and device == "cpu") or \
+            (type(device).__module__.split(".")[0] == "torch" and getattr(device, "type", "") == "cpu"):
+        return _NumpyStore(_numpy_dtype(dtype))
     if type(device).__module__.split(".")[0] == "cupy":
         return _CupyStore(device, dtype)
     if isinstance(device, bool) or not isinstance(device, (str, int)) and \
@@ -219,6 +220,14 @@ def _store(device, dtype):
     if isinstance(device, int) and device < 0:
         raise ValueError(f"device: expected a CUDA device index >= 0, got {device}")
     return _TorchStore(device, dtype)
+
+
+def _numpy_dtype(dtype):
+    """A torch float dtype names its NumPy twin (a CPU cache holds NumPy arrays)."""
+    if type(dtype).__module__.split(".")[0] == "torch":
+        import torch
+        return {torch.float32: np.float32, torch.float64: np.float64}.get(dtype, dtype)
+    return dtype
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,9 +275,14 @@ class _Cache:
             self._state_descs = (d(self._kbar), d(self._vbar), d(self._kr), d(self._vr),
                                  d(self._qsum))
             self._work_desc = d(self._work)
-        self.length = 0
+        self._length = 0
 
     # -- reporting -----------------------------------------------------------------------------
+    @property
+    def length(self):
+        """Tokens seen (read-only: the state is laid out for it)."""
+        return self._length
+
     @property
     def entries(self):
         """Entries held (SPEC §6): G + (T - G*g) after T tokens, = lca.cache_entries(T)."""
@@ -305,7 +319,7 @@ class _Cache:
 
     def reset(self):
         """Forget every token (no memory is freed or zeroed: the next tokens overwrite it)."""
-        self.length = 0
+        self._length = 0
 
     def __repr__(self):
         return (f"{type(self).__name__}(batch={self.batch}, length={self.length}/"
@@ -336,12 +350,12 @@ class _Cache:
             _C.cuda_decode_step(st.code, d(q[:, None]), d(k[:, None]), d(v[:, None]), d(out),
                                 *self._state_descs, *args, self._work_desc, self._nsplit,
                                 st.device_id, fe.stream())
-        self.length += 1
+        self._length += 1
         return out[:, 0]
 
     def _check_prefill(self, q):
         if self.length:
-            raise RuntimeError(f"prefill: the cache already holds {self.length} tokens; "
+            raise ValueError(f"prefill: the cache already holds {self.length} tokens; "
                                "prefill fills an empty cache only (call reset() first)")
         P = q.shape[1]
         if P > self.max_len:
@@ -377,7 +391,7 @@ class _Cache:
                 self._qsum[:, j % self._S] = part.float().sum(dim=(1, 3))
             else:
                 self._qsum[:, j % self._S] = part.astype(np.float32).sum(axis=(1, 3))
-        self.length = P
+        self._length = P
 
     def _input(self, a, name, shape):
         a = self._store.check(a, name)
@@ -428,6 +442,7 @@ class LatentCache(_Cache):
         return dict(group_size=self.group_size, window=self.window, n_summary=self.n_summary,
                     softmax_scale=self.softmax_scale, rep_bias=self.rep_bias)
 
+    @_caller_type
     def prefill(self, q, latent, kpos):
         from . import _Cfg, _attend, _condense, _mla_inputs
         B, H, Dc, Dr = self.batch, self.num_heads, self.latent_dim, self.kpos_dim
@@ -451,6 +466,7 @@ class LatentCache(_Cache):
         self._fill(q, k, v, kb, vb)
         return out
 
+    @_caller_type
     def step(self, q, latent, kpos):
         B, H, Dc, Dr = self.batch, self.num_heads, self.latent_dim, self.kpos_dim
         q = self._input(q, "q", (B, H, Dc + Dr))
@@ -494,6 +510,7 @@ class GQACache(_Cache):
                     softmax_scale, rep_bias, D, D if key_mode == "pool" else 0, False, dtype,
                     device)
 
+    @_caller_type
     def prefill(self, q, k, v):
         from . import _Cfg, _attend, _condense, _gqa_inputs
         B, H, Hkv, D, Dv = self.batch, self.num_heads, self.num_kv_heads, self._D, self._Dv
@@ -519,6 +536,7 @@ class GQACache(_Cache):
         self._fill(q, k, v, kb, vb)
         return out
 
+    @_caller_type
     def step(self, q, k, v):
         B, H, Hkv, D, Dv = self.batch, self.num_heads, self.num_kv_heads, self._D, self._Dv
         q = self._input(q, "q", (B, H, D))

@@ -5,6 +5,8 @@ are poisoned with NaN before each launch (LCA_POISON_OUTPUTS) so an unwritten el
 SPEC §8: float32 within 1e-5; bf16 and fp16 at most twice the error of the same computation in
 plain PyTorch at that precision (tests/torch_lca.py)."""
 
+import zlib
+
 import numpy as np
 import pytest
 
@@ -49,7 +51,7 @@ MLA_CASES = [  # B, L, H, Dc, Dr, g, w, n, score, rep_bias
 @pytest.mark.parametrize("case", MLA_CASES, ids=lambda c: "-".join(map(str, c)))
 def test_mla_forward(case, dtype):
     B, L, H, Dc, Dr, g, w, n, score, bias = case
-    gen = torch.Generator(device="cuda").manual_seed(hash((case, dtype)) % 2**31)
+    gen = torch.Generator(device="cuda").manual_seed(zlib.crc32(repr((case, dtype)).encode()))
     q, c, r = rand(gen, (B, L, H, Dc + Dr), dtype), rand(gen, (B, L, Dc), dtype), \
         rand(gen, (B, L, Dr), dtype)
     kw = dict(group_size=g, window=w, n_summary=n, score=score, rep_bias=bias)
@@ -95,7 +97,7 @@ def test_gqa_forward(case, dtype, path, monkeypatch):
     if PATHS[path]:
         monkeypatch.setenv("LCA_CUDA_DISABLE", PATHS[path])
     B, L, H, Hkv, D, Dv, g, w, n, km = case
-    gen = torch.Generator(device="cuda").manual_seed(hash((case, dtype)) % 2**31)
+    gen = torch.Generator(device="cuda").manual_seed(zlib.crc32(repr((case, dtype)).encode()))
     q, k, v = rand(gen, (B, L, H, D), dtype), rand(gen, (B, L, Hkv, D), dtype), \
         rand(gen, (B, L, Hkv, Dv), dtype)
     kw = dict(group_size=g, window=w, n_summary=n, key_mode=km)

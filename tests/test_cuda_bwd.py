@@ -13,6 +13,8 @@ Bounds (SPEC §8):
 - bfloat16 / float16: at most twice the error of the same gradient computed by plain PyTorch
   autograd at that precision (tests/torch_lca.py), against the same float64 reference.
 """
+import zlib
+
 import numpy as np
 import pytest
 
@@ -89,7 +91,7 @@ MLA_CASES = [  # B, L, H, Dc, Dr, g, w, n, score, rep_bias
 @pytest.mark.parametrize("case", MLA_CASES, ids=lambda c: "-".join(map(str, c)))
 def test_mla_backward(case, dtype):
     B, L, H, Dc, Dr, g, w, n, score, bias = case
-    gen = torch.Generator(device="cuda").manual_seed(hash((case, dtype)) % 2**31)
+    gen = torch.Generator(device="cuda").manual_seed(zlib.crc32(repr((case, dtype)).encode()))
     q, c, r = rand(gen, (B, L, H, Dc + Dr), dtype), rand(gen, (B, L, Dc), dtype), \
         rand(gen, (B, L, Dr), dtype)
     dout = rand(gen, (B, L, H, Dc), dtype)
@@ -121,7 +123,7 @@ GQA_CASES = [  # B, L, H, Hkv, D, Dv, g, w, n, key_mode, rep_bias
 @pytest.mark.parametrize("case", GQA_CASES, ids=lambda c: "-".join(map(str, c)))
 def test_gqa_backward(case, dtype):
     B, L, H, Hkv, D, Dv, g, w, n, km, bias = case
-    gen = torch.Generator(device="cuda").manual_seed(hash((case, dtype)) % 2**31)
+    gen = torch.Generator(device="cuda").manual_seed(zlib.crc32(repr((case, dtype)).encode()))
     q, k, v = rand(gen, (B, L, H, D), dtype), rand(gen, (B, L, Hkv, D), dtype), \
         rand(gen, (B, L, Hkv, Dv), dtype)
     dout = rand(gen, (B, L, H, Dv), dtype)

@@ -4,6 +4,8 @@ inputs with the SPEC §8 rule (at most twice the error of the same computation i
 at that precision, tests/torch_lca.py).  Outputs are NaN-poisoned before launch.  Each test
 also checks, through _C.cuda_last_attend_kernel(), that the call ran the tensor-core kernel and
 not the SIMT fallback (which would give the same answers, slowly)."""
+import zlib
+
 import pytest
 
 import lca
@@ -40,7 +42,7 @@ CASES = [  # B, L, H, Dc, Dr, g, w, n, score, rep_bias
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
 def test_mla_tensor_core_forward(case, dtype):
     B, L, H, Dc, Dr, g, w, n, score, bias = case
-    gen = torch.Generator(device="cuda").manual_seed(hash((case, dtype)) % 2**31)
+    gen = torch.Generator(device="cuda").manual_seed(zlib.crc32(repr((case, dtype)).encode()))
     q, c, r = rand(gen, (B, L, H, Dc + Dr), dtype), rand(gen, (B, L, Dc), dtype), \
         rand(gen, (B, L, Dr), dtype)
     kw = dict(group_size=g, window=w, n_summary=n, score=score, rep_bias=bias)
@@ -100,7 +102,7 @@ GQA256_CASES = [  # B, L, H, Hkv, g, w, n, key_mode
 def test_gqa_256_tensor_core_forward(case, dtype):
     from torch_lca import gqa_lca
     B, L, H, Hkv, g, w, n, km = case
-    gen = torch.Generator(device="cuda").manual_seed(hash((case, dtype)) % 2**31)
+    gen = torch.Generator(device="cuda").manual_seed(zlib.crc32(repr((case, dtype)).encode()))
     q, k, v = rand(gen, (B, L, H, 256), dtype), rand(gen, (B, L, Hkv, 256), dtype), \
         rand(gen, (B, L, Hkv, 256), dtype)
     kw = dict(group_size=g, window=w, n_summary=n, key_mode=km)
@@ -125,7 +127,7 @@ def test_mla_wgmma_forward(case, dtype, monkeypatch):
     the same checks; elsewhere the call must take the mma.sync kernel."""
     monkeypatch.delenv("LCA_CUDA_DISABLE", raising=False)
     B, L, H, Dc, Dr, g, w, n, score, bias = case
-    gen = torch.Generator(device="cuda").manual_seed(hash((case, dtype, "wgmma")) % 2**31)
+    gen = torch.Generator(device="cuda").manual_seed(zlib.crc32(repr((case, dtype, "wgmma")).encode()))
     q, c, r = rand(gen, (B, L, H, Dc + Dr), dtype), rand(gen, (B, L, Dc), dtype), \
         rand(gen, (B, L, Dr), dtype)
     kw = dict(group_size=g, window=w, n_summary=n, score=score, rep_bias=bias)

@@ -560,3 +560,47 @@ def test_gpu_training_loop_matches_cpu(form, attn):
     dev = np.max(np.abs(got - cpu) / cpu)
     assert dev <= (1e-4 if attn == "float32" else 3e-2), f"GPU {got} vs CPU {cpu}"
 
+
+
+# ---- the plain lca API with torch CPU tensors: results in the caller's array type (SPEC §7) ----
+
+def test_torch_cpu_tensors_in_torch_tensors_out():
+    gen = torch.Generator().manual_seed(21)
+    q, c, r = mla_args(gen, 2, 37, 3, 16, 8, dtype=torch.float32)
+    q, c, r = (x.detach() for x in (q, c, r))
+    kw = dict(group_size=4, window=9)
+    out, lse = lca.attention(q, c, r, return_lse=True, **kw)
+    ref, ref_lse = lca.attention(q.numpy(), c.numpy(), r.numpy(), return_lse=True, **kw)
+    assert isinstance(out, torch.Tensor) and isinstance(lse, torch.Tensor)
+    assert out.dtype == torch.float32 and np.array_equal(out.numpy(), ref)
+    assert np.array_equal(lse.numpy(), ref_lse)
+    grads = lca.attention_backward(torch.ones_like(out), q, c, r, out, lse, **kw)
+    refs = lca.attention_backward(np.ones_like(ref), q.numpy(), c.numpy(), r.numpy(), ref,
+                                  ref_lse, **kw)
+    for g, gr in zip(grads, refs):
+        assert isinstance(g, torch.Tensor) and np.array_equal(g.numpy(), gr)
+    parts = lca.condense(q, c, r, group_size=4)
+    assert all(isinstance(x, torch.Tensor) for x in parts) and parts[2].dtype == torch.int32
+    qg, k, v = (x.detach() for x in gqa_args(gen, 1, 30, 4, 2, 8, 6, dtype=torch.float32))
+    o = lca.gqa_attention(qg, k, v, **kw)
+    assert isinstance(o, torch.Tensor)
+    assert np.array_equal(o.numpy(), lca.gqa_attention(qg.numpy(), k.numpy(), v.numpy(), **kw))
+
+
+def test_cache_on_torch_cpu():
+    """device=torch.device("cpu") with a torch dtype: a CPU cache whose outputs are tensors,
+    equal to the NumPy cache's."""
+    gen = torch.Generator().manual_seed(5)
+    B, L, H, Dc, Dr = 2, 23, 2, 12, 4
+    q, c, r = (x.detach() for x in mla_args(gen, B, L, H, Dc, Dr))
+    kw = dict(group_size=4, window=6)
+    tc = lca.LatentCache(B, H, Dc, Dr, L, dtype=torch.float64, device=torch.device("cpu"), **kw)
+    nc = lca.LatentCache(B, H, Dc, Dr, L, dtype=np.float64, **kw)
+    a, b = tc.prefill(q[:, :10], c[:, :10], r[:, :10]), nc.prefill(
+        q[:, :10].numpy(), c[:, :10].numpy(), r[:, :10].numpy())
+    assert isinstance(a, torch.Tensor) and np.array_equal(a.numpy(), b)
+    for t in range(10, L):
+        a = tc.step(q[:, t], c[:, t], r[:, t])
+        b = nc.step(q[:, t].numpy(), c[:, t].numpy(), r[:, t].numpy())
+        assert isinstance(a, torch.Tensor) and np.array_equal(a.numpy(), b)
+    assert tc.length == nc.length == L

@@ -362,7 +362,7 @@ extern "C" int lca_cuda_attention_bwd(const lca_params *p0, void *workspace,
         const int st = lca_cuda_condense(&pc, device, stream, err, errlen);
         if (st != LCA_OK) return st;
     }
-    const int mma = lca_cuda_bwd_mma_supported(&p);
+    const int mma = lca_cuda_bwd_mma_supported(&p, device);
     int st;
     switch (p.dtype) {
     case LCA_F32: st = Bwd<float>::run(&p, &w, mma, s); break;
@@ -373,8 +373,9 @@ extern "C" int lca_cuda_attention_bwd(const lca_params *p0, void *workspace,
         return LCA_ERR_UNSUPPORTED;
     }
     if (st != LCA_OK) {
+        cudaError_t e = cudaGetLastError();        /* report it here, not at a later launch */
         snprintf(err, (size_t)errlen, "attention backward on CUDA: tensor-core kernel setup "
-                 "failed (status %d)", st);
+                 "failed (%s)", e != cudaSuccess ? cudaGetErrorString(e) : "status");
         return st;
     }
     cudaError_t e = cudaGetLastError();

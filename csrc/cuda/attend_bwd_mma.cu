@@ -16,6 +16,8 @@
  *                 dK += dS^T Q.
  * Each output row belongs to one warp of one block and is summed in row order: deterministic.
  * dq is written whole; dk/dv are per key, so no atomics.  Not yet: wgmma, TMA. */
+#include <algorithm>
+
 #include "bwd.cuh"
 #include "mma.cuh"
 
@@ -431,8 +433,10 @@ template <typename T, int D, int DV> int launch(const lca_params *p, const BwdWo
 }  // namespace bwdmma
 }  // namespace lca
 
-/* Whether the tensor-core kernels cover this call: dtype, widths, separate v, 16-byte rows. */
-extern "C" int lca_cuda_bwd_mma_supported(const lca_params *p) {
+/* Whether the tensor-core kernels cover this call: dtype, widths, separate v, 16-byte rows,
+ * and their shared memory within the device's opt-in limit (an A100 or an sm_86/89 part has
+ * less than the H200: those take the portable kernels instead of failing). */
+extern "C" int lca_cuda_bwd_mma_supported(const lca_params *p, int device) {
     if (p->dtype != LCA_BF16 && p->dtype != LCA_F16) return 0;
     if (!((p->D == 64 && p->Dv == 64) || (p->D == 128 && p->Dv == 128) ||
           (p->D == 192 && p->Dv == 128)))
@@ -441,7 +445,19 @@ extern "C" int lca_cuda_bwd_mma_supported(const lca_params *p) {
     const lca_view *vs[] = {&p->q, &p->k, &p->v, &p->kbar, &p->vbar, &p->dout};
     for (const lca_view *v : vs)
         if ((uintptr_t)v->p % 16 || v->sb % 8 || v->st % 8 || v->sh % 8) return 0;
-    return p->Hkv <= 65535 && p->B <= 65535;
+    if (p->Hkv > 65535 || p->B > 65535) return 0;
+    using namespace lca::bwdmma;
+    size_t need;                            /* the larger of the two kernels' (bf16 = fp16) */
+    if (p->D == 64) need = std::max(dq_smem<__half, 64, 64>(), dkdv_smem<__half, 64, 64>());
+    else if (p->D == 128) need = std::max(dq_smem<__half, 128, 128>(), dkdv_smem<__half, 128, 128>());
+    else need = std::max(dq_smem<__half, 192, 128>(), dkdv_smem<__half, 192, 128>());
+    int optin = 0;
+    if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) !=
+        cudaSuccess) {
+        cudaGetLastError();
+        return 0;
+    }
+    return (size_t)optin >= need;
 }
 
 extern "C" int lca_cuda_bwd_mma(const lca_params *p, const lca::BwdWork *w, void *stream) {

@@ -23,5 +23,5 @@ struct BwdWork {
 }  // namespace lca
 
 /* attend_bwd_mma.cu: tensor-core dq and dk/dv kernels, and the calls they cover. */
-extern "C" int lca_cuda_bwd_mma_supported(const lca_params *p);
+extern "C" int lca_cuda_bwd_mma_supported(const lca_params *p, int device);
 extern "C" int lca_cuda_bwd_mma(const lca_params *p, const lca::BwdWork *w, void *stream);

@@ -467,7 +467,19 @@ int dec_mma_gqa(const DecArgs &a, cudaStream_t st) {
     return launch_dec_mma<T, 64, 64, MT, false>(a, st);
 }
 
-/* Whether the tensor-core partial covers the step; its m-tiles per block (1 or 2) in *mt. */
+/* Shared memory the tensor-core partial needs for this shape (bf16 and fp16 alike). */
+template <int MT> static size_t dec_mma_smem(int64_t D, bool vk) {
+    if (vk) return D == 576 ? DecMmaShape<576, 512, MT, true>::template smem<__half>()
+                            : DecMmaShape<288, 256, MT, true>::template smem<__half>();
+    if (D == 256) return DecMmaShape<256, 256, MT, false>::template smem<__half>();
+    if (D == 128) return DecMmaShape<128, 128, MT, false>::template smem<__half>();
+    return DecMmaShape<64, 64, MT, false>::template smem<__half>();
+}
+
+/* Whether the tensor-core partial covers the step on the current device (its shared memory
+ * within the device's opt-in limit: checked before anything is launched, so a device with
+ * less falls back to the CUDA-core partial instead of failing half-way through a step); its
+ * m-tiles per block (1 or 2) in *mt. */
 static bool dec_mma_ok(const lca_decode_params *p, int *mt) {
     if (p->dtype != LCA_BF16 && p->dtype != LCA_F16) return false;
     const int64_t D = p->D, Dv = p->Dv;
@@ -479,7 +491,15 @@ static bool dec_mma_ok(const lca_decode_params *p, int *mt) {
         if ((uintptr_t)v->p % 16 || v->sb % 8 || v->st % 8 || v->sh % 8) return false;
     const int64_t hg = p->H / p->Hkv;
     *mt = hg > 16 ? 2 : 1;
-    return true;
+    const size_t need = *mt == 1 ? dec_mma_smem<1>(D, p->v_in_k) : dec_mma_smem<2>(D, p->v_in_k);
+    int dev = 0, optin = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) !=
+            cudaSuccess) {
+        cudaGetLastError();
+        return false;
+    }
+    return (size_t)optin >= need;
 }
 
 template <typename T> struct DecStep {
@@ -513,8 +533,11 @@ template <typename T> struct DecStep {
                     s = mt == 1 ? dec_mma_mla<T, 1>(a, st) : dec_mma_mla<T, 2>(a, st);
                 else
                     s = mt == 1 ? dec_mma_gqa<T, 1>(a, st) : dec_mma_gqa<T, 2>(a, st);
-                if (s != LCA_OK)
-                    return cuda_error(cudaGetLastError(), "decode: shared memory", err, errlen);
+                if (s != LCA_OK) {
+                    cudaError_t e = cudaGetLastError();
+                    return cuda_error(e != cudaSuccess ? e : cudaErrorInvalidValue,
+                                      "decode: tensor-core partial setup", err, errlen);
+                }
             }
         }
         if (!mma) {
