@@ -1,13 +1,13 @@
-/* attend_fwd.cu — SPEC §3 attention forward on the GPU: the entry point, which sends bf16/fp16
- * calls of the absorbed MLA widths and of GQA 256/256 to attend_mla.cu and of the common head widths to the
- * tensor-core kernel attend_mma.cu, and the portable
- * path for everything else (CUDA cores, any NVIDIA GPU from sm_80): one warp per query row (b, t, head), walking its visible entries —
- * the condensed ones, then the exact window — in one online softmax.  Lane l holds columns
- * l, l+32, ... of the query and of the output accumulator; each entry costs one warp-wide dot
- * product.  float32 accumulation; lse in float32.
- *
- * This is the correctness path, not the fast one: it reads every visible key once per query
- * head and uses no tensor cores.  Limit: D, Dv <= 1024. */
+/* attend_fwd.cu — SPEC §3 attention forward on the GPU: the entry point and its routing, and
+ * the portable kernel.  bf16/fp16 calls go to the tensor cores: absorbed MLA 576/512 on a
+ * compute 9.0 device to attend_mla_sm90a.cu (wgmma), the other absorbed widths and GQA 256/256
+ * to attend_mla.cu, the 64/128/192-wide heads to attend_mma.cu (both mma.sync).  Everything
+ * else takes the portable kernel (CUDA cores, any NVIDIA GPU from sm_80): one warp per query
+ * row (b, t, head), walking its visible entries — the condensed ones, then the exact window — in
+ * one online softmax.  Lane l holds columns l, l+32, ... of the query and of the output
+ * accumulator; each entry costs one warp-wide dot product.  float32 accumulation; lse in
+ * float32.  It is the correctness path, not the fast one: it reads every visible key once per
+ * query head and uses no tensor cores.  Limit: D, Dv <= 1024. */
 #include "common.cuh"
 
 namespace lca {
