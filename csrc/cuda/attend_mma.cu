@@ -8,9 +8,10 @@
  * then the exact tokens [G(t_first)*g, t_last]; each row masks to its own ranges (SPEC §3).
  * Per block: K and V tiles to shared memory (16-byte loads), S = Q K^T (Q fragments held in
  * registers; K fragments by ldmatrix), online softmax in float32 (base 2; masks only on the
- * key blocks that some row of the tile sees in part), O += P V with P re-packed as A fragments and V read by
- * ldmatrix.trans.  K/V tiles are double-buffered with cp.async: block i+1 loads while block i
- * computes.  Not yet: wgmma (sm_90a), warp specialisation, TMA. */
+ * key blocks that some row of the tile sees in part), O += P V with P re-packed as A fragments
+ * and V read by ldmatrix.trans.  K/V tiles are double-buffered with cp.async: block i+1 loads
+ * while block i computes.  Row tiles run heaviest first.  Not yet: wgmma (sm_90a), warp
+ * specialisation, TMA. */
 #include "mma.cuh"
 
 namespace lca {
