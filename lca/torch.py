@@ -160,13 +160,15 @@ def _attention_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1])
 
 
-def _attention_grad(ctx, dout, dlse):
-    q, latent, kpos, out, lse = ctx.saved_tensors
-    dq, dlatent, dkpos = _attention_backward(dout, q, latent, kpos, out, lse, *ctx.kw)
-    return (dq, dlatent, dkpos) + (None,) * len(ctx.kw)
+def _grad_through(backward_op):
+    """The autograd formula of an op saved by _attention_setup: its backward op on the saved
+    (inputs, out, lse) and keywords; no gradient for the keywords (lse is not differentiable)."""
+    def grad(ctx, dout, dlse):
+        return tuple(backward_op(dout, *ctx.saved_tensors, *ctx.kw)) + (None,) * len(ctx.kw)
+    return grad
 
 
-_attention.register_autograd(_attention_grad, setup_context=_attention_setup)
+_attention.register_autograd(_grad_through(_attention_backward), setup_context=_attention_setup)
 
 
 def attention(q, latent, kpos, *, group_size=16, window=1024, n_summary=None,
@@ -219,13 +221,8 @@ def _(dout, q, k, v, out, lse, group_size, window, n_summary, softmax_scale, key
     return _empty(q.shape, q), _empty(k.shape, k), _empty(v.shape, v)
 
 
-def _gqa_grad(ctx, dout, dlse):
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = _gqa_attention_backward(dout, q, k, v, out, lse, *ctx.kw)
-    return (dq, dk, dv) + (None,) * len(ctx.kw)
-
-
-_gqa_attention.register_autograd(_gqa_grad, setup_context=_attention_setup)
+_gqa_attention.register_autograd(_grad_through(_gqa_attention_backward),
+                                 setup_context=_attention_setup)
 
 
 def gqa_attention(q, k, v, *, group_size=16, window=1024, n_summary=None, softmax_scale=None,
