@@ -28,28 +28,10 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import lca  # noqa: E402
+from bench_prefill import median_ms  # noqa: E402  (benchmarks/ is sys.path[0])
 
 DC, DR, G, W = 512, 64, 16, 1024
 COPY_TBS = 4.27          # measured device copy rate (SPEC §9)
-
-
-def median_ms(fn, reps, before=None):
-    for _ in range(3):
-        if before:
-            before()
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        if before:
-            before()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
 
 
 def visible(T):
@@ -95,7 +77,7 @@ def graph_ms(cache, q, c, r, T, reps):
             cache.step(q, c, r)
         cache._length = T
         n = 20
-        return median_ms(lambda: [graph.replay() for _ in range(n)], reps) / n
+        return median_ms(lambda: [graph.replay() for _ in range(n)], reps, warmup=3) / n
     except Exception as e:  # noqa: BLE001 - report and go on with the host-inclusive time
         print(f"  (CUDA graph capture failed: {e})", flush=True)
         return None
@@ -122,14 +104,14 @@ def main():
         def reset():
             cache._length = T
 
-        t_call = median_ms(lambda: cache.step(q, c, r), a.reps, before=reset)
+        t_call = median_ms(lambda: cache.step(q, c, r), a.reps, warmup=3, before=reset)
         t_gpu = graph_ms(cache, q, c, r, T, a.reps)
         t_lca = t_gpu if t_gpu is not None else t_call
         lca_bytes = visible(T) * (DC + DR) * 2 * B
         held = lca.cache_entries(T + 1, G, W) * (DC + DR) * 2 * B
         del cache
         kv = torch.randn(B, T + 1, DC + DR, device="cuda", dtype=torch.bfloat16)
-        t_dense = median_ms(lambda: dense_step(q, kv, scale), a.reps)
+        t_dense = median_ms(lambda: dense_step(q, kv, scale), a.reps, warmup=3)
         full_bytes = (T + 1) * (DC + DR) * 2 * B
         del kv
         torch.cuda.empty_cache()

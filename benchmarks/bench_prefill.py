@@ -40,12 +40,18 @@ def attended_pairs(L, g=G, w=W):
     return float((Gt + t - Gt * g + 1).sum())
 
 
-def median_ms(fn, reps, warmup=1):
+def median_ms(fn, reps, warmup=1, before=None):
+    """Median CUDA-event time of fn() in ms over reps runs, after warmup runs; before(), when
+    given, runs untimed ahead of every run (e.g. to reset state)."""
     for _ in range(warmup):
+        if before:
+            before()
         fn()
     torch.cuda.synchronize()
     times = []
     for _ in range(reps):
+        if before:
+            before()
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         fn()
