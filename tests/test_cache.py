@@ -570,4 +570,6 @@ def test_direct_misuse_of_the_bindings_is_refused():
             _C.cuda_backward_workspace(7, 1, 16, 2, 1, 64, 64, 4, 0)
         with pytest.raises(ValueError, match="out of range"):
             _C.cuda_backward_workspace(2, 2**40, 2**40, 2, 1, 64, 64, 4, 0)
+        with pytest.raises(NotImplementedError, match="up to 1024"):   # as the backward says
+            _C.cuda_backward_workspace(2, 1, 16, 2, 1, 1100, 64, 4, 0)
         assert _C.cuda_backward_workspace(2, 1, 16, 2, 1, 64, 64, 4, 0) > 0
