@@ -210,20 +210,22 @@ def main():
         torch.cuda.empty_cache()
 
     pct = lambda tf: f"{tf:.1f} ({100 * tf / peak:.0f}%)"   # noqa: E731
+    ms = lambda t: "—" if t != t else f"{t:.2f}"            # noqa: E731  (nan: not run)
+    vs = lambda a, b: "—" if a != a else f"{a / b:.2f}x"    # noqa: E731
     lines = ["| L | LCA absorbed fwd ms | TFLOP/s (% ceiling) | condense share "
              "| LCA non-absorbed fwd ms | TFLOP/s (% ceiling) | FlexAttention LCA fwd ms "
              "| dense cuDNN fwd ms | TFLOP/s | non-absorbed vs dense | vs Flex |",
              "|" + "---|" * 11]
     for L, ta, fa, cs, tn, fn_, tf, td, fd in fwd_rows:
         lines.append(f"| {L} | {ta:.2f} | {pct(fa)} | {100 * cs:.1f}% | {tn:.2f} | {pct(fn_)} "
-                     f"| {tf:.2f} | {td:.2f} | {fd:.1f} | {td / tn:.2f}x | {tf / tn:.2f}x |")
+                     f"| {ms(tf)} | {td:.2f} | {fd:.1f} | {td / tn:.2f}x | {vs(tf, tn)} |")
     if bwd_rows:
         lines += ["", "| L | LCA non-absorbed fwd+bwd ms | TFLOP/s (% ceiling) "
                   "| FlexAttention LCA fwd+bwd ms | dense cuDNN fwd+bwd ms | TFLOP/s "
                   "| LCA vs dense | LCA vs Flex |", "|" + "---|" * 8]
         for L, tl, fl, tf, td, fd in bwd_rows:
-            lines.append(f"| {L} | {tl:.2f} | {pct(fl)} | {tf:.2f} | {td:.2f} | {fd:.1f} "
-                         f"| {td / tl:.2f}x | {tf / tl:.2f}x |")
+            lines.append(f"| {L} | {tl:.2f} | {pct(fl)} | {ms(tf)} | {td:.2f} | {fd:.1f} "
+                         f"| {td / tl:.2f}x | {vs(tf, tl)} |")
     table = "\n".join(lines)
     print(table)
     for n_ in notes:
