@@ -103,7 +103,8 @@ class _Cupy:
             return self.cp.empty(shape, dtype=dt)
 
     def stream(self):
-        return self.cp.cuda.get_current_stream().ptr
+        with self.device:             # CuPy's current stream is per device
+            return self.cp.cuda.get_current_stream().ptr
 
     def cat(self, parts, axis):
         with self.device:

@@ -33,6 +33,7 @@ dtype on the CPU.  Inputs to prefill/step must be arrays of that library, device
 anything else raises TypeError (library, dtype) or ValueError (device, shape), naming the
 argument, before the cache changes.
 """
+import contextlib
 import math
 
 import numpy as np
@@ -88,6 +89,9 @@ class _NumpyStore:
     def device_str(self):
         return "cpu"
 
+    def active(self):
+        return contextlib.nullcontext()
+
 
 class _CudaStore:
     def __init__(self, fe, device_id):
@@ -108,6 +112,10 @@ class _CudaStore:
 
     def device_str(self):
         return f"cuda:{self.device_id}"
+
+    def active(self):
+        """Where the cache's own array updates run (torch follows the arrays' device)."""
+        return contextlib.nullcontext()
 
 
 class _TorchStore(_CudaStore):
@@ -200,6 +208,9 @@ class _CupyStore(_CudaStore):
     def cat_last(self, parts):
         with self.device:
             return self.cp.concatenate(parts, axis=-1)
+
+    def active(self):
+        return self.device           # CuPy runs its kernels on the current device
 
 
 def _cuda_ok():
@@ -365,6 +376,10 @@ class _Cache:
     def _fill(self, q, k, v, kb, vb):
         """The state after a prefill of P tokens: q (B, P, H, D), k (B, P, Hkv, D), v, and the
         prefill's condensed rows kb, vb (B, P // g, Hkv, ...)."""
+        with self._store.active():
+            self._fill_here(q, k, v, kb, vb)
+
+    def _fill_here(self, q, k, v, kb, vb):
         st, P, g, n = self._store, q.shape[1], self.group_size, self.n_summary
         B, Hkv, hg, D = self.batch, self.num_kv_heads, self.num_heads // self.num_kv_heads, self._D
         G = _held(P, g, self.window)

@@ -432,16 +432,17 @@ def test_gpu_mla_decode(case, dtype, monkeypatch):
     assert torch.isfinite(got.float()).all(), "non-finite (unwritten) elements"
     want = lca.attention(to64(q), to64(c), to64(r), **kw)
     err = rel_err(to64(got), want)
-    naive_err = 0.0
+    naive = None
     if dtype != "float32":
         k = torch.cat([c, r], -1)[:, :, None]
-        naive = torch_decode_rows(q, k, c[:, :, None], g, w, n or g, 1 / math.sqrt(Dc + Dr),
-                                  bias, Dc + Dr if score == "full" else Dc, Dc)
-        naive_err = rel_err(to64(naive), want)
-    bound = gpu_bound(naive_err, dtype)
+        naive = to64(torch_decode_rows(q, k, c[:, :, None], g, w, n or g, 1 / math.sqrt(Dc + Dr),
+                                       bias, Dc + Dr if score == "full" else Dc, Dc))
+    bound = gpu_bound(0.0 if naive is None else rel_err(naive, want), dtype)
     assert err <= bound, f"{dtype} decode error {err:.2e} > {bound:.2e}"
-    for t in range(P, L):                          # the decoded rows one by one
-        assert rel_err(to64(got[:, t]), want[:, t]) <= 4 * bound, f"row {t}"
+    for t in range(P, L):        # the decoded rows one by one, each held to the same SPEC §8 rule
+        b_t = gpu_bound(0.0 if naive is None else rel_err(naive[:, t], want[:, t]), dtype)
+        e_t = rel_err(to64(got[:, t]), want[:, t])
+        assert e_t <= b_t, f"row {t}: {dtype} error {e_t:.2e} > {b_t:.2e}"
 
 
 GPU_GQA = [  # B, L, H, Hkv, D, Dv, g, w, n, key_mode, rep_bias, P
@@ -512,7 +513,11 @@ def test_gpu_errors_leave_the_cache_unchanged():
 
 @gpu
 def test_gpu_step_on_callers_stream_and_no_sync():
+    """Each step captured in a CUDA graph and replayed (tests/torch_lca.run_captured: recorded on
+    the caller's stream, no synchronisation, no host round trip) equals the eager steps of a
+    twin cache, outputs and storage, across condensations."""
     torch = _torch()
+    from torch_lca import run_captured
     B, H, Dc, Dr, L = 2, 16, 512, 64, 40
     q = torch.randn(B, L, H, Dc + Dr, device="cuda", dtype=torch.bfloat16)
     c = torch.randn(B, L, Dc, device="cuda", dtype=torch.bfloat16)
@@ -521,20 +526,17 @@ def test_gpu_step_on_callers_stream_and_no_sync():
     a, b = lca.LatentCache(B, H, Dc, Dr, L, **kw), lca.LatentCache(B, H, Dc, Dr, L, **kw)
     a.prefill(q[:, :10], c[:, :10], r[:, :10])
     b.prefill(q[:, :10], c[:, :10], r[:, :10])
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    outs_a, outs_b = [], []
-    with torch.cuda.stream(s):
-        for t in range(10, L):
-            outs_a.append(a.step(q[:, t], c[:, t], r[:, t]))
-    s.synchronize()
     for t in range(10, L):
-        outs_b.append(b.step(q[:, t], c[:, t], r[:, t]))
-    assert all(torch.equal(x, y) for x, y in zip(outs_a, outs_b))
+        got = run_captured(lambda: a.step(q[:, t], c[:, t], r[:, t]))
+        assert torch.equal(got, b.step(q[:, t], c[:, t], r[:, t])), f"step {t}"
+    assert a.length == b.length == L
+    assert all(torch.equal(x, y) for x, y in zip(a._held_arrays, b._held_arrays))
 
 
 @gpu
 def test_gpu_cupy_cache():
+    """A CuPy cache on the last device, called while device 0 is current (on a machine with
+    several GPUs: a cache off the current device; with one: the plain case)."""
     cp = pytest.importorskip("cupy")
     rng = np.random.default_rng(5)
     B, L, H, Dc, Dr = 1, 30, 4, 64, 16
@@ -542,13 +544,19 @@ def test_gpu_cupy_cache():
     c = rng.standard_normal((B, L, Dc)).astype(np.float32)
     r = rng.standard_normal((B, L, Dr)).astype(np.float32)
     kw = dict(group_size=4, window=6)
-    cache = lca.LatentCache(B, H, Dc, Dr, L, dtype="float32", device=cp.cuda.Device(0), **kw)
-    rows = [cp.asnumpy(cache.prefill(cp.asarray(q[:, :7]), cp.asarray(c[:, :7]),
-                                     cp.asarray(r[:, :7])))]
-    for t in range(7, L):
-        o = cache.step(cp.asarray(q[:, t]), cp.asarray(c[:, t]), cp.asarray(r[:, t]))
-        assert isinstance(o, cp.ndarray)
-        rows.append(cp.asnumpy(o)[:, None])
+    dev = cp.cuda.Device(cp.cuda.runtime.getDeviceCount() - 1)
+
+    def on_dev(a):
+        with dev:
+            return cp.asarray(a)
+
+    with cp.cuda.Device(0):
+        cache = lca.LatentCache(B, H, Dc, Dr, L, dtype="float32", device=dev, **kw)
+        rows = [cp.asnumpy(cache.prefill(on_dev(q[:, :7]), on_dev(c[:, :7]), on_dev(r[:, :7])))]
+        for t in range(7, L):
+            o = cache.step(on_dev(q[:, t]), on_dev(c[:, t]), on_dev(r[:, t]))
+            assert isinstance(o, cp.ndarray) and o.device.id == dev.id
+            rows.append(cp.asnumpy(o)[:, None])
     want = lca.attention(q.astype(np.float64), c.astype(np.float64), r.astype(np.float64), **kw)
     assert rel_err(np.concatenate(rows, 1), want) <= 1e-5
 

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(not lca.HAS_CUDA, reason="needs a CUDA device")
 torch = pytest.importorskip("torch") if lca.HAS_CUDA else None
 
 if lca.HAS_CUDA:
-    from torch_lca import gqa_lca, mla_lca, rand, rel, to_np  # noqa: E402  (tests/ on sys.path)
+    from torch_lca import gqa_lca, mla_lca, rand, rel, run_captured, to_np  # noqa: E402
 
 DTYPES = ["float32", "bfloat16", "float16"]
 
@@ -132,14 +132,18 @@ def test_unbatched_attend_and_window_exact():
 
 
 def test_runs_on_the_callers_stream():
+    """Recorded on the caller's stream with no synchronisation (tests/torch_lca.run_captured)."""
     gen = torch.Generator(device="cuda").manual_seed(3)
     q, k, v = (rand(gen, (1, 300, 8, 64), "bfloat16") for _ in range(3))
-    s = torch.cuda.Stream()
-    with torch.cuda.stream(s):
-        out = lca.gqa_attention(q, k, v, group_size=16, window=32)
-    s.synchronize()
     ref = lca.gqa_attention(q, k, v, group_size=16, window=32)
+    out = run_captured(lambda: lca.gqa_attention(q, k, v, group_size=16, window=32))
     assert torch.equal(out, ref)
+    c, r = rand(gen, (1, 300, 576), "bfloat16").split([512, 64], -1)
+    qm = rand(gen, (1, 300, 16, 576), "bfloat16")
+    ref = lca.attention(qm, c, r, group_size=16, window=32, return_lse=True)
+    got = run_captured(lambda: lca.attention(qm, c, r, group_size=16, window=32,
+                                             return_lse=True))
+    assert all(torch.equal(a, b) for a, b in zip(got, ref))
 
 
 def test_cupy_intake():

@@ -70,3 +70,20 @@ def rand(gen, shape, dtype):
     """Standard normal on the GPU, drawn in float32 and rounded to dtype (a name)."""
     return torch.randn(shape, generator=gen, dtype=torch.float32, device="cuda").to(
         getattr(torch, dtype))
+
+
+def run_captured(fn):
+    """fn() captured in a CUDA graph, its results poisoned with NaN, then the graph replayed; returns
+    fn's results.  torch.cuda.graph captures on a stream of its own in global mode, so a kernel
+    launched on any other stream fails the capture (legacy default stream) or is not recorded
+    (its results stay NaN), and a device-wide synchronisation or host round trip fails it: the
+    results are right only if every launch went to the caller's current stream."""
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        res = fn()
+    for t in (res if isinstance(res, (tuple, list)) else (res,)):
+        t.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    return res
