@@ -24,7 +24,7 @@ stage() {   # name, seconds, command...
 for st in "${@:-tests prefill}"; do
   case $st in
     tests)   stage tests 200 python3 -m pytest -q -p no:cacheprovider ${LCA_TESTS:-tests} ;;
-    prefill) stage prefill 120 python3 benchmarks/bench_prefill.py --lengths 8192 32768 131072 \
+    prefill) stage prefill 150 python3 benchmarks/bench_prefill.py --lengths 8192 32768 65536 131072 \
                --reps 3 --backward --no-flex ;;
     decode)  stage decode 90 python3 benchmarks/bench_decode.py --reps 20 ;;
     flex)    stage flex 150 python3 benchmarks/bench_prefill.py --lengths 131072 --reps 3 \
