@@ -38,6 +38,7 @@ namespace lca {
 namespace gqa90 {
 
 constexpr int kRows = 128, kKeys = 64, kDV = 128, kStages = 4, kThreads = 384;
+constexpr int kDefaultVariant = 0;
 
 template <int D> struct Layout {
     static constexpr int kQ = kRows * D;           /* elements */
@@ -122,6 +123,16 @@ __device__ __forceinline__ void mbar_wait(uint64_t *bar, uint32_t parity) {
                  : LCA_ACC8(0)                                                                 \
                  : "l"(da), "l"(db), "r"(acc))
 
+/* the same with A from registers (the m16n8k16 A fragment of this warp's 16 rows) */
+#define LCA_WGMMA_M64N64_RS(TY)                                                                \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                 \
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " {"                  \
+                 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "      \
+                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, " \
+                 "%31}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"                           \
+                 : LCA_ACC8(0)                                                                 \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(acc))
+
 /* d += A B, m64n128k16, A from registers (the m16n8k16 A fragment of this warp's 16 rows),
  * B from shared memory read N-major (transposed). */
 #define LCA_WGMMA_M64N128_RS(TY)                                                               \
@@ -143,6 +154,14 @@ __device__ __forceinline__ void wgmma_qk(float (&d)[8][4], uint64_t da, uint64_t
                                          __half *) {
     LCA_WGMMA_M64N64_SS("f16");
 }
+__device__ __forceinline__ void wgmma_qk(float (&d)[8][4], const uint32_t (&a)[4], uint64_t db,
+                                         int acc, __nv_bfloat16 *) {
+    LCA_WGMMA_M64N64_RS("bf16");
+}
+__device__ __forceinline__ void wgmma_qk(float (&d)[8][4], const uint32_t (&a)[4], uint64_t db,
+                                         int acc, __half *) {
+    LCA_WGMMA_M64N64_RS("f16");
+}
 __device__ __forceinline__ void wgmma_pv(float (&d)[16][4], const uint32_t (&a)[4], uint64_t db,
                                          __nv_bfloat16 *) {
     LCA_WGMMA_M64N128_RS("bf16");
@@ -154,20 +173,32 @@ __device__ __forceinline__ void wgmma_pv(float (&d)[16][4], const uint32_t (&a)[
 
 /* Copy n rows of width W from a strided global view into a 64-row swizzled tile with 128
  * threads (cp.async, 16 bytes a thread); rows n .. 63 are zeroed.  src(r): row r's address. */
-template <typename T, int W, typename F>
+template <typename T, int W, bool ZFILL = false, typename F>
 __device__ __forceinline__ void load_tile(T *tile, int n, int tid, F src) {
     constexpr int V = W / 8;
 #pragma unroll 4
     for (int i = tid; i < 64 * V; i += 128) {
         const int r = i / V, c = i % V;
         T *dst = tile + sw(r, c);
-        if (r < n) cp_async16(dst, src(r) + 8 * c);
-        else *(uint4 *)dst = make_uint4(0, 0, 0, 0);
+        if (r < n) {
+            cp_async16(dst, src(r) + 8 * c);
+        } else if (ZFILL) {            /* 16 zero bytes by cp.async: nothing read (src-size 0) */
+            const uint32_t a = (uint32_t)__cvta_generic_to_shared(dst);
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16, 0;\n" ::"r"(a), "l"(src(0)));
+        } else {
+            *(uint4 *)dst = make_uint4(0, 0, 0, 0);
+        }
     }
 }
 
-template <typename T, int D>
+/* VAR: bit 0 — the two consumers take turns issuing their products (named barriers 3 and 4),
+ * so one's softmax runs under the other's wgmma; bit 1 — the producer never waits for its
+ * copies: each thread's cp.async.mbarrier.arrive signals the stage when its copies land, and
+ * the consumers fence the async proxy after the wait; bit 2 — Q from registers (S = Q K^T
+ * with A from registers: only K is read from shared memory by each product). */
+template <typename T, int D, int VAR>
 __global__ void __launch_bounds__(kThreads, 1) lca_attend_gqa_wgmma_kernel(lca_params p) {
+    constexpr bool kPingPong = VAR & 1, kNoWait = VAR & 2, kQRegs = VAR & 4;
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
     using Ly = Layout<D>;
     extern __shared__ unsigned char smem_raw[];
@@ -201,36 +232,46 @@ __global__ void __launch_bounds__(kThreads, 1) lca_attend_gqa_wgmma_kernel(lca_p
 
     if (wg == 0) {
         /* producer: stage blk % kStages holds key block blk; its registers go to the consumers */
-        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 56;\n" ::: "memory");
         auto issue = [&](int64_t blk) {
             const bool cond = blk < ncond_blocks;
             const int64_t key0 = block_start(blk), kend = cond ? Gmax : t_last + 1;
             const int nk = (int)(kend - key0 < kKeys ? kend - key0 : kKeys);
             const lca_view &kv = cond ? p.kbar : p.k, &vv = cond ? p.vbar : p.v;
             T *Ks = St + (int)(blk % kStages) * Ly::kStage, *Vs = Ks + Ly::kK;
-            load_tile<T, D>(Ks, nk, tid, [&](int r) { return row<const T>(kv, b, key0 + r, h); });
-            load_tile<T, kDV>(Vs, nk, tid,
-                              [&](int r) { return row<const T>(vv, b, key0 + r, h); });
-            cp_async_commit();
+            load_tile<T, D, kNoWait>(Ks, nk, tid,
+                                     [&](int r) { return row<const T>(kv, b, key0 + r, h); });
+            load_tile<T, kDV, kNoWait>(Vs, nk, tid,
+                                       [&](int r) { return row<const T>(vv, b, key0 + r, h); });
+            if (kNoWait) {                 /* arrives on `full` once this thread's copies land */
+                const uint32_t a = (uint32_t)__cvta_generic_to_shared(&full[blk % kStages]);
+                asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(a)
+                             : "memory");
+            } else {
+                cp_async_commit();
+            }
         };
         for (int64_t blk = 0; blk < nblocks; blk++) {
             if (blk >= kStages)                            /* both consumers done with it */
                 mbar_wait(&empty[blk % kStages], (uint32_t)((blk / kStages - 1) & 1));
             issue(blk);
-            if (blk >= 1) {                                /* the previous block has landed */
+            if (!kNoWait && blk >= 1) {                    /* the previous block has landed */
                 cp_async_wait<1>();
                 fence_async_smem();
                 mbar_arrive(&full[(blk - 1) % kStages]);
             }
         }
-        cp_async_wait<0>();
-        fence_async_smem();
-        mbar_arrive(&full[(nblocks - 1) % kStages]);
+        cp_async_commit();
+        cp_async_wait<0>();                                /* nothing in flight at exit */
+        if (!kNoWait) {
+            fence_async_smem();
+            mbar_arrive(&full[(nblocks - 1) % kStages]);
+        }
         return;
     }
 
     /* consumer warpgroup cw: rows Rw .. Rw+63 */
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 224;\n" ::: "memory");
     const int cw = wg - 1, warp = tid >> 5, lane = tid & 31, gq = lane >> 2, tq = lane & 3;
     const int64_t Rw = R0 + cw * 64;
     T *Qw = Qs + cw * 64 * D;
@@ -271,22 +312,38 @@ __global__ void __launch_bounds__(kThreads, 1) lca_attend_gqa_wgmma_kernel(lca_p
     uint32_t pa[kKeys / 16][4];
     float corr[2];
 
-    auto qk = [&](int64_t blk) {
-        const T *Ks = St + (int)(blk % kStages) * Ly::kStage;
+    /* Q as A fragments in registers (kQRegs) */
+    uint32_t qf[kQRegs ? D / 16 : 1][4];
+    if constexpr (kQRegs) {
 #pragma unroll
         for (int ks = 0; ks < D / 16; ks++) {
-            const int cb = ks >> 2, kin = (ks & 3) * 16;  /* 64-column block, offset in it */
-            wgmma_qk(s, gdesc(Qw + cb * 64 * 64 + kin, 16, 1024),
-                     gdesc(Ks + cb * 64 * 64 + kin, 16, 1024), ks > 0, (T *)nullptr);
+            const int r = warp * 16 + gq, c = ks * 2;          /* 16-byte chunks c, c + 1 */
+            qf[ks][0] = *(const uint32_t *)(Qw + sw(r, c) + 2 * tq);
+            qf[ks][1] = *(const uint32_t *)(Qw + sw(r + 8, c) + 2 * tq);
+            qf[ks][2] = *(const uint32_t *)(Qw + sw(r, c + 1) + 2 * tq);
+            qf[ks][3] = *(const uint32_t *)(Qw + sw(r + 8, c + 1) + 2 * tq);
+        }
+    }
+    /* descriptors: the tile's, plus the offset in 16-byte units (the address field) */
+    const uint64_t dq = gdesc(Qw, 16, 1024);
+    auto qk = [&](int64_t blk) {
+        const uint64_t dk = gdesc(St + (int)(blk % kStages) * Ly::kStage, 16, 1024);
+#pragma unroll
+        for (int ks = 0; ks < D / 16; ks++) {
+            /* 64-column block ks / 4, 16 columns (32 bytes) on per step inside it */
+            const int off = ((ks >> 2) * 64 * 64 * 2 + (ks & 3) * 32) >> 4;
+            if constexpr (kQRegs) wgmma_qk(s, qf[ks], dk + off, ks > 0, (T *)nullptr);
+            else wgmma_qk(s, dq + off, dk + off, ks > 0, (T *)nullptr);
         }
     };
     /* O += P V: V N-major (transposed B): LBO = the next 64 output columns (8 KB on), SBO =
        the next 8 keys (1 KB on) */
     auto pv = [&](int64_t blk) {
-        const T *Vs = St + (int)(blk % kStages) * Ly::kStage + Ly::kK;
+        const uint64_t dv = gdesc(St + (int)(blk % kStages) * Ly::kStage + Ly::kK, 64 * 64 * 2,
+                                  1024);
 #pragma unroll
-        for (int kk = 0; kk < kKeys / 16; kk++)
-            wgmma_pv(o, pa[kk], gdesc(Vs + kk * 16 * 64, 64 * 64 * 2, 1024), (T *)nullptr);
+        for (int kk = 0; kk < kKeys / 16; kk++)                  /* 16 keys = 2 KB on */
+            wgmma_pv(o, pa[kk], dv + ((kk * 16 * 64 * 2) >> 4), (T *)nullptr);
     };
     /* scale (log2 domain), mask only where some row of the warpgroup sees part of the block,
        online softmax: s becomes exp2(s - m), corr the factor for O */
@@ -352,29 +409,45 @@ __global__ void __launch_bounds__(kThreads, 1) lca_attend_gqa_wgmma_kernel(lca_p
             pa[kk][3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
         }
     };
+    auto wait_full = [&](int64_t blk) {
+        mbar_wait(&full[blk % kStages], (uint32_t)((blk / kStages) & 1));
+        if (kNoWait) fence_async_smem();
+    };
+    /* ping-pong: wait for this warpgroup's turn to issue, then hand the turn over */
+    auto turn_wait = [&]() {
+        if (kPingPong) asm volatile("bar.sync %0, 256;\n" ::"r"(3 + cw) : "memory");
+    };
+    auto turn_pass = [&]() {
+        if (kPingPong) asm volatile("bar.arrive %0, 256;\n" ::"r"(4 - cw) : "memory");
+    };
     auto release = [&](int64_t blk) {
         __syncwarp();
         if (lane == 0) mbar_arrive(&empty[blk % kStages]);
     };
 
-    mbar_wait(&full[0], 0);
+    if (cw == 1) turn_pass();                             /* warpgroup 0 issues first */
+    wait_full(0);
     reg_fence(s);
+    turn_wait();
     wg_fence();
     qk(0);
     wg_commit();
+    turn_pass();
     wg_wait<0>();
     reg_fence(s);
     softmax(0);
     rescale_pack();
     for (int64_t blk = 1; blk < nblocks; blk++) {
-        mbar_wait(&full[blk % kStages], (uint32_t)((blk / kStages) & 1));
+        wait_full(blk);
         reg_fence(o);
         reg_fence(pa);
+        turn_wait();
         wg_fence();
         qk(blk);                                          /* S_blk */
         wg_commit();
         pv(blk - 1);                                      /* O += P_{blk-1} V_{blk-1} */
         wg_commit();
+        turn_pass();
         wg_wait<1>();                                     /* S_blk ready */
         reg_fence(s);
         softmax(blk);
@@ -384,9 +457,11 @@ __global__ void __launch_bounds__(kThreads, 1) lca_attend_gqa_wgmma_kernel(lca_p
         release(blk - 1);
         rescale_pack();
     }
+    turn_wait();
     wg_fence();
     pv(nblocks - 1);
     wg_commit();
+    if (cw == 0) turn_pass();                             /* warpgroup 1's last turn */
     wg_wait<0>();
     reg_fence(o);
     release(nblocks - 1);
@@ -411,8 +486,8 @@ __global__ void __launch_bounds__(kThreads, 1) lca_attend_gqa_wgmma_kernel(lca_p
 #endif
 }
 
-template <typename T, int D> int launch(const lca_params *p, cudaStream_t stream) {
-    auto kernel = lca_attend_gqa_wgmma_kernel<T, D>;
+template <typename T, int D, int VAR> int launch(const lca_params *p, cudaStream_t stream) {
+    auto kernel = lca_attend_gqa_wgmma_kernel<T, D, VAR>;
     const size_t smem = Layout<D>::kBytes;
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          (int)smem);
@@ -449,11 +524,27 @@ extern "C" int lca_cuda_gqa_wgmma_supported(const lca_params *p, int device) {
            p->B <= 65535;
 }
 
-extern "C" int lca_cuda_attend_gqa_wgmma(const lca_params *p, void *stream) {
+template <int VAR> static int launch_var(const lca_params *p, cudaStream_t s) {
     using namespace lca::gqa90;
-    cudaStream_t s = (cudaStream_t)stream;
     const bool bf = p->dtype == LCA_BF16;
     if (p->D == 192)
-        return bf ? launch<__nv_bfloat16, 192>(p, s) : launch<__half, 192>(p, s);
-    return bf ? launch<__nv_bfloat16, 128>(p, s) : launch<__half, 128>(p, s);
+        return bf ? launch<__nv_bfloat16, 192, VAR>(p, s) : launch<__half, 192, VAR>(p, s);
+    return bf ? launch<__nv_bfloat16, 128, VAR>(p, s) : launch<__half, 128, VAR>(p, s);
+}
+
+/* LCA_GQA90_VARIANT (0..7, a tuning knob; see the kernel's VAR) overrides the default. */
+extern "C" int lca_cuda_attend_gqa_wgmma(const lca_params *p, void *stream) {
+    cudaStream_t s = (cudaStream_t)stream;
+    const char *env = getenv("LCA_GQA90_VARIANT");
+    const int var = env && *env ? atoi(env) & 7 : lca::gqa90::kDefaultVariant;
+    switch (var) {
+    case 1: return launch_var<1>(p, s);
+    case 2: return launch_var<2>(p, s);
+    case 3: return launch_var<3>(p, s);
+    case 4: return launch_var<4>(p, s);
+    case 5: return launch_var<5>(p, s);
+    case 6: return launch_var<6>(p, s);
+    case 7: return launch_var<7>(p, s);
+    default: return launch_var<0>(p, s);
+    }
 }
