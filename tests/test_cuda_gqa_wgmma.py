@@ -115,3 +115,24 @@ def test_other_shapes_do_not_take_it():
     q, k, v = (rand(gen, (1, 100, 4, s), "float32") for s in (192, 192, 128))
     lca.gqa_attention(q, k, v, group_size=8, window=16)
     assert _C.cuda_last_attend_kernel() == "simt"                # float32
+
+
+VARIANT_CASES = [CASES[1], CASES[3], CASES[6], CASES[9]]
+
+
+@pytest.mark.parametrize("variant", range(1, 8))
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("case", VARIANT_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_gqa_wgmma_tuning_variants(case, dtype, variant, monkeypatch):
+    """LCA_GQA90_VARIANT (a tuning knob, not the default): ping-pong turns (bit 0), a producer
+    that never waits (bit 1), Q from registers (bit 2) must give the default's answer."""
+    if not hopper():
+        pytest.skip("the variants exist only in the sm_90a kernel")
+    q, k, v, kw, out, lse, kernel = run_case(case, dtype, "variant")
+    monkeypatch.setenv("LCA_GQA90_VARIANT", str(variant))
+    got, got_lse = lca.gqa_attention(q, k, v, return_lse=True, **kw)
+    assert _C.cuda_last_attend_kernel() == "gqa_wgmma"
+    check(q, k, v, kw, got, got_lse, dtype)
+    # the same products in the same order: equal to the default up to the order of the
+    # floating-point sums the compiler picks
+    assert rel(to_np(got), to_np(out)) <= 1e-2 and rel(to_np(got_lse), to_np(lse)) <= 1e-4

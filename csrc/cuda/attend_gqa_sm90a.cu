@@ -232,7 +232,8 @@ __global__ void __launch_bounds__(kThreads, 1) lca_attend_gqa_wgmma_kernel(lca_p
 
     if (wg == 0) {
         /* producer: stage blk % kStages holds key block blk; its registers go to the consumers */
-        asm volatile("setmaxnreg.dec.sync.aligned.u32 56;\n" ::: "memory");
+        if constexpr (kNoWait) asm volatile("setmaxnreg.dec.sync.aligned.u32 56;\n" ::: "memory");
+        else asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
         auto issue = [&](int64_t blk) {
             const bool cond = blk < ncond_blocks;
             const int64_t key0 = block_start(blk), kend = cond ? Gmax : t_last + 1;
@@ -261,7 +262,7 @@ __global__ void __launch_bounds__(kThreads, 1) lca_attend_gqa_wgmma_kernel(lca_p
                 mbar_arrive(&full[(blk - 1) % kStages]);
             }
         }
-        cp_async_commit();
+        if (kNoWait) cp_async_commit();                    /* (its copies are ungrouped) */
         cp_async_wait<0>();                                /* nothing in flight at exit */
         if (!kNoWait) {
             fence_async_smem();
@@ -271,7 +272,8 @@ __global__ void __launch_bounds__(kThreads, 1) lca_attend_gqa_wgmma_kernel(lca_p
     }
 
     /* consumer warpgroup cw: rows Rw .. Rw+63 */
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 224;\n" ::: "memory");
+    if constexpr (kNoWait) asm volatile("setmaxnreg.inc.sync.aligned.u32 224;\n" ::: "memory");
+    else asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
     const int cw = wg - 1, warp = tid >> 5, lane = tid & 31, gq = lane >> 2, tq = lane & 3;
     const int64_t Rw = R0 + cw * 64;
     T *Qw = Qs + cw * 64 * D;
@@ -324,26 +326,26 @@ __global__ void __launch_bounds__(kThreads, 1) lca_attend_gqa_wgmma_kernel(lca_p
             qf[ks][3] = *(const uint32_t *)(Qw + sw(r + 8, c + 1) + 2 * tq);
         }
     }
-    /* descriptors: the tile's, plus the offset in 16-byte units (the address field) */
-    const uint64_t dq = gdesc(Qw, 16, 1024);
     auto qk = [&](int64_t blk) {
-        const uint64_t dk = gdesc(St + (int)(blk % kStages) * Ly::kStage, 16, 1024);
+        const T *Ks = St + (int)(blk % kStages) * Ly::kStage;
 #pragma unroll
         for (int ks = 0; ks < D / 16; ks++) {
-            /* 64-column block ks / 4, 16 columns (32 bytes) on per step inside it */
-            const int off = ((ks >> 2) * 64 * 64 * 2 + (ks & 3) * 32) >> 4;
-            if constexpr (kQRegs) wgmma_qk(s, qf[ks], dk + off, ks > 0, (T *)nullptr);
-            else wgmma_qk(s, dq + off, dk + off, ks > 0, (T *)nullptr);
+            const int cb = ks >> 2, kin = (ks & 3) * 16;  /* 64-column block, offset in it */
+            if constexpr (kQRegs)
+                wgmma_qk(s, qf[ks], gdesc(Ks + cb * 64 * 64 + kin, 16, 1024), ks > 0,
+                         (T *)nullptr);
+            else
+                wgmma_qk(s, gdesc(Qw + cb * 64 * 64 + kin, 16, 1024),
+                         gdesc(Ks + cb * 64 * 64 + kin, 16, 1024), ks > 0, (T *)nullptr);
         }
     };
     /* O += P V: V N-major (transposed B): LBO = the next 64 output columns (8 KB on), SBO =
        the next 8 keys (1 KB on) */
     auto pv = [&](int64_t blk) {
-        const uint64_t dv = gdesc(St + (int)(blk % kStages) * Ly::kStage + Ly::kK, 64 * 64 * 2,
-                                  1024);
+        const T *Vs = St + (int)(blk % kStages) * Ly::kStage + Ly::kK;
 #pragma unroll
-        for (int kk = 0; kk < kKeys / 16; kk++)                  /* 16 keys = 2 KB on */
-            wgmma_pv(o, pa[kk], dv + ((kk * 16 * 64 * 2) >> 4), (T *)nullptr);
+        for (int kk = 0; kk < kKeys / 16; kk++)
+            wgmma_pv(o, pa[kk], gdesc(Vs + kk * 16 * 64, 64 * 64 * 2, 1024), (T *)nullptr);
     };
     /* scale (log2 domain), mask only where some row of the warpgroup sees part of the block,
        online softmax: s becomes exp2(s - m), corr the factor for O */
