@@ -638,7 +638,8 @@ static PyMethodDef methods[] = {
     {"cuda_decode_step", py_cuda_decode_step, METH_VARARGS, cuda_decode_step_doc},
     {"cuda_device_count", py_cuda_device_count, METH_NOARGS, "CUDA devices visible (0: none)."},
     {"cuda_last_attend_kernel", py_cuda_last_attend_kernel, METH_NOARGS,
-     "The kernel the last cuda_attend launched: 'mla_wgmma', 'mla', 'wide', 'mma' or 'simt' ('' before any)."},
+     "The kernel the last cuda_attend launched: 'mla_wgmma', 'gqa_wgmma', 'mla', 'wide', 'mma' or "
+     "'simt' ('' before any)."},
 #endif
     {NULL, NULL, 0, NULL},
 };

@@ -1,6 +1,7 @@
 /* attend_fwd.cu — SPEC §3 attention forward on the GPU: the entry point and its routing, and
  * the portable kernel.  bf16/fp16 calls go to the tensor cores: absorbed MLA 576/512 on a
- * compute 9.0 device to attend_mla_sm90a.cu (wgmma), the other absorbed widths and GQA 256/256
+ * compute 9.0 device to attend_mla_sm90a.cu (wgmma), GQA 192/128 and 128/128 there to
+ * attend_gqa_sm90a.cu (wgmma), the other absorbed widths and GQA 256/256
  * to attend_mla.cu, the 64/128/192-wide heads to attend_mma.cu (both mma.sync).  Everything
  * else takes the portable kernel (CUDA cores, any NVIDIA GPU from sm_80): one warp per query
  * row (b, t, head), walking its visible entries — the condensed ones, then the exact window — in
@@ -91,8 +92,8 @@ static bool disabled(const char *kernel) {
 }
 
 /* Which kernel the last lca_cuda_attend_fwd call launched ("mla_wgmma": attend_mla_sm90a.cu,
- * "mla": attend_mla.cu on the absorbed widths, "wide": the same kernel on GQA 256/256, "mma",
- * "simt"; "" before any): evidence for the tests that a call took the fast path, not a silent
+ * "gqa_wgmma": attend_gqa_sm90a.cu, "mla": attend_mla.cu on the absorbed widths, "wide": the
+ * same kernel on GQA 256/256, "mma", "simt"; "" before any): evidence for the tests that a call took the fast path, not a silent
  * fallback. */
 static const char *last_attend_kernel = "";
 
@@ -123,6 +124,15 @@ extern "C" int lca_cuda_attend_fwd(const lca_params *p, int device, void *stream
         if (s != LCA_OK && e == cudaSuccess) e = cudaErrorInvalidValue;
         return e == cudaSuccess ? LCA_OK
                                 : cuda_error(e, "lca_attend_mla_wgmma_kernel launch", err, errlen);
+    }
+    if (!disabled("wgmma") && !disabled("mma") &&
+        lca_cuda_gqa_wgmma_supported(p, device)) {   /* Hopper: attend_gqa_sm90a.cu */
+        last_attend_kernel = "gqa_wgmma";
+        int s = lca_cuda_attend_gqa_wgmma(p, stream);
+        cudaError_t e = cudaGetLastError();
+        if (s != LCA_OK && e == cudaSuccess) e = cudaErrorInvalidValue;
+        return e == cudaSuccess ? LCA_OK
+                                : cuda_error(e, "lca_attend_gqa_wgmma_kernel launch", err, errlen);
     }
 #endif
     if (lca_cuda_mla_supported(p, device) && !disabled("mma")) {  /* absorbed MLA, GQA 256 */

@@ -91,3 +91,8 @@ extern "C" int lca_cuda_attend_mla(const lca_params *p, void *stream);
  * forward for the absorbed 576/512 shape, the default there on compute 9.0. */
 extern "C" int lca_cuda_mla_wgmma_supported(const lca_params *p, int device);
 extern "C" int lca_cuda_attend_mla_wgmma(const lca_params *p, void *stream);
+
+/* attend_gqa_sm90a.cu (sm_90a only, likewise): the wgmma forward for GQA heads 192/128 (the
+ * non-absorbed MLA shape) and 128/128, the default there on compute 9.0. */
+extern "C" int lca_cuda_gqa_wgmma_supported(const lca_params *p, int device);
+extern "C" int lca_cuda_attend_gqa_wgmma(const lca_params *p, void *stream);

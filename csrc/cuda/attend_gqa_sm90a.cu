@@ -1,0 +1,552 @@
+/* attend_gqa_sm90a.cu — SPEC §3 attention forward for GQA/MHA heads (D, Dv) in {(192, 128),
+ * (128, 128)} — the non-absorbed MLA shape and 128-wide heads — on Hopper's warpgroup tensor
+ * cores (wgmma, sm_90a only: setup.py compiles the *_sm90a.cu files for that target alone;
+ * attend_fwd.cu routes here only on a compute 9.0 device; LCA_CUDA_DISABLE=wgmma selects the
+ * mma.sync kernel attend_mma.cu instead).
+ *
+ * A block owns 128 score rows of one (batch, kv head) — rows R0 .. R0+127 of the flattened
+ * (position, head-in-group) space, as in attend_mma.cu — and walks the same key blocks of 64:
+ * the condensed entries [0, G(t_last)), then the exact tokens [G(t_first)*g, t_last].
+ * Three warpgroups, specialised:
+ *   - warpgroup 0, the producer, copies each key block's K and V tiles into a ring of kStages
+ *     shared-memory stages (cp.async, 16 bytes a thread), waits for its copies one block
+ *     behind, makes them visible to the tensor cores (fence.proxy.async) and signals the
+ *     stage's `full` mbarrier; it refills a stage once its `empty` mbarrier says both
+ *     consumers are done with it;
+ *   - warpgroups 1 and 2, the consumers, own 64 rows each (their Q tile loaded once).  Per key
+ *     block j: S_j = Q K_j^T as D/16 wgmma m64n64k16 (Q and K from shared memory) is issued,
+ *     then O += P_{j-1} V_{j-1} as 4 wgmma m64n128k16 with P_{j-1} from registers (A operand)
+ *     and V from shared memory read N-major; the online softmax of S_j (float32, base 2, masks
+ *     only on key blocks that some row of the warpgroup sees in part) runs while the P V
+ *     product is still in the tensor cores; then O is rescaled and P_j packed to bf16/fp16.
+ *     The two consumers run unsynchronised, so one's softmax also overlaps the other's
+ *     products.
+ * The m64nN accumulator fragment of warp w of a warpgroup is the mma.sync m16n8 fragment of
+ * rows 16w .. 16w+15, and the register A fragment of m64nNk16 is the m16n8k16 A fragment, so
+ * the softmax and the P packing are attend_mma.cu's.
+ *
+ * Shared memory: every tile in the 128-byte-swizzled layout of attend_mla_sm90a.cu (64-column
+ * blocks of 128-byte rows, 16-byte chunk c of row r at chunk c ^ (r & 7), 1024-byte aligned):
+ * Q 128 x D, kStages x (K 64 x D, V 64 x 128), the mbarriers: 208 KB at D = 192.  One block
+ * per SM.  Row tiles run heaviest first. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "mma.cuh"
+
+namespace lca {
+namespace gqa90 {
+
+constexpr int kRows = 128, kKeys = 64, kDV = 128, kStages = 4, kThreads = 384;
+constexpr int kDefaultVariant = 0;
+
+template <int D> struct Layout {
+    static constexpr int kQ = kRows * D;           /* elements */
+    static constexpr int kK = kKeys * D;
+    static constexpr int kStage = kK + kKeys * kDV;
+    static constexpr size_t kBytes = 2 * (size_t)(kQ + kStages * kStage) + 2 * kStages * 8 + 1024;
+};
+
+/* element offset of 16-byte chunk c (of 8 elements) of row r in a 64-row swizzled tile */
+__device__ __forceinline__ int sw(int r, int c) {
+    return (c >> 3) * (64 * 64) + r * 64 + (((c & 7) ^ (r & 7)) << 3);
+}
+
+/* wgmma shared-memory descriptor: 128-byte swizzle, byte offsets lbo and sbo */
+__device__ __forceinline__ uint64_t gdesc(const void *p, uint32_t lbo, uint32_t sbo) {
+    const uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
+    return (uint64_t)((a & 0x3FFFF) >> 4) | ((uint64_t)((lbo >> 4) & 0x3FFF) << 16) |
+           ((uint64_t)((sbo >> 4) & 0x3FFF) << 32) | (1ull << 62);
+}
+
+__device__ __forceinline__ void wg_fence() {
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void wg_commit() {
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+template <int N> __device__ __forceinline__ void wg_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+/* generic-proxy shared-memory writes (cp.async, st.shared) made visible to wgmma reads */
+__device__ __forceinline__ void fence_async_smem() {
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+/* Register fences: the compiler sees a wgmma as finished when issued, so without these it could
+ * move reads of its accumulators above the wait, or rewrite its A registers before it. */
+template <int N> __device__ __forceinline__ void reg_fence(float (&d)[N][4]) {
+#pragma unroll
+    for (int n = 0; n < N; n++)
+        asm volatile("" : "+f"(d[n][0]), "+f"(d[n][1]), "+f"(d[n][2]), "+f"(d[n][3])::"memory");
+}
+template <int N> __device__ __forceinline__ void reg_fence(uint32_t (&d)[N][4]) {
+#pragma unroll
+    for (int n = 0; n < N; n++)
+        asm volatile("" : "+r"(d[n][0]), "+r"(d[n][1]), "+r"(d[n][2]), "+r"(d[n][3])::"memory");
+}
+
+__device__ __forceinline__ void mbar_init(uint64_t *bar, int count) {
+    const uint32_t a = (uint32_t)__cvta_generic_to_shared(bar);
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(a), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t *bar) {
+    const uint32_t a = (uint32_t)__cvta_generic_to_shared(bar);
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(a) : "memory");
+}
+/* wait for the completion of the phase of parity `parity` */
+__device__ __forceinline__ void mbar_wait(uint64_t *bar, uint32_t parity) {
+    const uint32_t a = (uint32_t)__cvta_generic_to_shared(bar);
+    uint32_t done;
+    do {
+        asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+                     "selp.u32 %0, 1, 0, p;\n}\n"
+                     : "=r"(done)
+                     : "r"(a), "r"(parity)
+                     : "memory");
+    } while (!done);
+}
+
+#define LCA_ACC1(i) "+f"(d[i][0]), "+f"(d[i][1]), "+f"(d[i][2]), "+f"(d[i][3])
+#define LCA_ACC4(i) LCA_ACC1(i), LCA_ACC1(i + 1), LCA_ACC1(i + 2), LCA_ACC1(i + 3)
+#define LCA_ACC8(i) LCA_ACC4(i), LCA_ACC4(i + 4)
+#define LCA_ACC16(i) LCA_ACC8(i), LCA_ACC8(i + 8)
+
+/* d (+)= A B, m64n64k16, A and B K-major from shared memory (descriptors da, db); acc = 0:
+ * d = A B.  TY the element type's PTX name. */
+#define LCA_WGMMA_M64N64_SS(TY)                                                                \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                 \
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " {"                  \
+                 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "      \
+                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, " \
+                 "%31}, %32, %33, p, 1, 1, 0, 0;\n}\n"                                          \
+                 : LCA_ACC8(0)                                                                 \
+                 : "l"(da), "l"(db), "r"(acc))
+
+/* the same with A from registers (the m16n8k16 A fragment of this warp's 16 rows) */
+#define LCA_WGMMA_M64N64_RS(TY)                                                                \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                 \
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " {"                  \
+                 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "      \
+                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, " \
+                 "%31}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"                           \
+                 : LCA_ACC8(0)                                                                 \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(acc))
+
+/* d += A B, m64n128k16, A from registers (the m16n8k16 A fragment of this warp's 16 rows),
+ * B from shared memory read N-major (transposed). */
+#define LCA_WGMMA_M64N128_RS(TY)                                                               \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                 \
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " {"                 \
+                 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "      \
+                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, " \
+                 "%31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, " \
+                 "%46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, " \
+                 "%61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"                  \
+                 : LCA_ACC16(0)                                                                \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1))
+
+__device__ __forceinline__ void wgmma_qk(float (&d)[8][4], uint64_t da, uint64_t db, int acc,
+                                         __nv_bfloat16 *) {
+    LCA_WGMMA_M64N64_SS("bf16");
+}
+__device__ __forceinline__ void wgmma_qk(float (&d)[8][4], uint64_t da, uint64_t db, int acc,
+                                         __half *) {
+    LCA_WGMMA_M64N64_SS("f16");
+}
+__device__ __forceinline__ void wgmma_qk(float (&d)[8][4], const uint32_t (&a)[4], uint64_t db,
+                                         int acc, __nv_bfloat16 *) {
+    LCA_WGMMA_M64N64_RS("bf16");
+}
+__device__ __forceinline__ void wgmma_qk(float (&d)[8][4], const uint32_t (&a)[4], uint64_t db,
+                                         int acc, __half *) {
+    LCA_WGMMA_M64N64_RS("f16");
+}
+__device__ __forceinline__ void wgmma_pv(float (&d)[16][4], const uint32_t (&a)[4], uint64_t db,
+                                         __nv_bfloat16 *) {
+    LCA_WGMMA_M64N128_RS("bf16");
+}
+__device__ __forceinline__ void wgmma_pv(float (&d)[16][4], const uint32_t (&a)[4], uint64_t db,
+                                         __half *) {
+    LCA_WGMMA_M64N128_RS("f16");
+}
+
+/* Copy n rows of width W from a strided global view into a 64-row swizzled tile with 128
+ * threads (cp.async, 16 bytes a thread); rows n .. 63 are zeroed.  src(r): row r's address. */
+template <typename T, int W, bool ZFILL = false, typename F>
+__device__ __forceinline__ void load_tile(T *tile, int n, int tid, F src) {
+    constexpr int V = W / 8;
+#pragma unroll 4
+    for (int i = tid; i < 64 * V; i += 128) {
+        const int r = i / V, c = i % V;
+        T *dst = tile + sw(r, c);
+        if (r < n) {
+            cp_async16(dst, src(r) + 8 * c);
+        } else if (ZFILL) {            /* 16 zero bytes by cp.async: nothing read (src-size 0) */
+            const uint32_t a = (uint32_t)__cvta_generic_to_shared(dst);
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16, 0;\n" ::"r"(a), "l"(src(0)));
+        } else {
+            *(uint4 *)dst = make_uint4(0, 0, 0, 0);
+        }
+    }
+}
+
+/* VAR: bit 0 — the two consumers take turns issuing their products (named barriers 3 and 4),
+ * so one's softmax runs under the other's wgmma; bit 1 — the producer never waits for its
+ * copies: each thread's cp.async.mbarrier.arrive signals the stage when its copies land, and
+ * the consumers fence the async proxy after the wait; bit 2 — Q from registers (S = Q K^T
+ * with A from registers: only K is read from shared memory by each product). */
+template <typename T, int D, int VAR>
+__global__ void __launch_bounds__(kThreads, 1) lca_attend_gqa_wgmma_kernel(lca_params p) {
+    constexpr bool kPingPong = VAR & 1, kNoWait = VAR & 2, kQRegs = VAR & 4;
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    using Ly = Layout<D>;
+    extern __shared__ unsigned char smem_raw[];
+    unsigned char *base = (unsigned char *)(((uintptr_t)smem_raw + 1023) & ~(uintptr_t)1023);
+    T *Qs = (T *)base;
+    T *St = Qs + Ly::kQ;                                   /* kStages x (K, V) */
+    uint64_t *full = (uint64_t *)(St + kStages * Ly::kStage);
+    uint64_t *empty = full + kStages;
+
+    const int wg = threadIdx.x >> 7, tid = threadIdx.x & 127;
+    const int64_t hg = p.H / p.Hkv, b = blockIdx.z, h = blockIdx.y;
+    const int64_t nrows = p.L * hg;
+    const int64_t R0 = (int64_t)(gridDim.x - 1 - blockIdx.x) * kRows;   /* heaviest first */
+    const int64_t t_first = R0 / hg;
+    const int64_t t_last = (R0 + kRows - 1 < nrows ? R0 + kRows - 1 : nrows - 1) / hg;
+    const int64_t Gmax = num_condensed(t_last, p.g, p.w);
+    const int64_t e0 = num_condensed(t_first, p.g, p.w) * p.g;
+    const int64_t ncond_blocks = (Gmax + kKeys - 1) / kKeys;
+    const int64_t nblocks = ncond_blocks + (t_last + 1 - e0 + kKeys - 1) / kKeys;  /* >= 1 */
+    auto block_start = [&](int64_t blk) {
+        return blk < ncond_blocks ? blk * kKeys : e0 + (blk - ncond_blocks) * kKeys;
+    };
+
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < kStages; s++) {
+            mbar_init(&full[s], 128);                      /* every producer thread */
+            mbar_init(&empty[s], 8);                       /* one lane of each consumer warp */
+        }
+    }
+    __syncthreads();
+
+    if (wg == 0) {
+        /* producer: stage blk % kStages holds key block blk; its registers go to the consumers */
+        if constexpr (kNoWait) asm volatile("setmaxnreg.dec.sync.aligned.u32 56;\n" ::: "memory");
+        else asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+        auto issue = [&](int64_t blk) {
+            const bool cond = blk < ncond_blocks;
+            const int64_t key0 = block_start(blk), kend = cond ? Gmax : t_last + 1;
+            const int nk = (int)(kend - key0 < kKeys ? kend - key0 : kKeys);
+            const lca_view &kv = cond ? p.kbar : p.k, &vv = cond ? p.vbar : p.v;
+            T *Ks = St + (int)(blk % kStages) * Ly::kStage, *Vs = Ks + Ly::kK;
+            load_tile<T, D, kNoWait>(Ks, nk, tid,
+                                     [&](int r) { return row<const T>(kv, b, key0 + r, h); });
+            load_tile<T, kDV, kNoWait>(Vs, nk, tid,
+                                       [&](int r) { return row<const T>(vv, b, key0 + r, h); });
+            if (kNoWait) {                 /* arrives on `full` once this thread's copies land */
+                const uint32_t a = (uint32_t)__cvta_generic_to_shared(&full[blk % kStages]);
+                asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(a)
+                             : "memory");
+            } else {
+                cp_async_commit();
+            }
+        };
+        for (int64_t blk = 0; blk < nblocks; blk++) {
+            if (blk >= kStages)                            /* both consumers done with it */
+                mbar_wait(&empty[blk % kStages], (uint32_t)((blk / kStages - 1) & 1));
+            issue(blk);
+            if (!kNoWait && blk >= 1) {                    /* the previous block has landed */
+                cp_async_wait<1>();
+                fence_async_smem();
+                mbar_arrive(&full[(blk - 1) % kStages]);
+            }
+        }
+        if (kNoWait) cp_async_commit();                    /* (its copies are ungrouped) */
+        cp_async_wait<0>();                                /* nothing in flight at exit */
+        if (!kNoWait) {
+            fence_async_smem();
+            mbar_arrive(&full[(nblocks - 1) % kStages]);
+        }
+        return;
+    }
+
+    /* consumer warpgroup cw: rows Rw .. Rw+63 */
+    if constexpr (kNoWait) asm volatile("setmaxnreg.inc.sync.aligned.u32 224;\n" ::: "memory");
+    else asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+    const int cw = wg - 1, warp = tid >> 5, lane = tid & 31, gq = lane >> 2, tq = lane & 3;
+    const int64_t Rw = R0 + cw * 64;
+    T *Qw = Qs + cw * 64 * D;
+    {
+        const int64_t nq = nrows - Rw < 0 ? 0 : (nrows - Rw < 64 ? nrows - Rw : 64);
+        load_tile<T, D>(Qw, (int)nq, tid, [&](int r) {
+            const int64_t R = Rw + r;
+            return row<const T>(p.q, b, R / hg, h * hg + R % hg);
+        });
+        cp_async_commit();
+        cp_async_wait<0>();
+        fence_async_smem();
+        asm volatile("bar.sync %0, 128;\n" ::"r"(cw + 1) : "memory");
+    }
+
+    /* this thread's two rows, and what every row of the warpgroup sees */
+    int64_t tr[2], Gr[2];
+    bool live[2];
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        const int64_t R = Rw + warp * 16 + gq + 8 * i;
+        live[i] = R < nrows;
+        tr[i] = live[i] ? R / hg : t_last;
+        Gr[i] = num_condensed(tr[i], p.g, p.w);
+    }
+    const bool w_all_live = Rw + 64 <= nrows;
+    const int64_t w_first = Rw / hg, w_last = (Rw + 63) / hg;  /* used only when all live */
+    const int64_t w_Gmin = num_condensed(w_first, p.g, p.w);
+    const int64_t w_ehi = num_condensed(w_last, p.g, p.w) * p.g;
+
+    float o[kDV / 8][4], m[2] = {-INFINITY, -INFINITY}, l[2] = {0, 0};
+#pragma unroll
+    for (int n = 0; n < kDV / 8; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0;
+    const float scale_l2 = (float)p.scale * 1.4426950408889634f;      /* logits in log2 units */
+    const float rep_bias_l2 = (float)p.rep_bias * 1.4426950408889634f;
+
+    float s[kKeys / 8][4];
+    uint32_t pa[kKeys / 16][4];
+    float corr[2];
+
+    /* Q as A fragments in registers (kQRegs) */
+    uint32_t qf[kQRegs ? D / 16 : 1][4];
+    if constexpr (kQRegs) {
+#pragma unroll
+        for (int ks = 0; ks < D / 16; ks++) {
+            const int r = warp * 16 + gq, c = ks * 2;          /* 16-byte chunks c, c + 1 */
+            qf[ks][0] = *(const uint32_t *)(Qw + sw(r, c) + 2 * tq);
+            qf[ks][1] = *(const uint32_t *)(Qw + sw(r + 8, c) + 2 * tq);
+            qf[ks][2] = *(const uint32_t *)(Qw + sw(r, c + 1) + 2 * tq);
+            qf[ks][3] = *(const uint32_t *)(Qw + sw(r + 8, c + 1) + 2 * tq);
+        }
+    }
+    auto qk = [&](int64_t blk) {
+        const T *Ks = St + (int)(blk % kStages) * Ly::kStage;
+#pragma unroll
+        for (int ks = 0; ks < D / 16; ks++) {
+            const int cb = ks >> 2, kin = (ks & 3) * 16;  /* 64-column block, offset in it */
+            if constexpr (kQRegs)
+                wgmma_qk(s, qf[ks], gdesc(Ks + cb * 64 * 64 + kin, 16, 1024), ks > 0,
+                         (T *)nullptr);
+            else
+                wgmma_qk(s, gdesc(Qw + cb * 64 * 64 + kin, 16, 1024),
+                         gdesc(Ks + cb * 64 * 64 + kin, 16, 1024), ks > 0, (T *)nullptr);
+        }
+    };
+    /* O += P V: V N-major (transposed B): LBO = the next 64 output columns (8 KB on), SBO =
+       the next 8 keys (1 KB on) */
+    auto pv = [&](int64_t blk) {
+        const T *Vs = St + (int)(blk % kStages) * Ly::kStage + Ly::kK;
+#pragma unroll
+        for (int kk = 0; kk < kKeys / 16; kk++)
+            wgmma_pv(o, pa[kk], gdesc(Vs + kk * 16 * 64, 64 * 64 * 2, 1024), (T *)nullptr);
+    };
+    /* scale (log2 domain), mask only where some row of the warpgroup sees part of the block,
+       online softmax: s becomes exp2(s - m), corr the factor for O */
+    auto softmax = [&](int64_t blk) {
+        const bool cond = blk < ncond_blocks;
+        const int64_t key0 = block_start(blk);
+        const int64_t kend = cond ? w_Gmin : w_first + 1;       /* all rows see [.., kend) */
+        const bool fullv = w_all_live && key0 + kKeys <= kend && (cond || key0 >= w_ehi);
+        const float bias = cond ? rep_bias_l2 : 0.0f;
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            float bmax = -INFINITY;
+            if (fullv) {
+#pragma unroll
+                for (int n = 0; n < kKeys / 8; n++)
+#pragma unroll
+                    for (int e = 0; e < 2; e++) {
+                        float &x = s[n][2 * i + e];
+                        x = fmaf(x, scale_l2, bias);
+                        bmax = fmaxf(bmax, x);
+                    }
+            } else {
+                const int64_t lo = cond ? 0 : Gr[i] * p.g, hi = cond ? Gr[i] : tr[i] + 1;
+#pragma unroll
+                for (int n = 0; n < kKeys / 8; n++)
+#pragma unroll
+                    for (int e = 0; e < 2; e++) {
+                        const int64_t key = key0 + n * 8 + 2 * tq + e;
+                        float &x = s[n][2 * i + e];
+                        x = (live[i] && key >= lo && key < hi) ? fmaf(x, scale_l2, bias)
+                                                               : -INFINITY;
+                        bmax = fmaxf(bmax, x);
+                    }
+            }
+            bmax = fmaxf(bmax, __shfl_xor_sync(0xffffffffu, bmax, 1));
+            bmax = fmaxf(bmax, __shfl_xor_sync(0xffffffffu, bmax, 2));
+            const float mnew = fmaxf(m[i], bmax);
+            const float mb = mnew == -INFINITY ? 0.0f : mnew;      /* a row with nothing yet */
+            corr[i] = ex2(m[i] - mb);
+            m[i] = mnew;
+            l[i] *= corr[i];
+#pragma unroll
+            for (int n = 0; n < kKeys / 8; n++)
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    float &x = s[n][2 * i + e];
+                    x = ex2(x - mb);
+                    l[i] += x;
+                }
+        }
+    };
+    auto rescale_pack = [&]() {
+#pragma unroll
+        for (int n = 0; n < kDV / 8; n++) {
+            o[n][0] *= corr[0], o[n][1] *= corr[0];
+            o[n][2] *= corr[1], o[n][3] *= corr[1];
+        }
+#pragma unroll
+        for (int kk = 0; kk < kKeys / 16; kk++) {
+            pa[kk][0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+            pa[kk][1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+            pa[kk][2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+            pa[kk][3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+        }
+    };
+    auto wait_full = [&](int64_t blk) {
+        mbar_wait(&full[blk % kStages], (uint32_t)((blk / kStages) & 1));
+        if (kNoWait) fence_async_smem();
+    };
+    /* ping-pong: wait for this warpgroup's turn to issue, then hand the turn over */
+    auto turn_wait = [&]() {
+        if (kPingPong) asm volatile("bar.sync %0, 256;\n" ::"r"(3 + cw) : "memory");
+    };
+    auto turn_pass = [&]() {
+        if (kPingPong) asm volatile("bar.arrive %0, 256;\n" ::"r"(4 - cw) : "memory");
+    };
+    auto release = [&](int64_t blk) {
+        __syncwarp();
+        if (lane == 0) mbar_arrive(&empty[blk % kStages]);
+    };
+
+    if (cw == 1) turn_pass();                             /* warpgroup 0 issues first */
+    wait_full(0);
+    reg_fence(s);
+    turn_wait();
+    wg_fence();
+    qk(0);
+    wg_commit();
+    turn_pass();
+    wg_wait<0>();
+    reg_fence(s);
+    softmax(0);
+    rescale_pack();
+    for (int64_t blk = 1; blk < nblocks; blk++) {
+        wait_full(blk);
+        reg_fence(o);
+        reg_fence(pa);
+        turn_wait();
+        wg_fence();
+        qk(blk);                                          /* S_blk */
+        wg_commit();
+        pv(blk - 1);                                      /* O += P_{blk-1} V_{blk-1} */
+        wg_commit();
+        turn_pass();
+        wg_wait<1>();                                     /* S_blk ready */
+        reg_fence(s);
+        softmax(blk);
+        wg_wait<0>();                                     /* the P V product done */
+        reg_fence(o);
+        reg_fence(pa);
+        release(blk - 1);
+        rescale_pack();
+    }
+    turn_wait();
+    wg_fence();
+    pv(nblocks - 1);
+    wg_commit();
+    if (cw == 0) turn_pass();                             /* warpgroup 1's last turn */
+    wg_wait<0>();
+    reg_fence(o);
+    release(nblocks - 1);
+
+    /* epilogue: finish the row sums across the quad, normalise, store out and lse */
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
+        l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
+        if (!live[i]) continue;
+        const int64_t R = Rw + warp * 16 + gq + 8 * i, hq = h * hg + R % hg;
+        T *dst = row<T>(p.out, b, tr[i], hq);
+        const float inv = 1.0f / l[i];
+#pragma unroll
+        for (int n = 0; n < kDV / 8; n++)
+            *(uint32_t *)(dst + n * 8 + 2 * tq) =
+                pack2<T>(o[n][2 * i] * inv, o[n][2 * i + 1] * inv);
+        if (tq == 0)
+            ((float *)p.lse.p)[b * p.lse.sb + hq * p.lse.st + tr[i]] =
+                (m[i] + __log2f(l[i])) * 0.6931471805599453f;
+    }
+#endif
+}
+
+template <typename T, int D, int VAR> int launch(const lca_params *p, cudaStream_t stream) {
+    auto kernel = lca_attend_gqa_wgmma_kernel<T, D, VAR>;
+    const size_t smem = Layout<D>::kBytes;
+    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         (int)smem);
+    if (e != cudaSuccess) return LCA_ERR_CUDA;
+    const int64_t nrows = p->L * (p->H / p->Hkv);
+    const dim3 grid((unsigned)((nrows + kRows - 1) / kRows), (unsigned)p->Hkv, (unsigned)p->B);
+    kernel<<<grid, kThreads, smem, stream>>>(*p);
+    return LCA_OK;
+}
+
+}  // namespace gqa90
+}  // namespace lca
+
+/* Whether the wgmma GQA kernel covers this call: bf16/fp16, (D, Dv) = (192, 128) or
+ * (128, 128), 16-byte aligned rows, a compute 9.0 device with the shared memory. */
+extern "C" int lca_cuda_gqa_wgmma_supported(const lca_params *p, int device) {
+    using namespace lca::gqa90;
+    if (p->dtype != LCA_BF16 && p->dtype != LCA_F16) return 0;
+    if (!((p->D == 192 || p->D == 128) && p->Dv == kDV)) return 0;
+    const lca_view *vs[] = {&p->q, &p->k, &p->v, &p->kbar, &p->vbar, &p->out};
+    for (const lca_view *v : vs)
+        if ((uintptr_t)v->p % 16 || v->sb % 8 || v->st % 8 || v->sh % 8) return 0;
+    int major = 0, minor = 0, optin = 0;
+    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) !=
+            cudaSuccess) {
+        cudaGetLastError();
+        return 0;
+    }
+    const size_t need = p->D == 192 ? Layout<192>::kBytes : Layout<128>::kBytes;
+    if (major != 9 || minor != 0 || (size_t)optin < need) return 0;
+    return (p->L * (p->H / p->Hkv) + kRows - 1) / kRows <= 2147483647 && p->Hkv <= 65535 &&
+           p->B <= 65535;
+}
+
+template <int VAR> static int launch_var(const lca_params *p, cudaStream_t s) {
+    using namespace lca::gqa90;
+    const bool bf = p->dtype == LCA_BF16;
+    if (p->D == 192)
+        return bf ? launch<__nv_bfloat16, 192, VAR>(p, s) : launch<__half, 192, VAR>(p, s);
+    return bf ? launch<__nv_bfloat16, 128, VAR>(p, s) : launch<__half, 128, VAR>(p, s);
+}
+
+/* LCA_GQA90_VARIANT (0..7, a tuning knob; see the kernel's VAR) overrides the default. */
+extern "C" int lca_cuda_attend_gqa_wgmma(const lca_params *p, void *stream) {
+    cudaStream_t s = (cudaStream_t)stream;
+    const char *env = getenv("LCA_GQA90_VARIANT");
+    const int var = env && *env ? atoi(env) & 7 : lca::gqa90::kDefaultVariant;
+    switch (var) {
+    case 1: return launch_var<1>(p, s);
+    case 2: return launch_var<2>(p, s);
+    case 3: return launch_var<3>(p, s);
+    case 4: return launch_var<4>(p, s);
+    case 5: return launch_var<5>(p, s);
+    case 6: return launch_var<6>(p, s);
+    case 7: return launch_var<7>(p, s);
+    default: return launch_var<0>(p, s);
+    }
+}
