@@ -502,8 +502,14 @@ static PyObject *py_cuda_backward_workspace(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "iLLLLLLLi", &dtype, &p.B, &p.L, &p.H, &p.Hkv, &p.D, &p.Dv, &p.g,
                           &p.v_in_k))
         return NULL;
+    if (p.D > 1024 || p.Dv > 1024) {       /* as lca_cuda_attention_bwd says it: unsupported */
+        PyErr_Format(PyExc_NotImplementedError, "attention backward on CUDA: head widths D=%lld, "
+                     "Dv=%lld; the CUDA engine supports up to 1024", (long long)p.D,
+                     (long long)p.Dv);
+        return NULL;
+    }
     if (p.B < 0 || p.L < 0 || p.H < 1 || p.Hkv < 1 || p.D < 1 || p.Dv < 1 || p.g < 1 ||
-        p.D > 1024 || p.Dv > 1024 || p.g > INT32_MAX ||
+        p.g > INT32_MAX ||
         /* the workspace's products stay far from int64 overflow (in double: no wrap here) */
         (double)p.B * (double)p.L * (double)(p.H + p.Hkv) * (double)(p.D + p.Dv + p.g + 16) >
             (double)((int64_t)1 << 56)) {
