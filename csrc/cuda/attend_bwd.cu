@@ -11,9 +11,10 @@
  *      query rows that see it (exact token s: t in [s, (s/g + 1) g + w - 2]; entry j: t >=
  *      (j + 1) g + w - 1), dv = sum P dO, dk = tau sum dS q;
  *   5. the condensation backward, one block per group: dkbar, dvbar -> dalpha -> the scores ->
- *      dq (through qbar) and dk (through the scores), plus the pooling (alpha dkbar, alpha
- *      dvbar) and the anchor copy (kbar[d_pool:] = k_anchor[d_pool:]) onto the group's tokens;
- *   6. the float32 sums converted to the input dtype into the caller's dq, dk, dv.
+ *      the per-group gradient of qbar and the scores' gradient, into the workspace;
+ *   6. the float32 sums converted to the input dtype into the caller's dq, dk, dv, adding on
+ *      the way the group's terms: dq through qbar, dk through the scores, the pooling (alpha
+ *      dkbar, alpha dvbar) and the anchor copy (kbar[d_pool:] = k_anchor[d_pool:]).
  * Steps 3 and 4 run on tensor cores for the shapes attend_bwd_mma.cu covers.  Every output
  * element is written by exactly one thread, sums run in a fixed order: the result is
  * bit-for-bit deterministic (no atomics).  Accumulation in float32. */
@@ -149,30 +150,36 @@ __global__ void __launch_bounds__(32 * kBwdWarps) bwd_dkdv_simt_kernel(lca_param
     }
 }
 
-/* 5. the condensation backward of group j of kv head h (SPEC §2/§4 backwards), one block;
- * the group owns its g token rows of dk, dv and its n x hg query rows of dq, so blocks never
- * write the same element.  Shared memory: qbar (D floats), dalpha (g), dscore (g). */
+/* 5. the condensation backward of group j of kv head h (SPEC §2/§4 backwards), one block: the
+ * per-group terms only — qbar, dscore = tau alpha (dalpha - alpha . dalpha) with dalpha_i =
+ * dkbar[:d_pool] . k_i[:d_pool] + dvbar . v_i, and dqbar / (n hg) = sum_i dscore_i k_i[:d_score]
+ * / (n hg) — into the workspace; step 6 adds them (and the pooling and anchor terms) to the
+ * group's rows as it converts dq, dk, dv, so no float32 gradient is read and written twice.
+ * Shared memory: qbar (D floats), dalpha (g), dscore (g). */
 constexpr int kCondBwdThreads = 256;
 
 template <typename T>
 __global__ void __launch_bounds__(kCondBwdThreads) bwd_condense_kernel(lca_params p, BwdWork w) {
     extern __shared__ float sm[];
     const int64_t j = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-    const int64_t g = p.g, H = p.H, Hkv = p.Hkv, hg = H / Hkv, L = p.L, m = p.m;
+    const int64_t g = p.g, Hkv = p.Hkv, hg = p.H / Hkv, m = p.m;
     const int64_t D = p.D, Dv = p.Dv, ds = p.d_score, dpool = p.d_pool;
     float *qbar = sm, *dal = sm + D, *dsc = dal + g;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
     const int64_t e = (b * m + j) * Hkv + h;               /* this entry's index */
     const float *alpha = w.alpha + e * g, *dkb = w.dkb + e * D, *dvb = w.dvb + e * w.ldv;
-    const int a = w.anchor[e];
     const float scale = (float)p.scale, inv = 1.0f / (float)(p.n * hg);
 
     for (int64_t d = tid; d < ds; d += blockDim.x) {        /* qbar, as the forward */
-        float acc = 0;
-        for (int64_t t = j * g + g - p.n; t < j * g + g; t++)
-            for (int64_t hh = h * hg; hh < (h + 1) * hg; hh++)
-                acc += to_f(row<const T>(p.q, b, t, hh)[d]);
+        float acc = 0;                                      /* rows (t, hh), t-major */
+        const int nq = (int)(p.n * hg);
+#pragma unroll 4
+        for (int k = 0; k < nq; k++) {
+            const int kt = hg == 1 ? k : k / (int)hg;
+            acc += to_f(row<const T>(p.q, b, j * g + g - p.n + kt, h * hg + (k - kt * (int)hg))[d]);
+        }
         qbar[d] = acc * inv;
+        w.qbar[e * D + d] = acc * inv;
     }
     for (int64_t i = warp; i < g; i += nwarps) {            /* dalpha_i */
         const T *k = row<const T>(p.k, b, j * g + i, h);
@@ -190,58 +197,70 @@ __global__ void __launch_bounds__(kCondBwdThreads) bwd_condense_kernel(lca_param
         float adot = 0;
         for (int64_t i = lane; i < g; i += 32) adot += alpha[i] * dal[i];
         adot = warp_sum(adot);
-        for (int64_t i = lane; i < g; i += 32) dsc[i] = scale * alpha[i] * (dal[i] - adot);
+        for (int64_t i = lane; i < g; i += 32) {
+            dsc[i] = scale * alpha[i] * (dal[i] - adot);
+            w.dsc[e * g + i] = dsc[i];
+        }
     }
     __syncthreads();
-    for (int64_t d = tid; d < D; d += blockDim.x) {
-        const float kb = dkb[d];
+    for (int64_t d = tid; d < ds; d += blockDim.x) {        /* dqbar: loads only, pipelined */
         float dqbar = 0;
-        for (int64_t i = 0; i < g; i++) {
-            const int64_t t = j * g + i;
-            float add = d < dpool ? alpha[i] * kb : (i == a ? kb : 0.0f);  /* pool / anchor */
-            if (d < ds) {                                                  /* the scores */
-                add += dsc[i] * qbar[d];
-                dqbar += dsc[i] * to_f(row<const T>(p.k, b, t, h)[d]);
-            }
-            w.dk[((b * L + t) * Hkv + h) * D + d] += add;
-        }
-        if (d < ds)                                         /* qbar is a mean of q */
-            for (int64_t t = j * g + g - p.n; t < j * g + g; t++)
-                for (int64_t hh = h * hg; hh < (h + 1) * hg; hh++)
-                    w.dq[((b * L + t) * H + hh) * D + d] += dqbar * inv;
+#pragma unroll 4
+        for (int64_t i = 0; i < g; i++) dqbar += dsc[i] * to_f(row<const T>(p.k, b, j * g + i, h)[d]);
+        w.dqb[e * D + d] = dqbar * inv;
     }
-    if (!p.v_in_k)
-        for (int64_t d = tid; d < Dv; d += blockDim.x)
-            for (int64_t i = 0; i < g; i++)
-                w.dv[((b * L + j * g + i) * Hkv + h) * Dv + d] += alpha[i] * dvb[d];
 }
 
-/* 6. a contiguous float32 (B, T, Hn, W) buffer into a strided view in the input dtype: one warp
- * per row (b, t, h), lanes over the columns (the row's index arithmetic once per row) */
+/* 6. a contiguous float32 (B, L, Hn, W) gradient into a strided view in the input dtype, one
+ * block per position (b, t), a warp per head row, lanes over the columns, with the
+ * condensation's terms for the rows of the groups (t < m g):  MODE 0 (dq): + dqbar / (n hg) on
+ * the group's last n rows, columns < d_score;  MODE 1 (dk): + alpha_i dkbar (columns < d_pool;
+ * the anchor copies dkbar above) + dscore_i qbar (columns < d_score);  MODE 2 (dv): + alpha_i
+ * dvbar. */
 constexpr int kConvWarps = 8;
 
-template <typename T>
-__global__ void __launch_bounds__(32 * kConvWarps) bwd_convert_kernel(const float *src, lca_view dst,
-                                                                      int64_t Tn, int64_t Hn,
-                                                                      int64_t W, int64_t rows) {
+template <typename T, int MODE>
+__global__ void __launch_bounds__(32 * kConvWarps) bwd_finish_kernel(lca_params p, BwdWork w,
+                                                                     const float *src, lca_view dst,
+                                                                     int Hn, int W) {
     const int lane = threadIdx.x & 31;
-    for (int64_t r = (int64_t)blockIdx.x * kConvWarps + (threadIdx.x >> 5); r < rows;
-         r += (int64_t)gridDim.x * kConvWarps) {
-        const int64_t h = r % Hn, bt = r / Hn;
-        T *d = row<T>(dst, bt / Tn, bt % Tn, h);
-        const float *s = src + r * W;
-        for (int64_t c = lane; c < W; c += 32) d[c] = from_f<T>(s[c]);
+    const uint32_t L = (uint32_t)p.L, bt = blockIdx.x, bu = bt / L, tu = bt - bu * L;
+    const int64_t g = p.g, m = p.m, D = p.D, ds = p.d_score, dpool = p.d_pool, b = bu, t = tu;
+    const int64_t j = m > 0 ? (int64_t)(tu / (uint32_t)g) : 0, i = t - j * g;
+    const bool grp = j < m;
+    for (int h = threadIdx.x >> 5; h < Hn; h += blockDim.x >> 5) {
+        T *d = row<T>(dst, b, t, h);
+        const float *s = src + ((int64_t)bt * Hn + h) * W;
+        const int64_t e = (b * m + j) * p.Hkv + (MODE == 0 ? h / (int)(p.H / p.Hkv) : h);
+        if (!grp || (MODE == 0 && i < g - p.n)) {                     /* no condensation term */
+            for (int c = lane; c < W; c += 32) d[c] = from_f<T>(s[c]);
+        } else if (MODE == 0) {
+            const float *add = w.dqb + e * D;
+            for (int c = lane; c < W; c += 32) d[c] = from_f<T>(s[c] + (c < ds ? add[c] : 0.0f));
+        } else if (MODE == 1) {
+            const float al = w.alpha[e * g + i], sc = w.dsc[e * g + i];
+            const bool anc = w.anchor[e] == i;
+            const float *kb = w.dkb + e * D, *qb = w.qbar + e * D;
+            for (int c = lane; c < W; c += 32) {
+                float add = c < dpool ? al * kb[c] : (anc ? kb[c] : 0.0f);   /* pool / anchor */
+                if (c < ds) add += sc * qb[c];                                /* the scores */
+                d[c] = from_f<T>(s[c] + add);
+            }
+        } else {
+            const float al = w.alpha[e * g + i], *vb = w.dvb + e * w.ldv;
+            for (int c = lane; c < W; c += 32) d[c] = from_f<T>(s[c] + al * vb[c]);
+        }
     }
 }
 
-template <typename T>
-void convert(const float *src, const lca_view &dst, int64_t B, int64_t Tn, int64_t Hn, int64_t W,
-             cudaStream_t stream) {
-    const int64_t rows = B * Tn * Hn;
-    if (rows == 0 || W == 0) return;
-    int64_t blocks = (rows + kConvWarps - 1) / kConvWarps;
-    if (blocks > (1 << 20)) blocks = 1 << 20;
-    bwd_convert_kernel<T><<<(unsigned)blocks, 32 * kConvWarps, 0, stream>>>(src, dst, Tn, Hn, W, rows);
+/* one block per position: B L < 2^31 (the entry checks it) */
+template <typename T, int MODE>
+void finish(const lca_params *p, const BwdWork *w, const float *src, const lca_view &dst,
+            int64_t Hn, int64_t W, cudaStream_t stream) {
+    if (p->B * p->L == 0 || Hn == 0 || W == 0) return;
+    const int warps = Hn < kConvWarps ? (int)Hn : kConvWarps;
+    bwd_finish_kernel<T, MODE><<<(unsigned)(p->B * p->L), 32 * warps, 0, stream>>>(
+        *p, *w, src, dst, (int)Hn, (int)W);
 }
 
 template <int C, typename T>
@@ -273,9 +292,9 @@ template <typename T> struct Bwd {
             const size_t smem = sizeof(float) * (size_t)(p->D + 2 * p->g);
             bwd_condense_kernel<T><<<grid, kCondBwdThreads, smem, stream>>>(*p, *w);
         }
-        convert<T>(w->dq, p->dq, p->B, p->L, p->H, p->D, stream);
-        convert<T>(w->dk, p->dk, p->B, p->L, p->Hkv, p->D, stream);
-        if (!p->v_in_k) convert<T>(w->dv, p->dv, p->B, p->L, p->Hkv, p->Dv, stream);
+        finish<T, 0>(p, w, w->dq, p->dq, p->H, p->D, stream);
+        finish<T, 1>(p, w, w->dk, p->dk, p->Hkv, p->D, stream);
+        if (!p->v_in_k) finish<T, 2>(p, w, w->dv, p->dv, p->Hkv, p->Dv, stream);
         return LCA_OK;
     }
 };
@@ -302,6 +321,9 @@ int64_t carve(const lca_params *p, char *base, BwdWork *w) {
     w->anchor = (int32_t *)take(4 * B * m * Hkv);
     w->kbar = take(esz * B * m * Hkv * D);
     w->vbar = vin ? w->kbar : take(esz * B * m * Hkv * Dv);
+    w->qbar = (float *)take(4 * B * m * Hkv * D);
+    w->dqb = (float *)take(4 * B * m * Hkv * D);
+    w->dsc = (float *)take(4 * B * m * Hkv * g);
     w->ldv = vin ? D : Dv;
     return off;
 }
@@ -330,7 +352,8 @@ extern "C" int lca_cuda_attention_bwd(const lca_params *p0, void *workspace,
     }
     const int64_t m = p0->L / p0->g;
     if ((p0->B * p0->L * p0->H + kBwdWarps - 1) / kBwdWarps > 2147483647 ||
-        (m + p0->L + kBwdWarps - 1) / kBwdWarps > 2147483647 || p0->B > 65535 ||
+        (m + p0->L + kBwdWarps - 1) / kBwdWarps > 2147483647 || p0->B * p0->L > 2147483647 ||
+        p0->B > 65535 ||
         p0->Hkv > 65535) {
         snprintf(err, (size_t)errlen, "attention backward on CUDA: grid too large (B = %lld, "
                  "L = %lld, H = %lld, Hkv = %lld)", (long long)p0->B, (long long)p0->L,

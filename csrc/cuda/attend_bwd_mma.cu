@@ -86,9 +86,12 @@ __global__ void __launch_bounds__(32 * kQWarps, 1) dq_kernel(lca_params p, BwdWo
     constexpr int kStage = kQKeys * LDQ + kQKeys * LDV;
     T *Qs = (T *)smem_raw, *dOs = Qs + kQRows * LDQ, *stages = dOs + kQRows * LDV;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gq = lane >> 2, tq = lane & 3;
-    const int64_t hg = p.H / p.Hkv, b = blockIdx.z, h = blockIdx.y, L = p.L;
-    const int64_t R0 = (int64_t)(gridDim.x - 1 - blockIdx.x) * kQRows;   /* longest rows first */
-    const int64_t nrows = L * hg;
+    const int64_t hg = p.H / p.Hkv, L = p.L, nrows = L * hg;
+    /* blockIdx.x = row tile x (batch, kv head), the (batch, kv head) fastest and the tiles of
+     * the longest rows (the last positions) first in every head */
+    const uint32_t nbh = (uint32_t)(p.B * p.Hkv), tile = blockIdx.x / nbh, bh = blockIdx.x - tile * nbh;
+    const int64_t b = bh / (uint32_t)p.Hkv, h = bh - (uint32_t)b * (uint32_t)p.Hkv;
+    const int64_t R0 = ((nrows + kQRows - 1) / kQRows - 1 - (int64_t)tile) * kQRows;
     const int nvalid = (int)(nrows - R0 < kQRows ? nrows - R0 : kQRows);
     const int64_t t_first = R0 / hg, t_last = (R0 + nvalid - 1) / hg;
 
@@ -192,7 +195,7 @@ __global__ void __launch_bounds__(32 * kQWarps, 1) dq_kernel(lca_params p, BwdWo
                 for (int e = 0; e < 2; e++) {
                     const int key = kb + n * 8 + e;
                     const bool vis = key >= lo && key < hi;
-                    const float pr = vis ? exp2f(s[n][2 * i + e] * sl2 + bias - lse2[i]) : 0.0f;
+                    const float pr = vis ? ex2(s[n][2 * i + e] * sl2 + bias - lse2[i]) : 0.0f;
                     s[n][2 * i + e] = pr * (dp[n][2 * i + e] - dl[i]);
                 }
         }
@@ -243,13 +246,19 @@ __global__ void __launch_bounds__(32 * kKWarps, 1) dkdv_kernel(lca_params p, Bwd
     extern __shared__ __align__(16) unsigned char smem_raw[];
     constexpr int LDQ = D + kPad, LDV = DV + kPad, NT = 32 * kKWarps;
     constexpr int kStage = kKRows * LDQ + kKRows * LDV;
+    static_assert(NT == 8 * kKRows && D % 64 == 0 && DV % 64 == 0, "8 loader threads a row");
     T *Ks = (T *)smem_raw, *Vs = Ks + kKKeys * LDQ, *stages = Vs + kKKeys * LDV;
-    float *rowinfo = (float *)(stages + 2 * kStage);      /* [stage][lse2, delta, lo, hi][row] */
+    float *rowinfo = (float *)(stages + 2 * kStage);      /* [stage][lse, delta, lo, hi][row] */
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gq = lane >> 2, tq = lane & 3;
-    const int64_t hg = p.H / p.Hkv, b = blockIdx.z, h = blockIdx.y, L = p.L, g = p.g, m = p.m;
+    const int64_t hg = p.H / p.Hkv, L = p.L, g = p.g, m = p.m;
+    /* blockIdx.x = key block x (batch, kv head), the (batch, kv head) fastest: the condensed
+     * blocks of every head (longest first) start before any exact block, so no long block is
+     * left for the end of the grid */
+    const uint32_t nbh = (uint32_t)(p.B * p.Hkv), kb = blockIdx.x / nbh, bh = blockIdx.x - kb * nbh;
+    const int64_t b = bh / (uint32_t)p.Hkv, h = bh - (uint32_t)b * (uint32_t)p.Hkv;
     const int64_t ncb = (m + kKKeys - 1) / kKKeys;
-    const bool cond = blockIdx.x < ncb;                   /* condensed blocks first: longest */
-    const int64_t key0 = cond ? (int64_t)blockIdx.x * kKKeys : ((int64_t)blockIdx.x - ncb) * kKKeys;
+    const bool cond = kb < ncb;                           /* condensed blocks first: longest */
+    const int64_t key0 = cond ? (int64_t)kb * kKKeys : ((int64_t)kb - ncb) * kKKeys;
     const int64_t nkeys = cond ? m : L;
     const int nk = (int)(nkeys - key0 < kKKeys ? nkeys - key0 : kKKeys);
     int64_t Rb, Re;                                       /* the rows that see these keys */
@@ -267,38 +276,40 @@ __global__ void __launch_bounds__(32 * kKWarps, 1) dkdv_kernel(lca_params p, Bwd
     load_rows<T, kKKeys, DV, NT, true>(Vs, nk, [&](int r) { return row<const T>(vv, b, key0 + r, h); });
     cp_async_commit();
 
+    /* One row tile: 8 threads a row, each 16-byte chunks lc, lc + 8, ... of its q and dO rows;
+     * the row's lse and delta come by cp.async with the tile (no thread waits on a global load
+     * here), its visible key range [lo, hi) is computed by a third thread of the row. */
+    const int lr = threadIdx.x >> 3, lc = threadIdx.x & 7;
     auto issue = [&](int64_t it) {
-        const int64_t r0 = Rb + it * kKRows;
-        const int n = (int)(Re - r0 < kKRows ? Re - r0 : kKRows);
+        const int64_t R = Rb + it * kKRows + lr;
         T *Qs = stages + (it & 1) * kStage, *dOs = Qs + kKRows * LDQ;
-        load_rows<T, kKRows, D, NT, true>(Qs, n, [&](int r) {
-            int64_t t, i;
-            split_row(r0 + r, (uint32_t)hg, t, i);
-            return row<const T>(p.q, b, t, h * hg + i);
-        });
-        load_rows<T, kKRows, DV, NT, true>(dOs, n, [&](int r) {
-            int64_t t, i;
-            split_row(r0 + r, (uint32_t)hg, t, i);
-            return row<const T>(p.dout, b, t, h * hg + i);
-        });
-        cp_async_commit();
         float *info = rowinfo + (it & 1) * 4 * kKRows;
-        for (int r = threadIdx.x; r < kKRows; r += NT) {
-            float l2 = 0, dl = 0;
-            int lo = 0, hi = 0;
-            if (r < n) {
-                int64_t t, i;
-                split_row(r0 + r, (uint32_t)hg, t, i);
-                const int64_t hq = h * hg + i;
+        if (R < Re) {
+            int64_t t, i;
+            split_row(R, (uint32_t)hg, t, i);
+            const int64_t hq = h * hg + i;
+            const T *qr = row<const T>(p.q, b, t, hq), *dr = row<const T>(p.dout, b, t, hq);
+#pragma unroll
+            for (int j = 0; j < D / 64; j++) cp_async16(Qs + lr * LDQ + lc * 8 + 64 * j, qr + lc * 8 + 64 * j);
+#pragma unroll
+            for (int j = 0; j < DV / 64; j++) cp_async16(dOs + lr * LDV + lc * 8 + 64 * j, dr + lc * 8 + 64 * j);
+            if (lc == 0) {
+                cp_async4(info + lr, (const float *)p.lse.p + b * p.lse.sb + hq * p.lse.st + t);
+            } else if (lc == 1) {
+                cp_async4(info + kKRows + lr, w.delta + (b * p.H + hq) * L + t);
+            } else if (lc == 2) {
                 const int G = ncond32((int)t, (int)g, (int)p.w);
-                l2 = ((const float *)p.lse.p)[b * p.lse.sb + hq * p.lse.st + t] * kLog2e;
-                dl = w.delta[(b * p.H + hq) * L + t];
-                lo = cond ? 0 : G * (int)g;
-                hi = cond ? G : (int)t + 1;
+                ((int *)info)[2 * kKRows + lr] = cond ? 0 : G * (int)g;
+                ((int *)info)[3 * kKRows + lr] = cond ? G : (int)t + 1;
             }
-            info[r] = l2, info[kKRows + r] = dl;
-            ((int *)info)[2 * kKRows + r] = lo, ((int *)info)[3 * kKRows + r] = hi;
+        } else {                                          /* past the last row: zeros, masked */
+#pragma unroll
+            for (int j = 0; j < D / 64; j++) *(uint4 *)(Qs + lr * LDQ + lc * 8 + 64 * j) = make_uint4(0, 0, 0, 0);
+#pragma unroll
+            for (int j = 0; j < DV / 64; j++) *(uint4 *)(dOs + lr * LDV + lc * 8 + 64 * j) = make_uint4(0, 0, 0, 0);
+            if (lc < 4) ((int *)info)[lc * kKRows + lr] = 0;
         }
+        cp_async_commit();
     };
 
     float dk[D / 8][4], dv[DV / 8][4];
@@ -356,14 +367,14 @@ __global__ void __launch_bounds__(32 * kKWarps, 1) dkdv_kernel(lca_params p, Bwd
 #pragma unroll
             for (int e = 0; e < 2; e++) {
                 const int r = n * 8 + 2 * tq + e;
-                const float l2 = info[r], dl = info[kKRows + r];
+                const float l2 = info[r] * kLog2e, dl = info[kKRows + r];
                 const int lo = ((const int *)info)[2 * kKRows + r];
                 const int hi = ((const int *)info)[3 * kKRows + r];
 #pragma unroll
                 for (int i = 0; i < 2; i++) {
                     const int key = mykey + 8 * i;
                     const bool vis = key >= lo && key < hi;
-                    const float pr = vis ? exp2f(s[n][2 * i + e] * sl2 + bias - l2) : 0.0f;
+                    const float pr = vis ? ex2(s[n][2 * i + e] * sl2 + bias - l2) : 0.0f;
                     s[n][2 * i + e] = pr;
                     dp[n][2 * i + e] = pr * (dp[n][2 * i + e] - dl);
                 }
@@ -414,6 +425,13 @@ __global__ void __launch_bounds__(32 * kKWarps, 1) dkdv_kernel(lca_params p, Bwd
     }
 }
 
+inline int64_t dq_tiles(const lca_params *p) {
+    return (p->L * (p->H / p->Hkv) + kQRows - 1) / kQRows;
+}
+inline int64_t dkdv_blocks(const lca_params *p) {
+    return (p->m + kKKeys - 1) / kKKeys + (p->L + kKKeys - 1) / kKKeys;
+}
+
 template <typename T, int D, int DV> int launch(const lca_params *p, const BwdWork *w, cudaStream_t stream) {
     const size_t sq = dq_smem<T, D, DV>(), sk = dkdv_smem<T, D, DV>();
     auto kq = dq_kernel<T, D, DV>;
@@ -421,12 +439,9 @@ template <typename T, int D, int DV> int launch(const lca_params *p, const BwdWo
     if (cudaFuncSetAttribute(kq, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sq) != cudaSuccess ||
         cudaFuncSetAttribute(kk, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sk) != cudaSuccess)
         return LCA_ERR_CUDA;
-    const int64_t nrows = p->L * (p->H / p->Hkv);
-    const dim3 gq((unsigned)((nrows + kQRows - 1) / kQRows), (unsigned)p->Hkv, (unsigned)p->B);
-    kq<<<gq, 32 * kQWarps, sq, stream>>>(*p, *w);
-    const int64_t nkb = (p->m + kKKeys - 1) / kKKeys + (p->L + kKKeys - 1) / kKKeys;
-    const dim3 gk((unsigned)nkb, (unsigned)p->Hkv, (unsigned)p->B);
-    kk<<<gk, 32 * kKWarps, sk, stream>>>(*p, *w);
+    const int64_t nbh = p->B * p->Hkv;
+    kq<<<(unsigned)(dq_tiles(p) * nbh), 32 * kQWarps, sq, stream>>>(*p, *w);
+    kk<<<(unsigned)(dkdv_blocks(p) * nbh), 32 * kKWarps, sk, stream>>>(*p, *w);
     return LCA_OK;
 }
 
@@ -445,8 +460,8 @@ extern "C" int lca_cuda_bwd_mma_supported(const lca_params *p, int device) {
     const lca_view *vs[] = {&p->q, &p->k, &p->v, &p->kbar, &p->vbar, &p->dout};
     for (const lca_view *v : vs)
         if ((uintptr_t)v->p % 16 || v->sb % 8 || v->st % 8 || v->sh % 8) return 0;
-    if (p->Hkv > 65535 || p->B > 65535) return 0;
     using namespace lca::bwdmma;
+    if (std::max(dq_tiles(p), dkdv_blocks(p)) * p->B * p->Hkv > 2147483647) return 0;  /* grid.x */
     size_t need;                            /* the larger of the two kernels' (bf16 = fp16) */
     if (p->D == 64) need = std::max(dq_smem<__half, 64, 64>(), dkdv_smem<__half, 64, 64>());
     else if (p->D == 128) need = std::max(dq_smem<__half, 128, 128>(), dkdv_smem<__half, 128, 128>());

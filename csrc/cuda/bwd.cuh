@@ -12,9 +12,12 @@ namespace lca {
  *   delta (B, H, L)                                            rowsum(dO o O)
  *   alpha (B, m, Hkv, g), anchor (B, m, Hkv)                   the recomputed condensation
  *   kbar (B, m, Hkv, D), vbar (B, m, Hkv, Dv)                  the entries the forward attended
+ *   qbar (B, m, Hkv, D), dqb (B, m, Hkv, D), dsc (B, m, Hkv, g)  the condensation backward's
+ *       per-group terms: the summary query, its gradient / (n hg) (added to the group's last n
+ *       query rows), the scores' gradient (added, times qbar, to the group's key rows)
  * With v_in_k, dv / dvb / vbar are the first Dv columns of dk / dkb / kbar (same pointers). */
 struct BwdWork {
-    float *dq, *dk, *dv, *dkb, *dvb, *delta, *alpha;
+    float *dq, *dk, *dv, *dkb, *dvb, *delta, *alpha, *qbar, *dqb, *dsc;
     int32_t *anchor;
     void *kbar, *vbar;
     int64_t ldv;                     /* row stride of dv and dvb: Dv, or D with v_in_k */

@@ -64,6 +64,11 @@ __device__ __forceinline__ void cp_async16(void *dst, const void *src) {
     const uint32_t a = (uint32_t)__cvta_generic_to_shared(dst);
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(a), "l"(src));
 }
+/* 4 bytes global -> shared, asynchronous (through L1: cp.async.cg takes 16 bytes only). */
+__device__ __forceinline__ void cp_async4(void *dst, const void *src) {
+    const uint32_t a = (uint32_t)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(a), "l"(src));
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
 template <int N> __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
