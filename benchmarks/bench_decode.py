@@ -88,11 +88,17 @@ def main():
     ap.add_argument("--quick", action="store_true", help="three rows only")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--no-append", action="store_true")
+    ap.add_argument("--rows", default=None,
+                    help="comma-separated T:B:H rows instead of the grid, e.g. 131072:64:16")
+    ap.add_argument("--no-dense", action="store_true",
+                    help="skip the dense torch decode (its columns show nan)")
     a = ap.parse_args()
     assert lca.HAS_CUDA, "needs a CUDA device"
     grid = [(T, B, H) for T in (32768, 131072) for H in (16, 128) for B in (1, 16, 64)]
     if a.quick:
         grid = [(131072, 64, 16), (131072, 1, 16), (32768, 16, 128)]
+    if a.rows:
+        grid = [tuple(int(x) for x in r.split(":")) for r in a.rows.split(",")]
     scale = 1.0 / math.sqrt(DC + DR)
     rows = []
     for T, B, H in grid:
@@ -109,17 +115,23 @@ def main():
         t_lca = t_gpu if t_gpu is not None else t_call
         lca_bytes = visible(T) * (DC + DR) * 2 * B
         held = lca.cache_entries(T + 1, G, W) * (DC + DR) * 2 * B
+        kernel = lca._C.cuda_last_decode_kernel()
         del cache
-        kv = torch.randn(B, T + 1, DC + DR, device="cuda", dtype=torch.bfloat16)
-        t_dense = median_ms(lambda: dense_step(q, kv, scale), a.reps, warmup=3)
         full_bytes = (T + 1) * (DC + DR) * 2 * B
-        del kv
+        if a.no_dense:
+            t_dense = float("nan")
+        else:
+            kv = torch.randn(B, T + 1, DC + DR, device="cuda", dtype=torch.bfloat16)
+            t_dense = median_ms(lambda: dense_step(q, kv, scale), a.reps, warmup=3)
+            del kv
         torch.cuda.empty_cache()
         rows.append((T, B, H, t_call, t_lca, lca_bytes / t_lca / 1e6,
                      lca_bytes / 1e9 / COPY_TBS, t_dense, full_bytes / t_dense / 1e6, held,
                      full_bytes))
-        print(f"  T={T} B={B} H={H}: LCA call {t_call:.4f} ms, GPU {t_lca:.4f} ms, dense "
-              f"{t_dense:.4f} ms", flush=True)
+        print(f"  T={T} B={B} H={H}: LCA call {t_call:.4f} ms, GPU {t_lca:.4f} ms "
+              f"({lca_bytes / t_lca / 1e6:.0f} GB/s, "
+              f"{100 * lca_bytes / t_lca / 1e6 / (COPY_TBS * 1000):.1f}%), dense "
+              f"{t_dense:.4f} ms; kernel {kernel}", flush=True)
 
     head = ("| context | B | H | LCA step ms (call) | LCA GPU ms | LCA GB/s | % of 4.27 TB/s "
             "| floor ms | dense torch ms | dense GB/s | speedup (call) | speedup (GPU) "
