@@ -484,14 +484,23 @@ GPU_MLA_LONG = [  # B, L, H, Dc, Dr, g, w, n, score, rep_bias, P, nsplit
 ]
 
 
+# kernel: "bulk" the Hopper kernel as routed, "mma" decode.cu's (LCA_CUDA_DISABLE=dec_bulk),
+# and for 16-head blocks the Hopper kernel's variants (LCA_DECODE_VARIANT: two tiles an
+# iteration, cp.async loads, both)
+LONG_RUNS = [(c, k) for c in GPU_MLA_LONG
+             for k in ["bulk", "mma"] + (["kt2", "cp", "kt2cp"] if c[2] <= 16 else [])]
+
+
 @gpu
-@pytest.mark.parametrize("disable", ["", "dec_bulk"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-@pytest.mark.parametrize("case", GPU_MLA_LONG, ids=lambda c: "-".join(map(str, c)))
-def test_gpu_mla_decode_long(case, dtype, disable, monkeypatch):
+@pytest.mark.parametrize("case,kernel", LONG_RUNS,
+                         ids=[k + "-" + "-".join(map(str, c)) for c, k in LONG_RUNS])
+def test_gpu_mla_decode_long(case, kernel, dtype, monkeypatch):
     torch = _torch()
     monkeypatch.setenv("LCA_POISON_OUTPUTS", "1")
+    disable = "dec_bulk" if kernel == "mma" else ""
     monkeypatch.setenv("LCA_CUDA_DISABLE", disable)
+    monkeypatch.setenv("LCA_DECODE_VARIANT", kernel if kernel in ("kt2", "cp", "kt2cp") else "")
     B, L, H, Dc, Dr, g, w, n, score, bias, P, nsplit = case
     if nsplit is None:
         monkeypatch.delenv("LCA_DECODE_NSPLIT", raising=False)
