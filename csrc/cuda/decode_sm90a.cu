@@ -17,7 +17,10 @@
  * reduction over D into two halves (c / 4) and the key n-tiles by c % 4, summed when read;
  * MT = 2: key n-tile c; MT = 4: key n-tiles 2c, 2c + 1.  O += P V: value columns
  * [c Dv / NCG, (c + 1) Dv / NCG) of the m-tile's 16 rows.  Rows past the range's end are
- * loaded as copies of its last row (finite data) and masked to -inf in the softmax. */
+ * loaded as copies of its last row (finite data) and masked to -inf in the softmax.
+ * Two alternatives for 16-head blocks stay selectable for benchmarks (LCA_DECODE_VARIANT; all
+ * tested): two tiles an iteration (KT = 2) and cp.async loads on the same mbarriers (BULK =
+ * false) — both measured slower on the H200 (benchmarks/NOTES.md, Decode). */
 #include "decode.cuh"
 
 namespace lca {
