@@ -15,7 +15,11 @@ Two LCA times: one Python call (host overhead included: what a Python caller see
 and the device time of the same step captured in a CUDA graph and replayed.  Times are
 CUDA-event medians.  Prints one table; appends it to benchmarks/RESULTS.md.
 
-    python3 benchmarks/bench_decode.py [--quick] [--reps 30] [--no-append]
+    python3 benchmarks/bench_decode.py [--quick | --rows T:B:H,...] [--reps 30] [--no-append]
+                                       [--no-dense] [--profile]
+Routing knobs for comparisons (csrc/cuda/decode.cu): LCA_CUDA_DISABLE=dec_bulk (decode.cu's
+mma.sync partial instead of the Hopper one), LCA_DECODE_NSPLIT=n (the Hopper kernel's split
+count), LCA_DECODE_VARIANT=kt2|cp|kt2cp (its 16-head-block alternatives).
 """
 import argparse
 import datetime
@@ -83,6 +87,21 @@ def graph_ms(cache, q, c, r, T, reps):
         return None
 
 
+def profile_step(cache, q, c, r, T, steps=10):
+    """Print the kernels of one step at position T and their mean device time."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            cache._length = T
+            cache.step(q, c, r)
+        torch.cuda.synchronize()
+    for e in prof.key_averages():
+        if e.device_time_total > 0:
+            print(f"    {e.key[:90]:90s} x{e.count / steps:.0f} "
+                  f"{e.device_time_total / steps:8.1f} us/step", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="three rows only")
@@ -92,6 +111,9 @@ def main():
                     help="comma-separated T:B:H rows instead of the grid, e.g. 131072:64:16")
     ap.add_argument("--no-dense", action="store_true",
                     help="skip the dense torch decode (its columns show nan)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also print each row's kernels and their device time per step "
+                         "(torch.profiler over 10 steps)")
     a = ap.parse_args()
     assert lca.HAS_CUDA, "needs a CUDA device"
     grid = [(T, B, H) for T in (32768, 131072) for H in (16, 128) for B in (1, 16, 64)]
@@ -111,6 +133,8 @@ def main():
             cache._length = T
 
         t_call = median_ms(lambda: cache.step(q, c, r), a.reps, warmup=3, before=reset)
+        if a.profile:
+            profile_step(cache, q, c, r, T)
         t_gpu = graph_ms(cache, q, c, r, T, a.reps)
         t_lca = t_gpu if t_gpu is not None else t_call
         lca_bytes = visible(T) * (DC + DR) * 2 * B
