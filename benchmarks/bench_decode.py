@@ -15,7 +15,11 @@ Two LCA times: one Python call (host overhead included: what a Python caller see
 and the device time of the same step captured in a CUDA graph and replayed.  Times are
 CUDA-event medians.  Prints one table; appends it to benchmarks/RESULTS.md.
 
-    python3 benchmarks/bench_decode.py [--quick] [--reps 30] [--no-append]
+    python3 benchmarks/bench_decode.py [--quick | --rows T:B:H,...] [--reps 30] [--no-append]
+                                       [--no-dense] [--profile]
+Routing knobs for comparisons (csrc/cuda/decode.cu): LCA_CUDA_DISABLE=dec_bulk (decode.cu's
+mma.sync partial instead of the Hopper one), LCA_DECODE_NSPLIT=n (the Hopper kernel's split
+count), LCA_DECODE_VARIANT=kt2|cp|kt2cp (its 16-head-block alternatives).
 """
 import argparse
 import datetime
@@ -83,16 +87,40 @@ def graph_ms(cache, q, c, r, T, reps):
         return None
 
 
+def profile_step(cache, q, c, r, T, steps=10):
+    """Print the kernels of one step at position T and their mean device time."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            cache._length = T
+            cache.step(q, c, r)
+        torch.cuda.synchronize()
+    for e in prof.key_averages():
+        if e.device_time_total > 0:
+            print(f"    {e.key[:90]:90s} x{e.count / steps:.0f} "
+                  f"{e.device_time_total / steps:8.1f} us/step", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="three rows only")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--no-append", action="store_true")
+    ap.add_argument("--rows", default=None,
+                    help="comma-separated T:B:H rows instead of the grid, e.g. 131072:64:16")
+    ap.add_argument("--no-dense", action="store_true",
+                    help="skip the dense torch decode (its columns show nan)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also print each row's kernels and their device time per step "
+                         "(torch.profiler over 10 steps)")
     a = ap.parse_args()
     assert lca.HAS_CUDA, "needs a CUDA device"
     grid = [(T, B, H) for T in (32768, 131072) for H in (16, 128) for B in (1, 16, 64)]
     if a.quick:
         grid = [(131072, 64, 16), (131072, 1, 16), (32768, 16, 128)]
+    if a.rows:
+        grid = [tuple(int(x) for x in r.split(":")) for r in a.rows.split(",")]
     scale = 1.0 / math.sqrt(DC + DR)
     rows = []
     for T, B, H in grid:
@@ -105,21 +133,29 @@ def main():
             cache._length = T
 
         t_call = median_ms(lambda: cache.step(q, c, r), a.reps, warmup=3, before=reset)
+        if a.profile:
+            profile_step(cache, q, c, r, T)
         t_gpu = graph_ms(cache, q, c, r, T, a.reps)
         t_lca = t_gpu if t_gpu is not None else t_call
         lca_bytes = visible(T) * (DC + DR) * 2 * B
         held = lca.cache_entries(T + 1, G, W) * (DC + DR) * 2 * B
+        kernel = lca._C.cuda_last_decode_kernel()
         del cache
-        kv = torch.randn(B, T + 1, DC + DR, device="cuda", dtype=torch.bfloat16)
-        t_dense = median_ms(lambda: dense_step(q, kv, scale), a.reps, warmup=3)
         full_bytes = (T + 1) * (DC + DR) * 2 * B
-        del kv
+        if a.no_dense:
+            t_dense = float("nan")
+        else:
+            kv = torch.randn(B, T + 1, DC + DR, device="cuda", dtype=torch.bfloat16)
+            t_dense = median_ms(lambda: dense_step(q, kv, scale), a.reps, warmup=3)
+            del kv
         torch.cuda.empty_cache()
         rows.append((T, B, H, t_call, t_lca, lca_bytes / t_lca / 1e6,
                      lca_bytes / 1e9 / COPY_TBS, t_dense, full_bytes / t_dense / 1e6, held,
                      full_bytes))
-        print(f"  T={T} B={B} H={H}: LCA call {t_call:.4f} ms, GPU {t_lca:.4f} ms, dense "
-              f"{t_dense:.4f} ms", flush=True)
+        print(f"  T={T} B={B} H={H}: LCA call {t_call:.4f} ms, GPU {t_lca:.4f} ms "
+              f"({lca_bytes / t_lca / 1e6:.0f} GB/s, "
+              f"{100 * lca_bytes / t_lca / 1e6 / (COPY_TBS * 1000):.1f}%), dense "
+              f"{t_dense:.4f} ms; kernel {kernel}", flush=True)
 
     head = ("| context | B | H | LCA step ms (call) | LCA GPU ms | LCA GB/s | % of 4.27 TB/s "
             "| floor ms | dense torch ms | dense GB/s | speedup (call) | speedup (GPU) "

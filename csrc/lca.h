@@ -91,6 +91,9 @@ static inline int64_t lca_cache_condensed(int64_t T, int64_t g, int64_t w) {
 int lca_cpu_decode_step(const lca_decode_params *p, char *err, int errlen);
 int lca_cuda_decode_step(const lca_decode_params *p, int device, void *stream, char *err,
                          int errlen);
+/* The partial kernel the last lca_cuda_decode_step call launched: "bulk" (Hopper, absorbed MLA),
+ * "mma", "simt" ("": none). */
+const char *lca_cuda_last_decode_kernel(void);
 
 /* CPU engine (csrc/cpu). Each returns an lca_status and writes a message into err. */
 int lca_cpu_condense(const lca_params *p, char *err, int errlen);

@@ -617,6 +617,10 @@ static PyObject *py_cuda_device_count(PyObject *self, PyObject *noargs) {
 static PyObject *py_cuda_last_attend_kernel(PyObject *self, PyObject *noargs) {
     return PyUnicode_FromString(lca_cuda_last_attend_kernel());
 }
+
+static PyObject *py_cuda_last_decode_kernel(PyObject *self, PyObject *noargs) {
+    return PyUnicode_FromString(lca_cuda_last_decode_kernel());
+}
 #endif /* LCA_WITH_CUDA */
 
 static PyObject *py_max_threads(PyObject *self, PyObject *noargs) {
@@ -640,6 +644,9 @@ static PyMethodDef methods[] = {
     {"cuda_last_attend_kernel", py_cuda_last_attend_kernel, METH_NOARGS,
      "The kernel the last cuda_attend launched: 'mla_wgmma', 'gqa_wgmma', 'mla', 'wide', 'mma' or "
      "'simt' ('' before any)."},
+    {"cuda_last_decode_kernel", py_cuda_last_decode_kernel, METH_NOARGS,
+     "The partial kernel the last cuda_decode_step launched: 'bulk', 'mma' or 'simt' ('' before "
+     "any)."},
 #endif
     {NULL, NULL, 0, NULL},
 };

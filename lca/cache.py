@@ -276,7 +276,9 @@ class _Cache:
             ([] if v_in_k else [self._vbar, self._vr])
         if st.kind != "numpy":
             hg = H // Hkv
-            hchunks = 1 if hg <= 16 else -(-hg // 32)      # head chunks of the CUDA kernel
+            # head chunks of decode.cu's mma.sync kernel (32 heads): they bound the workspace;
+            # the Hopper kernel's blocks of up to 64 heads never want more splits than this
+            hchunks = 1 if hg <= 16 else -(-hg // 32)
             most = self._M + self._R                       # visible entries never exceed it
             self._nsplit = max(1, min(_TARGET_BLOCKS // (B * Hkv * hchunks),
                                       -(-most // _SPLIT_KEYS)))

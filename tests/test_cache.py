@@ -363,18 +363,23 @@ def gpu_bound(naive_err, dtype):
     return 1e-5 if dtype == "float32" else max(2 * naive_err, 1e-3)
 
 
-def torch_decode_rows(q, k, v, g, w, n, scale, rep_bias, d_score, d_pool):
+def torch_decode_rows(q, k, v, g, w, n, scale, rep_bias, d_score, d_pool, first=0):
     """The same decode in plain torch at the inputs' precision: condense each group from the
-    mean of its summary queries, attend over [condensed rows; exact tokens] per position."""
+    mean of its summary queries, attend over [condensed rows; exact tokens] per position (rows
+    first .. L - 1)."""
     torch = _torch()
     B, L, H, D = q.shape
     Hkv, Dv = k.shape[2], v.shape[3]
     hg = H // Hkv
     outs = []
-    for t in range(L):
+    condensed = {}
+    for t in range(first, L):
         G = max(0, (t - w + 1) // g)
         keys, vals = [], []
         for j in range(G):
+            if j in condensed:
+                keys.append(condensed[j][0]), vals.append(condensed[j][1])
+                continue
             qb = q[:, j * g + g - n:j * g + g].reshape(B, n, Hkv, hg, D).mean(dim=(1, 3))
             kg, vg = k[:, j * g:j * g + g], v[:, j * g:j * g + g]          # (B, g, Hkv, .)
             s = scale * torch.einsum("bhd,bghd->bhg", qb[..., :d_score], kg[..., :d_score])
@@ -385,6 +390,7 @@ def torch_decode_rows(q, k, v, g, w, n, scale, rep_bias, d_score, d_pool):
             kb = torch.cat([torch.einsum("bhg,bghd->bhd", a, kg[..., :d_pool]),
                             ka[..., d_pool:]], -1)
             keys.append(kb[:, None]), vals.append(vb[:, None])
+            condensed[j] = (kb[:, None], vb[:, None])
         keys.append(k[:, G * g:t + 1]), vals.append(v[:, G * g:t + 1])
         K, V = torch.cat(keys, 1), torch.cat(vals, 1)                    # (B, N, Hkv, .)
         K, V = K.repeat_interleave(hg, 2), V.repeat_interleave(hg, 2)
@@ -397,6 +403,23 @@ def torch_decode_rows(q, k, v, g, w, n, scale, rep_bias, d_score, d_pool):
 
 def to64(x):
     return x.detach().double().cpu().numpy()
+
+
+def decode_route(dtype, D, Dv, v_in_k, disabled=""):
+    """The partial kernel a CUDA decode step must take (csrc/cuda/decode.cu): "bulk" on a
+    compute 9.0 device for absorbed MLA 576/512 and 288/256 in bf16/fp16, "mma" for those and
+    GQA 256/128/64 elsewhere, "simt" for the rest."""
+    torch = _torch()
+    if dtype == "float32":
+        return "simt"
+    off = disabled.split(",")
+    mla = v_in_k and (D, Dv) in ((576, 512), (288, 256))
+    if mla and torch.cuda.get_device_capability() == (9, 0) and "dec_bulk" not in off \
+            and "mma" not in off and hasattr(lca._C, "cuda_last_decode_kernel"):
+        return "bulk"
+    if "mma" not in off and (mla or (not v_in_k and D == Dv and D in (256, 128, 64))):
+        return "mma"
+    return "simt"
 
 
 GPU_MLA = [  # B, L, H, Dc, Dr, g, w, n, score, rep_bias, P
@@ -443,6 +466,73 @@ def test_gpu_mla_decode(case, dtype, monkeypatch):
         b_t = gpu_bound(0.0 if naive is None else rel_err(naive[:, t], want[:, t]), dtype)
         e_t = rel_err(to64(got[:, t]), want[:, t])
         assert e_t <= b_t, f"row {t}: {dtype} error {e_t:.2e} > {b_t:.2e}"
+    if P < L:
+        assert lca._C.cuda_last_decode_kernel() == decode_route(dtype, Dc + Dr, Dc, True)
+
+
+# Longer sequences: several key tiles per split (more than the Hopper kernel's stages, so its
+# ring of stages wraps), split counts forced through LCA_DECODE_NSPLIT (the Hopper kernel's
+# override) or chosen by the engine, partial last tiles, the exact ring wrapping inside a tile,
+# 16/32/64-head blocks (H = 40 and 24: blocks with zero rows; H = 128: two 64-head blocks), and
+# the same steps through decode.cu's mma.sync kernel (LCA_CUDA_DISABLE=dec_bulk).
+GPU_MLA_LONG = [  # B, L, H, Dc, Dr, g, w, n, score, rep_bias, P, nsplit
+    (1, 430, 128, 512, 64, 4, 201, None, "full", 0.3, 395, "1"),
+    (1, 430, 128, 512, 64, 4, 37, 3, "full", -0.2, 400, None),
+    (3, 610, 16, 512, 64, 8, 301, 5, "full", 0.0, 570, "1"),
+    (3, 610, 16, 512, 64, 8, 101, None, "full", 0.1, 575, "3"),
+    (2, 470, 40, 256, 32, 4, 129, None, "latent", -0.3, 440, "2"),
+    (1, 401, 24, 512, 64, 2, 203, None, "full", 0.2, 377, None),
+]
+
+
+# kernel: "bulk" the Hopper kernel as routed, "mma" decode.cu's (LCA_CUDA_DISABLE=dec_bulk),
+# and for 16-head blocks the Hopper kernel's variants (LCA_DECODE_VARIANT: two tiles an
+# iteration, cp.async loads, both)
+LONG_RUNS = [(c, k) for c in GPU_MLA_LONG
+             for k in ["bulk", "mma"] + (["kt2", "cp", "kt2cp"] if c[2] <= 16 else [])]
+
+
+@gpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("case,kernel", LONG_RUNS,
+                         ids=[k + "-" + "-".join(map(str, c)) for c, k in LONG_RUNS])
+def test_gpu_mla_decode_long(case, kernel, dtype, monkeypatch):
+    torch = _torch()
+    monkeypatch.setenv("LCA_POISON_OUTPUTS", "1")
+    disable = "dec_bulk" if kernel == "mma" else ""
+    monkeypatch.setenv("LCA_CUDA_DISABLE", disable)
+    monkeypatch.setenv("LCA_DECODE_VARIANT", kernel if kernel in ("kt2", "cp", "kt2cp") else "")
+    B, L, H, Dc, Dr, g, w, n, score, bias, P, nsplit = case
+    if nsplit is None:
+        monkeypatch.delenv("LCA_DECODE_NSPLIT", raising=False)
+    else:
+        monkeypatch.setenv("LCA_DECODE_NSPLIT", nsplit)
+    gen = torch.Generator(device="cuda").manual_seed(zlib.crc32(repr((case, dtype)).encode()))
+    dt = getattr(torch, dtype)
+    q = torch.randn(B, L, H, Dc + Dr, generator=gen, device="cuda").to(dt)
+    c = torch.randn(B, L, Dc, generator=gen, device="cuda").to(dt)
+    r = torch.randn(B, L, Dr, generator=gen, device="cuda").to(dt)
+    kw = dict(group_size=g, window=w, n_summary=n, score=score, rep_bias=bias)
+    cache = lca.LatentCache(B, H, Dc, Dr, L, dtype=dt, device="cuda", **kw)
+    cache.prefill(q[:, :P], c[:, :P], r[:, :P])
+    rows = []
+    for t in range(P, L):
+        rows.append(cache.step(q[:, t], c[:, t], r[:, t])[:, None])
+        assert lca._C.cuda_last_decode_kernel() == decode_route(dtype, Dc + Dr, Dc, True,
+                                                                 disable)
+    got = torch.cat(rows, 1)
+    assert torch.isfinite(got.float()).all(), "non-finite (unwritten) elements"
+    want = lca.attention(to64(q), to64(c), to64(r), **kw)[:, P:]
+    k = torch.cat([c, r], -1)[:, :, None]
+    naive = to64(torch_decode_rows(q, k, c[:, :, None], g, w, n or g, 1 / math.sqrt(Dc + Dr),
+                                   bias, Dc + Dr if score == "full" else Dc, Dc, first=P))
+    bound = gpu_bound(rel_err(naive, want), dtype)
+    err = rel_err(to64(got), want)
+    assert err <= bound, f"{dtype} decode error {err:.2e} > {bound:.2e}"
+    for t in range(L - P):       # each row held to the SPEC §8 rule on its own
+        b_t = gpu_bound(rel_err(naive[:, t], want[:, t]), dtype)
+        e_t = rel_err(to64(got[:, t]), want[:, t])
+        assert e_t <= b_t, f"row {P + t}: {dtype} error {e_t:.2e} > {b_t:.2e}"
 
 
 GPU_GQA = [  # B, L, H, Hkv, D, Dv, g, w, n, key_mode, rep_bias, P
@@ -480,6 +570,8 @@ def test_gpu_gqa_decode(case, dtype, monkeypatch):
     bound = gpu_bound(naive_err, dtype)
     err = rel_err(to64(got), want)
     assert err <= bound, f"{dtype} decode error {err:.2e} > {bound:.2e}"
+    if P < L:
+        assert lca._C.cuda_last_decode_kernel() == decode_route(dtype, D, Dv, False)
 
 
 @gpu

@@ -21,22 +21,16 @@
  * cp.async double buffer.  S = Q K^T is split over the warps by key columns and exchanged
  * through shared memory; O += P V is split over the warps by value columns (V by
  * ldmatrix.trans; for MLA V is the first Dv columns of the key tile).  Every other shape and
- * float32 use a CUDA-core path (one warp per query head and split).  Accumulation in float32. */
+ * float32 use a CUDA-core path (one warp per query head and split).  Accumulation in float32.
+ * On a compute 9.0 device the absorbed-MLA shapes go instead to decode_sm90a.cu (key tiles by
+ * bulk copies on mbarriers, 16/32/64 heads a block, one block per SM, splits chosen to fill the
+ * SMs once); LCA_CUDA_DISABLE=dec_bulk keeps them here.  _C.cuda_last_decode_kernel() names
+ * the partial kernel the last step ran ("bulk", "mma", "simt"). */
 #include <type_traits>
 
-#include "mma.cuh"
+#include "decode.cuh"
 
 namespace lca {
-
-struct DecArgs {
-    lca_decode_params p;
-    int64_t G, e0, N, per;     /* condensed rows visible, first exact token, visible entries,
-                                  entries per split (a multiple of kDecKeys) */
-    int nsplit, hchunks;
-};
-
-constexpr int kDecKeys = 32;   /* keys per shared-memory tile */
-constexpr int kDecPad = 8;     /* row padding (elements) against bank conflicts */
 
 template <typename T>
 __device__ __forceinline__ const T *key_row(const DecArgs &a, int64_t b, int64_t h, int64_t i) {
@@ -47,11 +41,6 @@ template <typename T>
 __device__ __forceinline__ const T *val_row(const DecArgs &a, int64_t b, int64_t h, int64_t i) {
     return i < a.G ? row<const T>(a.p.vbar, b, i, h)
                    : row<const T>(a.p.vr, b, (a.e0 + i - a.G) % a.p.R, h);
-}
-
-/* partial results of (b, query head hq, split s): o[Dv], m, l */
-__device__ __forceinline__ float *partial(const DecArgs &a, int64_t b, int64_t hq, int s) {
-    return (float *)a.p.work + ((b * a.p.H + hq) * a.nsplit + s) * (a.p.Dv + 2);
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -502,8 +491,49 @@ static bool dec_mma_ok(const lca_decode_params *p, int *mt) {
     return (size_t)optin >= need;
 }
 
+/* LCA_CUDA_DISABLE names kernels to skip (comma-separated, matched whole): "dec_bulk" the
+ * Hopper partial (decode_sm90a.cu), "mma" the tensor-core partials. */
+static bool dec_disabled(const char *kernel) {
+    const char *off = getenv("LCA_CUDA_DISABLE");
+    const size_t n = strlen(kernel);
+    for (const char *t = off; t && *t; t = strchr(t, ',') ? strchr(t, ',') + 1 : NULL)
+        if (strncmp(t, kernel, n) == 0 && (t[n] == ',' || t[n] == '\0')) return true;
+    return false;
+}
+
+/* The partial kernel the last step launched ("bulk", "mma", "simt"; "" before any). */
+static const char *last_decode_kernel = "";
+
+/* Cut the N visible entries into about `want` splits of a multiple of kDecKeys entries each
+ * (at least 64 entries a split, at most nsplit_max splits); every split is non-empty. */
+static void dec_splits(DecArgs &a, int64_t want) {
+    int64_t nsplit = (a.N + 63) / 64;
+    if (nsplit > want) nsplit = want;
+    if (nsplit > a.p.nsplit_max) nsplit = a.p.nsplit_max;
+    if (nsplit < 1) nsplit = 1;
+    a.per = (a.N + nsplit - 1) / nsplit;
+    a.per = (a.per + kDecKeys - 1) / kDecKeys * kDecKeys;
+    a.nsplit = (int)((a.N + a.per - 1) / a.per);
+}
+
+#ifndef LCA_NO_SM90A
+/* Streaming multiprocessors of the current device (cached per device). */
+static int dec_sm_count(int dev) {
+    static int count[64];
+    if (dev >= 0 && dev < 64 && count[dev]) return count[dev];
+    int n = 0;
+    if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || n < 1) {
+        cudaGetLastError();
+        n = 1;
+    }
+    if (dev >= 0 && dev < 64) count[dev] = n;
+    return n;
+}
+#endif
+
 template <typename T> struct DecStep {
-    static int run(const lca_decode_params *p, cudaStream_t st, char *err, int errlen) {
+    static int run(const lca_decode_params *p, int device, cudaStream_t st, char *err,
+                   int errlen) {
         const int64_t T_ = p->T, g = p->g, w = p->w, hg = p->H / p->Hkv;
         const int64_t c0 = lca_cache_condensed(T_, g, w), Gt = lca_num_condensed(T_, g, w);
         const int64_t c1 = lca_cache_condensed(T_ + 1, g, w);
@@ -517,16 +547,33 @@ template <typename T> struct DecStep {
         a.G = Gt;
         a.e0 = Gt * g;
         a.N = Gt + (T_ + 1 - a.e0);
-        int64_t nsplit = (a.N + 63) / 64;                   /* at least 64 entries a split */
-        if (nsplit > p->nsplit_max) nsplit = p->nsplit_max;
-        a.per = (a.N + nsplit - 1) / nsplit;
-        a.per = (a.per + kDecKeys - 1) / kDecKeys * kDecKeys;
-        a.nsplit = (int)((a.N + a.per - 1) / a.per);
+        dec_splits(a, p->nsplit_max);
         int mt = 1;
         bool mma = false;
         if constexpr (!std::is_same<T, float>::value) {
-            if (dec_mma_ok(p, &mt)) {
+#ifndef LCA_NO_SM90A
+            const int bmt = dec_disabled("dec_bulk") || dec_disabled("mma")
+                                ? 0 : lca_cuda_dec_bulk_supported(p, device);
+            if (bmt) {
+                /* one block of 16 bmt heads per SM: splits enough to fill the SMs once */
+                a.hchunks = (int)((hg + 16 * bmt - 1) / (16 * bmt));
+                const int64_t units = p->B * p->Hkv * a.hchunks;
+                int64_t want = dec_sm_count(device) / units;
+                const char *force = getenv("LCA_DECODE_NSPLIT");   /* benchmarks: a sweep */
+                if (force && atoi(force) > 0) want = atoi(force);
+                dec_splits(a, want < 1 ? 1 : want);
                 mma = true;
+                last_decode_kernel = "bulk";
+                if (lca_cuda_dec_bulk_partial(&a, bmt, st) != LCA_OK) {
+                    cudaError_t e = cudaGetLastError();
+                    return cuda_error(e != cudaSuccess ? e : cudaErrorInvalidValue,
+                                      "decode: bulk partial setup", err, errlen);
+                }
+            }
+#endif
+            if (!mma && !dec_disabled("mma") && dec_mma_ok(p, &mt)) {
+                mma = true;
+                last_decode_kernel = "mma";
                 a.hchunks = (int)((hg + 16 * mt - 1) / (16 * mt));
                 int s;
                 if (p->v_in_k)
@@ -541,6 +588,7 @@ template <typename T> struct DecStep {
             }
         }
         if (!mma) {
+            last_decode_kernel = "simt";
             const int64_t width = p->D > p->Dv ? p->D : p->Dv;
             const dim3 grid((unsigned)a.nsplit, (unsigned)((p->H + kDecSimtWarps - 1) / kDecSimtWarps),
                             (unsigned)p->B);
@@ -559,6 +607,8 @@ template <typename T> struct DecStep {
 };
 
 }  // namespace lca
+
+extern "C" const char *lca_cuda_last_decode_kernel(void) { return lca::last_decode_kernel; }
 
 extern "C" int lca_cuda_decode_step(const lca_decode_params *p, int device, void *stream,
                                     char *err, int errlen) {
@@ -585,9 +635,9 @@ extern "C" int lca_cuda_decode_step(const lca_decode_params *p, int device, void
     cudaStream_t st = (cudaStream_t)stream;
     int s;
     switch (p->dtype) {
-    case LCA_F32: s = DecStep<float>::run(p, st, err, errlen); break;
-    case LCA_F16: s = DecStep<__half>::run(p, st, err, errlen); break;
-    case LCA_BF16: s = DecStep<__nv_bfloat16>::run(p, st, err, errlen); break;
+    case LCA_F32: s = DecStep<float>::run(p, device, st, err, errlen); break;
+    case LCA_F16: s = DecStep<__half>::run(p, device, st, err, errlen); break;
+    case LCA_BF16: s = DecStep<__nv_bfloat16>::run(p, device, st, err, errlen); break;
     default:
         snprintf(err, (size_t)errlen, "decode on CUDA: unsupported dtype");
         return LCA_ERR_UNSUPPORTED;
