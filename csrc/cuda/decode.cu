@@ -44,29 +44,30 @@ __device__ __forceinline__ const T *val_row(const DecArgs &a, int64_t b, int64_t
 }
 
 /* ---------------------------------------------------------------------------------------------
- * 1. append + summary sum: one block per sequence */
+ * 1. append + summary sum: a grid of (column chunks, sequence), one key / value / sum element a
+ *    thread (the sum over the kv head's query heads added in head order, as the CPU step does) */
+constexpr int kDecAppendThreads = 128;
+
 template <typename T>
-__global__ void lca_dec_append_kernel(lca_decode_params p) {
-    const int64_t b = blockIdx.x, T_ = p.T, slot = T_ % p.R, hg = p.H / p.Hkv;
-    for (int64_t i = threadIdx.x; i < p.Hkv * p.D; i += blockDim.x) {
-        const int64_t h = i / p.D, d = i % p.D;
+__global__ void __launch_bounds__(kDecAppendThreads) lca_dec_append_kernel(lca_decode_params p) {
+    const int64_t b = blockIdx.y, T_ = p.T, slot = T_ % p.R, hg = p.H / p.Hkv;
+    const int64_t i = (int64_t)blockIdx.x * kDecAppendThreads + threadIdx.x;
+    const int64_t nk = p.Hkv * p.D, nv = p.v_in_k ? 0 : p.Hkv * p.Dv;
+    if (i < nk) {
+        const int64_t h = i / p.D, d = i - h * p.D;
         row<T>(p.kr, b, slot, h)[d] = row<const T>(p.k, b, 0, h)[d];
-    }
-    if (!p.v_in_k)
-        for (int64_t i = threadIdx.x; i < p.Hkv * p.Dv; i += blockDim.x) {
-            const int64_t h = i / p.Dv, d = i % p.Dv;
-            row<T>(p.vr, b, slot, h)[d] = row<const T>(p.v, b, 0, h)[d];
-        }
-    if (T_ % p.g >= p.g - p.n) {
-        const bool first = T_ % p.g == p.g - p.n;
-        const int64_t ss = (T_ / p.g) % p.S;
-        for (int64_t i = threadIdx.x; i < p.Hkv * p.D; i += blockDim.x) {
-            const int64_t h = i / p.D, d = i % p.D;
+        if (T_ % p.g >= p.g - p.n) {
+            const bool first = T_ % p.g == p.g - p.n;
+            const T *q = row<const T>(p.q, b, 0, h * hg) + d;
             float acc = 0;
-            for (int64_t hh = h * hg; hh < (h + 1) * hg; hh++) acc += to_f(row<const T>(p.q, b, 0, hh)[d]);
-            float *dst = row<float>(p.qsum, b, ss, h) + d;
+#pragma unroll 8
+            for (int64_t hh = 0; hh < hg; hh++) acc += to_f(q[hh * p.q.sh]);
+            float *dst = row<float>(p.qsum, b, (T_ / p.g) % p.S, h) + d;
             *dst = first ? acc : *dst + acc;
         }
+    } else if (i < nk + nv) {
+        const int64_t h = (i - nk) / p.Dv, d = (i - nk) - h * p.Dv;
+        row<T>(p.vr, b, slot, h)[d] = row<const T>(p.v, b, 0, h)[d];
     }
 }
 
@@ -538,7 +539,10 @@ template <typename T> struct DecStep {
         const int64_t c0 = lca_cache_condensed(T_, g, w), Gt = lca_num_condensed(T_, g, w);
         const int64_t c1 = lca_cache_condensed(T_ + 1, g, w);
         const size_t csmem = sizeof(float) * (size_t)(p->D + g);
-        lca_dec_append_kernel<T><<<(unsigned)p->B, 256, 0, st>>>(*p);
+        const int64_t append_n = p->Hkv * (p->D + (p->v_in_k ? 0 : p->Dv));
+        lca_dec_append_kernel<T><<<dim3((unsigned)((append_n + kDecAppendThreads - 1) /
+                                                   kDecAppendThreads), (unsigned)p->B),
+                                   kDecAppendThreads, 0, st>>>(*p);
         for (int64_t j = c0; j < Gt; j++)
             lca_dec_condense_kernel<T><<<dim3((unsigned)p->Hkv, (unsigned)p->B),
                                          kDecCondThreads, csmem, st>>>(*p, j);
