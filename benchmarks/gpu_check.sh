@@ -2,7 +2,7 @@
 # One device call: build lca there (its Python differs from ours), then stages in priority
 # order, each under its own time limit, each logging to $OUT/<stage>.log (at most 8 files come
 # back).  Benchmarks append to benchmarks/RESULTS.md, copied to $OUT at the end.
-#   bash benchmarks/gpu_check.sh [stage ...]     stages: tests prefill decode flex mla
+#   bash benchmarks/gpu_check.sh [stage ...]     stages: tests prefill decode flex mla variants
 #   LCA_TESTS="tests/..."  the test files (default: the whole suite)
 set -uo pipefail
 OUT=${OUT:-/tmp/lca-out}; mkdir -p "$OUT"
@@ -23,13 +23,16 @@ stage() {   # name, seconds, command...
 }
 for st in "${@:-tests prefill}"; do
   case $st in
-    tests)   stage tests 200 python3 -m pytest -q -p no:cacheprovider ${LCA_TESTS:-tests} ;;
+    tests)   stage tests 260 python3 -m pytest -q -p no:cacheprovider ${LCA_TESTS:-tests} ;;
     prefill) stage prefill 150 python3 benchmarks/bench_prefill.py --lengths 8192 32768 65536 131072 \
                --reps 3 --backward --no-flex ;;
     decode)  stage decode 90 python3 benchmarks/bench_decode.py --reps 20 ;;
     flex)    stage flex 150 python3 benchmarks/bench_prefill.py --lengths 131072 --reps 3 \
                --backward ;;
     mla)     stage mla 60 python3 benchmarks/bench_mla.py --lengths 32768 131072 --reps 3 ;;
+    variants) stage variants_tests 90 python3 -m pytest -q -x -p no:cacheprovider \
+                tests/test_cuda_gqa_wgmma.py -k tuning_variants
+              stage variants 60 python3 benchmarks/bench_gqa_variants.py ;;
   esac
 done
 cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
