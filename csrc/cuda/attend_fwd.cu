@@ -93,8 +93,8 @@ static bool disabled(const char *kernel) {
 
 /* Which kernel the last lca_cuda_attend_fwd call launched ("mla_wgmma": attend_mla_sm90a.cu,
  * "gqa_wgmma": attend_gqa_sm90a.cu, "mla": attend_mla.cu on the absorbed widths, "wide": the
- * same kernel on GQA 256/256, "mma", "simt"; "" before any): evidence for the tests that a call took the fast path, not a silent
- * fallback. */
+ * same kernel on GQA 256/256, "mma", "simt"; "" before any): evidence for the tests that a call
+ * took the fast path, not a silent fallback. */
 static const char *last_attend_kernel = "";
 
 extern "C" const char *lca_cuda_last_attend_kernel(void) { return last_attend_kernel; }
