@@ -21,6 +21,9 @@
  *     product is still in the tensor cores; then O is rescaled and P_j packed to bf16/fp16.
  *     The two consumers run unsynchronised, so one's softmax also overlaps the other's
  *     products.
+ * That is variant 0 of the template parameter VAR; the default, variant 7, also makes the
+ * consumers take turns issuing, lets the producer run ahead (each copy arrives on `full` by
+ * itself, no waiting) and keeps Q in registers (see VAR below; LCA_GQA90_VARIANT selects one).
  * The m64nN accumulator fragment of warp w of a warpgroup is the mma.sync m16n8 fragment of
  * rows 16w .. 16w+15, and the register A fragment of m64nNk16 is the m16n8k16 A fragment, so
  * the softmax and the P packing are attend_mma.cu's.
@@ -38,7 +41,9 @@ namespace lca {
 namespace gqa90 {
 
 constexpr int kRows = 128, kKeys = 64, kDV = 128, kStages = 4, kThreads = 384;
-constexpr int kDefaultVariant = 0;
+/* variant 7 (all three changes of VAR below) measured fastest on the H200 at e63af35: 26.6 ms
+ * at 128K against 29.2 for variant 0 (benchmarks/RESULTS.md), the same outputs bit for bit */
+constexpr int kDefaultVariant = 7;
 
 template <int D> struct Layout {
     static constexpr int kQ = kRows * D;           /* elements */
