@@ -81,16 +81,6 @@ template <typename T> struct AttendFwd {
 
 }  // namespace lca
 
-/* LCA_CUDA_DISABLE names kernels to skip, so the tests reach every path on the same cases:
- * "wgmma" the Hopper kernels, "mma" every tensor-core kernel. */
-static bool disabled(const char *kernel) {
-    const char *off = getenv("LCA_CUDA_DISABLE");    /* comma-separated names, matched whole */
-    const size_t n = strlen(kernel);
-    for (const char *t = off; t && *t; t = strchr(t, ',') ? strchr(t, ',') + 1 : NULL)
-        if (strncmp(t, kernel, n) == 0 && (t[n] == ',' || t[n] == '\0')) return true;
-    return false;
-}
-
 /* Which kernel the last lca_cuda_attend_fwd call launched ("mla_wgmma": attend_mla_sm90a.cu,
  * "gqa_wgmma": attend_gqa_sm90a.cu, "mla": attend_mla.cu on the absorbed widths, "wide": the
  * same kernel on GQA 256/256, "mma", "simt"; "" before any): evidence for the tests that a call
@@ -116,7 +106,7 @@ extern "C" int lca_cuda_attend_fwd(const lca_params *p, int device, void *stream
     DeviceGuard guard(device);
     if (guard.status != cudaSuccess) return cuda_error(guard.status, "cudaSetDevice", err, errlen);
 #ifndef LCA_NO_SM90A
-    if (!disabled("wgmma") && !disabled("mma") &&
+    if (!kernel_disabled("wgmma") && !kernel_disabled("mma") &&
         lca_cuda_mla_wgmma_supported(p, device)) {   /* Hopper: attend_mla_sm90a.cu */
         last_attend_kernel = "mla_wgmma";
         int s = lca_cuda_attend_mla_wgmma(p, stream);
@@ -125,7 +115,7 @@ extern "C" int lca_cuda_attend_fwd(const lca_params *p, int device, void *stream
         return e == cudaSuccess ? LCA_OK
                                 : cuda_error(e, "lca_attend_mla_wgmma_kernel launch", err, errlen);
     }
-    if (!disabled("wgmma") && !disabled("mma") &&
+    if (!kernel_disabled("wgmma") && !kernel_disabled("mma") &&
         lca_cuda_gqa_wgmma_supported(p, device)) {   /* Hopper: attend_gqa_sm90a.cu */
         last_attend_kernel = "gqa_wgmma";
         int s = lca_cuda_attend_gqa_wgmma(p, stream);
@@ -135,14 +125,14 @@ extern "C" int lca_cuda_attend_fwd(const lca_params *p, int device, void *stream
                                 : cuda_error(e, "lca_attend_gqa_wgmma_kernel launch", err, errlen);
     }
 #endif
-    if (lca_cuda_mla_supported(p, device) && !disabled("mma")) {  /* absorbed MLA, GQA 256 */
+    if (lca_cuda_mla_supported(p, device) && !kernel_disabled("mma")) {  /* absorbed MLA, GQA 256 */
         last_attend_kernel = p->v_in_k ? "mla" : "wide";
         int s = lca_cuda_attend_mla(p, stream);
         cudaError_t e = cudaGetLastError();
         if (s != LCA_OK && e == cudaSuccess) e = cudaErrorInvalidValue;
         return e == cudaSuccess ? LCA_OK : cuda_error(e, "lca_attend_mla_kernel launch", err, errlen);
     }
-    if (lca_cuda_mma_supported(p) && !disabled("mma")) {   /* tensor cores: attend_mma.cu */
+    if (lca_cuda_mma_supported(p) && !kernel_disabled("mma")) {   /* tensor cores: attend_mma.cu */
         last_attend_kernel = "mma";
         const int s = lca_cuda_attend_mma(p, stream);
         cudaError_t e = cudaGetLastError();

@@ -77,6 +77,17 @@ inline int cuda_error(cudaError_t e, const char *what, char *err, int errlen) {
     return LCA_ERR_CUDA;
 }
 
+/* LCA_CUDA_DISABLE names kernels to skip, so the tests reach every path on the same cases:
+ * comma-separated names matched whole — "wgmma" the Hopper forward kernels, "mma" every
+ * tensor-core kernel, "dec_bulk" the Hopper decode partial.  Read at each call. */
+inline bool kernel_disabled(const char *kernel) {
+    const char *off = getenv("LCA_CUDA_DISABLE");
+    const size_t n = strlen(kernel);
+    for (const char *t = off; t && *t; t = strchr(t, ',') ? strchr(t, ',') + 1 : NULL)
+        if (strncmp(t, kernel, n) == 0 && (t[n] == ',' || t[n] == '\0')) return true;
+    return false;
+}
+
 }  // namespace lca
 
 /* attend_mma.cu: the tensor-core forward and the calls it covers. */

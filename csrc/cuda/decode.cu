@@ -492,16 +492,6 @@ static bool dec_mma_ok(const lca_decode_params *p, int *mt) {
     return (size_t)optin >= need;
 }
 
-/* LCA_CUDA_DISABLE names kernels to skip (comma-separated, matched whole): "dec_bulk" the
- * Hopper partial (decode_sm90a.cu), "mma" the tensor-core partials. */
-static bool dec_disabled(const char *kernel) {
-    const char *off = getenv("LCA_CUDA_DISABLE");
-    const size_t n = strlen(kernel);
-    for (const char *t = off; t && *t; t = strchr(t, ',') ? strchr(t, ',') + 1 : NULL)
-        if (strncmp(t, kernel, n) == 0 && (t[n] == ',' || t[n] == '\0')) return true;
-    return false;
-}
-
 /* The partial kernel the last step launched ("bulk", "mma", "simt"; "" before any). */
 static const char *last_decode_kernel = "";
 
@@ -556,7 +546,7 @@ template <typename T> struct DecStep {
         bool mma = false;
         if constexpr (!std::is_same<T, float>::value) {
 #ifndef LCA_NO_SM90A
-            const int bmt = dec_disabled("dec_bulk") || dec_disabled("mma")
+            const int bmt = kernel_disabled("dec_bulk") || kernel_disabled("mma")
                                 ? 0 : lca_cuda_dec_bulk_supported(p, device);
             if (bmt) {
                 /* one block of 16 bmt heads per SM: splits enough to fill the SMs once */
@@ -575,7 +565,7 @@ template <typename T> struct DecStep {
                 }
             }
 #endif
-            if (!mma && !dec_disabled("mma") && dec_mma_ok(p, &mt)) {
+            if (!mma && !kernel_disabled("mma") && dec_mma_ok(p, &mt)) {
                 mma = true;
                 last_decode_kernel = "mma";
                 a.hchunks = (int)((hg + 16 * mt - 1) / (16 * mt));
