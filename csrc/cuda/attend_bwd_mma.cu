@@ -458,21 +458,14 @@ extern "C" int lca_cuda_bwd_mma_supported(const lca_params *p, int device) {
         return 0;
     if (p->v_in_k || p->L * (p->H / p->Hkv) >= 2147483647 || p->w >= 2147483647) return 0;
     const lca_view *vs[] = {&p->q, &p->k, &p->v, &p->kbar, &p->vbar, &p->dout};
-    for (const lca_view *v : vs)
-        if ((uintptr_t)v->p % 16 || v->sb % 8 || v->st % 8 || v->sh % 8) return 0;
+    if (!lca::rows_aligned16(vs)) return 0;
     using namespace lca::bwdmma;
     if (std::max(dq_tiles(p), dkdv_blocks(p)) * p->B * p->Hkv > 2147483647) return 0;  /* grid.x */
     size_t need;                            /* the larger of the two kernels' (bf16 = fp16) */
     if (p->D == 64) need = std::max(dq_smem<__half, 64, 64>(), dkdv_smem<__half, 64, 64>());
     else if (p->D == 128) need = std::max(dq_smem<__half, 128, 128>(), dkdv_smem<__half, 128, 128>());
     else need = std::max(dq_smem<__half, 192, 128>(), dkdv_smem<__half, 192, 128>());
-    int optin = 0;
-    if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) !=
-        cudaSuccess) {
-        cudaGetLastError();
-        return 0;
-    }
-    return (size_t)optin >= need;
+    return lca::device_fits(device, need, false);
 }
 
 extern "C" int lca_cuda_bwd_mma(const lca_params *p, const lca::BwdWork *w, void *stream) {

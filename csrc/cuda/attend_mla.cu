@@ -277,15 +277,7 @@ extern "C" int lca_cuda_mla_supported(const lca_params *p, int device) {
     else if (!p->v_in_k && p->D == 256 && p->Dv == 256) need = smem_bytes<256, 256, false>();
     else return 0;
     const lca_view *vs[] = {&p->q, &p->k, &p->v, &p->kbar, &p->vbar, &p->out};
-    for (const lca_view *v : vs)
-        if ((uintptr_t)v->p % 16 || v->sb % 8 || v->st % 8 || v->sh % 8) return 0;
-    int optin = 0;
-    if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) !=
-        cudaSuccess) {
-        cudaGetLastError();
-        return 0;
-    }
-    if ((size_t)optin < need) return 0;
+    if (!lca::rows_aligned16(vs) || !lca::device_fits(device, need, false)) return 0;
     return (p->L * (p->H / p->Hkv) + kRows - 1) / kRows <= 2147483647 && p->Hkv <= 65535 &&
            p->B <= 65535;
 }

@@ -320,17 +320,8 @@ extern "C" int lca_cuda_mla_wgmma_supported(const lca_params *p, int device) {
     if (p->dtype != LCA_BF16 && p->dtype != LCA_F16) return 0;
     if (!p->v_in_k || p->D != kD || p->Dv != kDV) return 0;
     const lca_view *vs[] = {&p->q, &p->k, &p->v, &p->kbar, &p->vbar, &p->out};
-    for (const lca_view *v : vs)
-        if ((uintptr_t)v->p % 16 || v->sb % 8 || v->st % 8 || v->sh % 8) return 0;
-    int major = 0, minor = 0, optin = 0;
-    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
-        cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess ||
-        cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) !=
-            cudaSuccess) {
-        cudaGetLastError();
-        return 0;
-    }
-    if (major != 9 || minor != 0 || (size_t)optin < kSmem) return 0;
+    if (!lca::rows_aligned16(vs)) return 0;
+    if (!lca::device_fits(device, kSmem, true)) return 0;
     return (p->L * (p->H / p->Hkv) + kRows - 1) / kRows <= 2147483647 && p->Hkv <= 65535 &&
            p->B <= 65535;
 }

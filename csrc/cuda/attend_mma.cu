@@ -240,8 +240,7 @@ extern "C" int lca_cuda_mma_supported(const lca_params *p) {
           (p->D == 192 && p->Dv == 128)))
         return 0;
     const lca_view *vs[] = {&p->q, &p->k, &p->v, &p->kbar, &p->vbar, &p->out};
-    for (const lca_view *v : vs)
-        if ((uintptr_t)v->p % 16 || v->sb % 8 || v->st % 8 || v->sh % 8) return 0;
+    if (!lca::rows_aligned16(vs)) return 0;
     return (p->L * (p->H / p->Hkv) + lca::kRows - 1) / lca::kRows <= 2147483647 &&
            p->Hkv <= 65535 && p->B <= 65535;
 }

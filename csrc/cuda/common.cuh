@@ -77,6 +77,31 @@ inline int cuda_error(cudaError_t e, const char *what, char *err, int errlen) {
     return LCA_ERR_CUDA;
 }
 
+/* Host: whether the rows of every view start on 16 bytes (2-byte elements, so strides in
+ * multiples of 8), as the tensor-core kernels' 16-byte copies need. */
+template <size_t N> inline bool rows_aligned16(const lca_view *const (&vs)[N]) {
+    for (const lca_view *v : vs)
+        if ((uintptr_t)v->p % 16 || v->sb % 8 || v->st % 8 || v->sh % 8) return false;
+    return true;
+}
+
+/* Host: whether `device` gives a block `need` bytes of shared memory (its opt-in limit) and,
+ * with hopper, is compute capability 9.0 (what the sm_90a kernels run on).  False, with the
+ * CUDA error cleared, when the attributes cannot be read. */
+inline bool device_fits(int device, size_t need, bool hopper) {
+    int major = 9, minor = 0, optin = 0;
+    const cudaDeviceAttr cc_major = cudaDevAttrComputeCapabilityMajor,
+                         cc_minor = cudaDevAttrComputeCapabilityMinor;
+    if ((hopper && (cudaDeviceGetAttribute(&major, cc_major, device) != cudaSuccess ||
+                    cudaDeviceGetAttribute(&minor, cc_minor, device) != cudaSuccess)) ||
+        cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) !=
+            cudaSuccess) {
+        cudaGetLastError();
+        return false;
+    }
+    return major == 9 && minor == 0 && (size_t)optin >= need;
+}
+
 /* LCA_CUDA_DISABLE names kernels to skip, so the tests reach every path on the same cases:
  * comma-separated names matched whole — "wgmma" the Hopper forward kernels, "mma" every
  * tensor-core kernel, "dec_bulk" the Hopper decode partial.  Read at each call. */

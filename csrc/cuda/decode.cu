@@ -477,19 +477,16 @@ static bool dec_mma_ok(const lca_decode_params *p, int *mt) {
                   : !((D == 256 && Dv == 256) || (D == 128 && Dv == 128) || (D == 64 && Dv == 64)))
         return false;
     const lca_view *vs[] = {&p->kbar, &p->vbar, &p->kr, &p->vr};
-    for (const lca_view *v : vs)
-        if ((uintptr_t)v->p % 16 || v->sb % 8 || v->st % 8 || v->sh % 8) return false;
+    if (!rows_aligned16(vs)) return false;
     const int64_t hg = p->H / p->Hkv;
     *mt = hg > 16 ? 2 : 1;
     const size_t need = *mt == 1 ? dec_mma_smem<1>(D, p->v_in_k) : dec_mma_smem<2>(D, p->v_in_k);
-    int dev = 0, optin = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess ||
-        cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) !=
-            cudaSuccess) {
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess) {
         cudaGetLastError();
         return false;
     }
-    return (size_t)optin >= need;
+    return device_fits(dev, need, false);
 }
 
 /* The partial kernel the last step launched ("bulk", "mma", "simt"; "" before any). */

@@ -385,8 +385,7 @@ extern "C" int lca_cuda_dec_bulk_supported(const lca_decode_params *p, int devic
     if (p->dtype != LCA_BF16 && p->dtype != LCA_F16) return 0;
     if (!p->v_in_k || !((p->D == 576 && p->Dv == 512) || (p->D == 288 && p->Dv == 256))) return 0;
     const lca_view *vs[] = {&p->kbar, &p->kr};
-    for (const lca_view *v : vs)
-        if ((uintptr_t)v->p % 16 || v->sb % 8 || v->st % 8 || v->sh % 8) return 0;
+    if (!lca::rows_aligned16(vs)) return 0;
     const int64_t hg = p->H / p->Hkv;
     const int mt = hg <= 16 ? 1 : hg <= 32 ? 2 : 4;
     size_t need = p->D == 576 ? (mt == 1 ? smem<576, 512, 1>() : mt == 2 ? smem<576, 512, 2>()
@@ -397,15 +396,7 @@ extern "C" int lca_cuda_dec_bulk_supported(const lca_decode_params *p, int devic
         const size_t kt2 = p->D == 576 ? smem<576, 512, 1, 2>() : smem<288, 256, 1, 2>();
         need = need > kt2 ? need : kt2;
     }
-    int major = 0, minor = 0, optin = 0;
-    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
-        cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess ||
-        cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) !=
-            cudaSuccess) {
-        cudaGetLastError();
-        return 0;
-    }
-    if (major != 9 || minor != 0 || (size_t)optin < need) return 0;
+    if (!lca::device_fits(device, need, true)) return 0;
     return mt;
 }
 
