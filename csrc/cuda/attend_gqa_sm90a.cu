@@ -496,13 +496,7 @@ __global__ void __launch_bounds__(kThreads, 1) lca_attend_gqa_wgmma_kernel(lca_p
 template <typename T, int D, int VAR> int launch(const lca_params *p, cudaStream_t stream) {
     auto kernel = lca_attend_gqa_wgmma_kernel<T, D, VAR>;
     const size_t smem = Layout<D>::kBytes;
-    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         (int)smem);
-    if (e != cudaSuccess) return LCA_ERR_CUDA;
-    const int64_t nrows = p->L * (p->H / p->Hkv);
-    const dim3 grid((unsigned)((nrows + kRows - 1) / kRows), (unsigned)p->Hkv, (unsigned)p->B);
-    kernel<<<grid, kThreads, smem, stream>>>(*p);
-    return LCA_OK;
+    return launch_row_tiles(kernel, p, kRows, kThreads, smem, stream);
 }
 
 }  // namespace gqa90

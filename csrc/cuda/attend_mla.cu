@@ -253,13 +253,7 @@ template <typename T, int D, int DV, bool VK>
 int launch(const lca_params *p, cudaStream_t stream) {
     constexpr size_t smem = smem_bytes<D, DV, VK>();
     auto kernel = lca_attend_mla_kernel<T, D, DV, VK>;
-    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         (int)smem);
-    if (e != cudaSuccess) return LCA_ERR_CUDA;
-    const int64_t nrows = p->L * (p->H / p->Hkv);
-    const dim3 grid((unsigned)((nrows + kRows - 1) / kRows), (unsigned)p->Hkv, (unsigned)p->B);
-    kernel<<<grid, kThreads, smem, stream>>>(*p);
-    return LCA_OK;
+    return launch_row_tiles(kernel, p, kRows, kThreads, smem, stream);
 }
 
 }  // namespace mla

@@ -300,13 +300,7 @@ __global__ void __launch_bounds__(kThreads, 1) lca_attend_mla_wgmma_kernel(lca_p
 
 template <typename T> int launch(const lca_params *p, cudaStream_t stream) {
     auto kernel = lca_attend_mla_wgmma_kernel<T>;
-    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         (int)kSmem);
-    if (e != cudaSuccess) return LCA_ERR_CUDA;
-    const int64_t nrows = p->L * (p->H / p->Hkv);
-    const dim3 grid((unsigned)((nrows + kRows - 1) / kRows), (unsigned)p->Hkv, (unsigned)p->B);
-    kernel<<<grid, kThreads, kSmem, stream>>>(*p);
-    return LCA_OK;
+    return launch_row_tiles(kernel, p, kRows, kThreads, kSmem, stream);
 }
 
 }  // namespace mla90

@@ -222,13 +222,7 @@ template <typename T, int D, int DV> int launch_mma(const lca_params *p, cudaStr
     const size_t smem = sizeof(T) * (size_t)(kRows * (D + kPad) +
                                              2 * (kKeys * (D + kPad) + kKeys * (DV + kPad)));
     auto kernel = lca_attend_mma_kernel<T, D, DV>;
-    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         (int)smem);
-    if (e != cudaSuccess) return LCA_ERR_CUDA;
-    const int64_t nrows = p->L * (p->H / p->Hkv);
-    const dim3 grid((unsigned)((nrows + kRows - 1) / kRows), (unsigned)p->Hkv, (unsigned)p->B);
-    kernel<<<grid, kThreads, smem, stream>>>(*p);
-    return LCA_OK;
+    return launch_row_tiles(kernel, p, kRows, kThreads, smem, stream);
 }
 
 }  // namespace lca

@@ -102,6 +102,20 @@ inline bool device_fits(int device, size_t need, bool hopper) {
     return major == 9 && minor == 0 && (size_t)optin >= need;
 }
 
+/* Host: launch a forward kernel over (tiles of `rows` score rows of the flattened (position,
+ * head-in-group) space, kv heads, batch), with `smem` bytes of dynamic shared memory. */
+template <typename Kernel>
+inline int launch_row_tiles(Kernel kernel, const lca_params *p, int rows, int threads, size_t smem,
+                            cudaStream_t stream) {
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) !=
+        cudaSuccess)
+        return LCA_ERR_CUDA;
+    const int64_t nrows = p->L * (p->H / p->Hkv);
+    const dim3 grid((unsigned)((nrows + rows - 1) / rows), (unsigned)p->Hkv, (unsigned)p->B);
+    kernel<<<grid, threads, smem, stream>>>(*p);
+    return LCA_OK;
+}
+
 /* LCA_CUDA_DISABLE names kernels to skip, so the tests reach every path on the same cases:
  * comma-separated names matched whole — "wgmma" the Hopper forward kernels, "mma" every
  * tensor-core kernel, "dec_bulk" the Hopper decode partial.  Read at each call. */
