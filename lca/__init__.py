@@ -12,6 +12,8 @@ Shapes (a leading batch dim B is optional, on every input or on none):
 NumPy float32 and float64 arrays run on the CPU engine, multi-threaded, GIL released.
 PyTorch and CuPy CUDA arrays (float32, float16, bfloat16) run on the CUDA engine, zero-copy, on
 the caller's current stream, and come back as the caller's arrays (lse and alpha in float32).
+Arrays of other libraries that export DLPack or __cuda_array_interface__ (JAX, Numba, ...) are
+taken without a copy too and come back through their own namespace.
 PyTorch autograd and torch.compile: lca.torch (imported only on request; `import lca` never
 imports torch).
 """
@@ -34,26 +36,93 @@ HAS_CUDA = _cuda.device_count() > 0      # built with the CUDA engine and a devi
 
 # ---------------------------------------------------------------------------------------------
 # results in the caller's array type: torch CPU tensors run on the C engine through NumPy views
-# of their memory, and the results come back as torch tensors over the same buffers (no copies)
+# of their memory, and the results come back as torch tensors over the same buffers (no copies).
+# Arrays of any other library that export DLPack or __cuda_array_interface__ (JAX, Numba, ...)
+# are adopted without a copy — on the CPU as NumPy views, on a CUDA device as torch tensors (or
+# CuPy arrays where torch is absent) — and the results come back through the caller's
+# namespace (its __array_namespace__().from_dlpack), or as the engine's arrays where it has none.
+
+_ENGINE_TYPES = ("numpy", "torch", "cupy")
+_DL_CUDA = (2, 13)                            # DLPack's kDLCUDA, kDLCUDAManaged
+_DL_KNOWN = (1, 3) + _DL_CUDA                 # and kDLCPU, kDLCUDAHost (CPU-readable)
+
 
 def _is_torch_cpu(a):
     return type(a).__module__.split(".")[0] == "torch" and getattr(a, "is_cuda", True) is False
 
 
-def _to_caller(out, torch):
+def _is_foreign(a):
+    """An array of a library the engines do not take directly, exporting DLPack or CAI."""
+    if isinstance(a, (np.ndarray, int, float, str, bool, type(None))):
+        return False
+    if type(a).__module__.split(".")[0] in _ENGINE_TYPES:
+        return False
+    return hasattr(a, "__dlpack__") or hasattr(a, "__cuda_array_interface__")
+
+
+def _adopt(a, name):
+    """A foreign array as an array the engines take, sharing its memory."""
+    try:
+        dev = int(a.__dlpack_device__()[0]) if hasattr(a, "__dlpack_device__") else None
+    except Exception as e:  # noqa: BLE001 - a broken exporter is the caller's type error
+        raise TypeError(f"{name}: {type(a).__name__}.__dlpack_device__ failed ({e})") from None
+    if dev not in (None,) + _DL_KNOWN:
+        raise TypeError(f"{name}: an array on DLPack device type {dev}; lca runs on the CPU and "
+                        "on CUDA devices")
+    on_cuda = hasattr(a, "__cuda_array_interface__") or dev in _DL_CUDA
+    try:
+        if not on_cuda:
+            return np.from_dlpack(a)
+        try:
+            import torch
+            return torch.from_dlpack(a) if hasattr(a, "__dlpack__") else torch.as_tensor(a)
+        except ImportError:
+            pass
+        try:
+            import cupy
+            return cupy.from_dlpack(a) if hasattr(a, "__dlpack__") else cupy.asarray(a)
+        except ImportError:
+            raise NotImplementedError(
+                f"{name}: a CUDA array of {type(a).__module__}: lca's CUDA engine allocates "
+                "its results through PyTorch or CuPy, and neither is installed") from None
+    except (NotImplementedError, TypeError):
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise TypeError(f"{name}: {type(a).__name__} could not be read without a copy "
+                        f"through DLPack or __cuda_array_interface__ ({e})") from None
+
+
+def _to_caller(out, convert):
     if isinstance(out, tuple):
-        return tuple(_to_caller(o, torch) for o in out)
-    return torch.from_numpy(out) if isinstance(out, np.ndarray) else out
+        return tuple(_to_caller(o, convert) for o in out)
+    return out if out is None or isinstance(out, (int, float)) else convert(out)
 
 
 def _caller_type(fn):
-    """fn's NumPy results as torch tensors when any array argument is a torch CPU tensor."""
+    """fn taking and returning the caller's array types: torch CPU tensors back from NumPy
+    results; foreign arrays (DLPack / CAI exporters) adopted on the way in and returned through
+    their namespace on the way out."""
+    sig = None
+
     @functools.wraps(fn)
     def wrapper(*args, **kw):
+        nonlocal sig
+        if any(_is_foreign(a) for a in args) or any(_is_foreign(a) for a in kw.values()):
+            import inspect
+            sig = sig or inspect.signature(fn)
+            bound = sig.bind(*args, **kw)
+            like = next(a for a in bound.arguments.values() if _is_foreign(a))
+            for nm, a in bound.arguments.items():
+                if _is_foreign(a):
+                    bound.arguments[nm] = _adopt(a, nm)
+            out = fn(*bound.args, **bound.kwargs)
+            ns = getattr(like, "__array_namespace__", None)
+            return out if ns is None else _to_caller(out, ns().from_dlpack)
         out = fn(*args, **kw)
         if any(_is_torch_cpu(a) for a in args):
             import torch
-            return _to_caller(out, torch)
+            return _to_caller(out, lambda o: torch.from_numpy(o) if isinstance(o, np.ndarray)
+                              else o)
         return out
     return wrapper
 
