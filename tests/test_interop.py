@@ -7,11 +7,25 @@ DLPack (no __array__, no buffer protocol: np.asarray cannot read it) and one tha
 array namespace.  Every result is compared bit for bit with the same call on NumPy arrays.  On
 a CUDA device (skipped without one): stand-ins over torch CUDA tensors offering only
 __cuda_array_interface__ or only DLPack."""
+import os
+
 import numpy as np
 import pytest
 
 import lca
 from conftest import gqa_inputs, mla_inputs
+
+# JAX on a GPU machine would otherwise take 75% of the device's memory at its first array
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+
+def jax_cpu():
+    """jax.numpy and a function putting NumPy arrays on JAX's CPU device (JAX's default device
+    is a GPU where it has one)."""
+    jnp = pytest.importorskip("jax.numpy")
+    import jax
+    cpu = jax.devices("cpu")[0]
+    return jnp, lambda a: jax.device_put(a, cpu)
 
 
 class DLPackOnly:
@@ -100,40 +114,37 @@ def test_bad_exporters_name_the_argument(rng):
 
 
 def test_jax_arrays(rng):
-    jnp = pytest.importorskip("jax.numpy")
+    jnp, j = jax_cpu()
     q, c, r = mla_inputs(rng, 2, 45, 4, 16, 8, np.float32)
     kw = dict(group_size=4, window=10)
-    out, lse = lca.attention(jnp.asarray(q), jnp.asarray(c), jnp.asarray(r), return_lse=True,
-                             **kw)
+    out, lse = lca.attention(j(q), j(c), j(r), return_lse=True, **kw)
     want, want_lse = lca.attention(q, c, r, return_lse=True, **kw)
-    assert type(out) is type(jnp.asarray(q)) and out.dtype == jnp.float32
+    assert type(out) is type(j(q)) and out.dtype == jnp.float32
     same((out, lse), (want, want_lse))
     dout = rng.standard_normal(want.shape).astype(np.float32)
-    grads = lca.attention_backward(jnp.asarray(dout), jnp.asarray(q), jnp.asarray(c),
-                                   jnp.asarray(r), out, lse, **kw)
+    grads = lca.attention_backward(j(dout), j(q), j(c), j(r), out, lse, **kw)
     same(grads, lca.attention_backward(dout, q, c, r, want, want_lse, **kw))
-    cb = lca.condense(jnp.asarray(q), c, r, group_size=4)
+    cb = lca.condense(j(q), c, r, group_size=4)
     same(cb, lca.condense(q, c, r, group_size=4))
     assert cb[2].dtype == jnp.int32                          # the anchors
 
 
 def test_jax_cache_and_prefill(rng):
-    jnp = pytest.importorskip("jax.numpy")
+    jnp, j = jax_cpu()
     B, L, H, Dc, Dr = 2, 30, 4, 16, 8
     q, c, r = mla_inputs(rng, B, L, H, Dc, Dr, np.float32)
     kw = dict(group_size=4, window=6)
     a, b = lca.LatentCache(B, H, Dc, Dr, L, **kw), lca.LatentCache(B, H, Dc, Dr, L, **kw)
-    same(a.prefill(jnp.asarray(q[:, :9]), jnp.asarray(c[:, :9]), jnp.asarray(r[:, :9])),
-         b.prefill(q[:, :9], c[:, :9], r[:, :9]))
+    same(a.prefill(j(q[:, :9]), j(c[:, :9]), j(r[:, :9])), b.prefill(q[:, :9], c[:, :9],
+                                                                     r[:, :9]))
     for t in range(9, L):
-        o = a.step(jnp.asarray(q[:, t]), jnp.asarray(c[:, t]), jnp.asarray(r[:, t]))
-        assert type(o) is type(jnp.asarray(q))
+        o = a.step(j(q[:, t]), j(c[:, t]), j(r[:, t]))
+        assert type(o) is type(j(q))
         same(o, b.step(q[:, t], c[:, t], r[:, t]))
     w_uk = rng.standard_normal((H, Dc, 12)).astype(np.float32)
     w_uv = rng.standard_normal((H, Dc, 10)).astype(np.float32)
     qn = rng.standard_normal((B, L, H, 12 + Dr)).astype(np.float32)
-    same(lca.mla_prefill(jnp.asarray(qn), jnp.asarray(c), jnp.asarray(r), jnp.asarray(w_uk),
-                         jnp.asarray(w_uv), **kw),
+    same(lca.mla_prefill(j(qn), j(c), j(r), j(w_uk), j(w_uv), **kw),
          lca.mla_prefill(qn, c, r, w_uk, w_uv, **kw))
 
 
@@ -162,3 +173,27 @@ def test_cuda_exporters(wrap, monkeypatch):
     for g, w in zip(got, want):
         assert isinstance(g, torch.Tensor) and g.is_cuda and torch.equal(g, w)
     assert lca._adopt(wrap(q), "q").data_ptr() == q.data_ptr()          # no copy
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not lca.HAS_CUDA, reason="needs a CUDA device")
+def test_jax_cuda_arrays(monkeypatch):
+    """JAX arrays on the GPU: the same kernels as the torch tensors over the same data, bit for
+    bit, and JAX arrays back on the GPU."""
+    torch = pytest.importorskip("torch")
+    jnp = pytest.importorskip("jax.numpy")
+    import jax
+    gpus = [d for d in jax.devices() if d.platform == "gpu"]
+    if not gpus:
+        pytest.skip("jax has no GPU backend here")
+    monkeypatch.setenv("LCA_POISON_OUTPUTS", "1")
+    gen = torch.Generator(device="cuda").manual_seed(8)
+    q, k, v = (torch.randn(1, 150, 4, 64, generator=gen, device="cuda").to(torch.bfloat16)
+               for _ in range(3))
+    kw = dict(group_size=8, window=24)
+    want = lca.gqa_attention(q, k, v, return_lse=True, **kw)
+    jq, jk, jv = (jnp.from_dlpack(t) for t in (q, k, v))
+    got = lca.gqa_attention(jq, jk, jv, return_lse=True, **kw)
+    for g, w in zip(got, want):
+        assert type(g) is type(jq) and g.devices() == jq.devices()
+        assert torch.equal(torch.from_dlpack(g), w)
