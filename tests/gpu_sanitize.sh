@@ -4,9 +4,10 @@
 # the tests (default tests/test_cuda.py; e.g. "tests/test_cuda_gqa_wgmma.py -k tuning_variants"
 # for the Hopper forward's producer/consumer variants, "tests/test_cache.py -k gpu" for the
 # decode kernels: a -k there replaces the default one); LCA_SANITIZE_TOOLS the tools.  The test
-# that provokes a CUDA error on purpose is left out.  Every kernel is instrumented (filtering with --kernel-name hides the
-# framework's writes from initcheck, which then misreports, and crashed racecheck here); the
-# summary counts the reports that name lca's kernels (lca::...lca_*) apart from all reports.
+# that provokes a CUDA error on purpose is left out.  Every kernel is instrumented (filtering
+# with --kernel-name hides the framework's writes from initcheck, which then misreports, and
+# crashed racecheck here); the summary counts the reports that name lca's kernels
+# (lca::...lca_*) apart from all reports.
 set -uo pipefail
 OUT=${OUT:-/tmp/lca-out}; mkdir -p "$OUT"
 export LCA_POISON_OUTPUTS=1
