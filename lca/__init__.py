@@ -85,9 +85,9 @@ def _adopt(a, name):
             raise NotImplementedError(
                 f"{name}: a CUDA array of {type(a).__module__}: lca's CUDA engine allocates "
                 "its results through PyTorch or CuPy, and neither is installed") from None
-    except (NotImplementedError, TypeError):
+    except NotImplementedError:
         raise
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - e.g. a dtype DLPack cannot carry to NumPy
         raise TypeError(f"{name}: {type(a).__name__} could not be read without a copy "
                         f"through DLPack or __cuda_array_interface__ ({e})") from None
 

@@ -127,6 +127,8 @@ def test_jax_arrays(rng):
     cb = lca.condense(j(q), c, r, group_size=4)
     same(cb, lca.condense(q, c, r, group_size=4))
     assert cb[2].dtype == jnp.int32                          # the anchors
+    with pytest.raises(TypeError, match="^q: "):             # bf16 on the CPU: no such engine
+        lca.attention(j(q).astype(jnp.bfloat16), j(c), j(r), **kw)
 
 
 def test_jax_cache_and_prefill(rng):
