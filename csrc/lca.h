@@ -99,6 +99,12 @@ const char *lca_cuda_last_decode_kernel(void);
 int lca_cpu_condense(const lca_params *p, char *err, int errlen);
 int lca_cpu_attend_fwd(const lca_params *p, char *err, int errlen);
 int lca_cpu_attention_bwd(const lca_params *p, char *err, int errlen);
+/* The backward of attend (SPEC §3 over the given condensed entries p->kbar, p->vbar, p->m
+ * rows): dq, dk, dv accumulated into the zeroed p->dq, p->dk, p->dv, and the entries' own
+ * gradients into the zeroed dkbar, dvbar (B, m, Hkv, D / Dv; with v_in_k dvbar is dkbar's
+ * prefix view).  No condensation is involved. */
+int lca_cpu_attend_bwd(const lca_params *p, const lca_view *dkbar, const lca_view *dvbar,
+                       char *err, int errlen);
 int lca_cpu_max_threads(void);
 
 /* CUDA engine (csrc/cuda), compiled when setup.py finds nvcc.  Pointers are device pointers on

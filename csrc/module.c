@@ -268,6 +268,48 @@ static PyObject *py_backward(PyObject *self, PyObject *args) {
     return finish(status, err);
 }
 
+PyDoc_STRVAR(attend_backward_doc, "attend_backward(dout, q, k, v, kbar, vbar, out, lse, dq, dk, "
+             "dv, dkbar, dvbar, g, w, scale, rep_bias, v_in_k): the gradients of attend, "
+             "accumulated into the zeroed dq, dk, dv, dkbar, dvbar.");
+
+static PyObject *py_attend_backward(PyObject *self, PyObject *args) {
+    PyObject *dout, *q, *k, *v, *kbar, *vbar, *out, *lse, *dq, *dk, *dv, *dkbar, *dvbar;
+    lca_params p = {0};
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOOOOOLLddi", &dout, &q, &k, &v, &kbar, &vbar, &out,
+                          &lse, &dq, &dk, &dv, &dkbar, &dvbar, &p.g, &p.w, &p.scale, &p.rep_bias,
+                          &p.v_in_k))
+        return NULL;
+    int typenum = qkv_params(&p, q, k, v);
+    p.n = 1, p.d_score = p.d_pool = p.D;                    /* as attend: no condensation */
+    if (typenum < 0 || lca_params_check(&p) || attend_views(&p, typenum, out, lse, 0))
+        return NULL;
+    npy_intp sk[4], sv[4], s[4];
+    if (view_of(kbar, "kbar", 4, typenum, 0, sk, &p.kbar) ||
+        view_of(vbar, "vbar", 4, typenum, 0, sv, &p.vbar) || given_condensed(&p, sk, sv))
+        return NULL;
+    npy_intp wq[4] = {p.B, p.L, p.H, p.D}, wk[4] = {p.B, p.L, p.Hkv, p.D};
+    npy_intp wv[4] = {p.B, p.L, p.Hkv, p.Dv}, wo[4] = {p.B, p.L, p.H, p.Dv};
+    lca_view dkb, dvb;
+    if (view_of(dout, "dout", 4, typenum, 0, s, &p.dout) || same_shape("dout", s, wo, 4) ||
+        view_of(dq, "dq", 4, typenum, 1, s, &p.dq) || same_shape("dq", s, wq, 4) ||
+        view_of(dk, "dk", 4, typenum, 1, s, &p.dk) || same_shape("dk", s, wk, 4) ||
+        view_of(dv, "dv", 4, typenum, 1, s, &p.dv) || same_shape("dv", s, wv, 4) ||
+        view_of(dkbar, "dkbar", 4, typenum, 1, s, &dkb) || same_shape("dkbar", s, sk, 4) ||
+        view_of(dvbar, "dvbar", 4, typenum, 1, s, &dvb) || same_shape("dvbar", s, sv, 4))
+        return NULL;
+    if (p.v_in_k && (!same_view(&p.dv, &p.dk) || !same_view(&dvb, &dkb))) {
+        PyErr_SetString(PyExc_ValueError, "v_in_k: dv and dvbar must be prefix views of dk and "
+                        "dkbar");
+        return NULL;
+    }
+    char err[256] = "";
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = lca_cpu_attend_bwd(&p, &dkb, &dvb, err, sizeof err);
+    Py_END_ALLOW_THREADS
+    return finish(status, err);
+}
+
 /* ---------------------------------------------------------------------------------------------
  * Decode (the condensed cache, lca/cache.py).  Arrays are 4-D: q (B, 1, H, D), k (B, 1, Hkv, D),
  * v (B, 1, Hkv, Dv), out (B, 1, H, Dv) for the new token; kbar (B, M, Hkv, D), vbar (B, M, Hkv,
@@ -631,6 +673,7 @@ static PyMethodDef methods[] = {
     {"condense", py_condense, METH_VARARGS, condense_doc},
     {"attend", py_attend, METH_VARARGS, attend_doc},
     {"backward", py_backward, METH_VARARGS, backward_doc},
+    {"attend_backward", py_attend_backward, METH_VARARGS, attend_backward_doc},
     {"decode_step", py_decode_step, METH_VARARGS, decode_step_doc},
     {"max_threads", py_max_threads, METH_NOARGS, "Threads the CPU engine uses by default."},
 #ifdef LCA_WITH_CUDA

@@ -27,7 +27,8 @@ from ._arrays import (as_array, check_dim, check_rank, choice_param, float_param
                       int_param, same_dtype, window_param)
 
 __all__ = ["attention", "attention_backward", "gqa_attention", "gqa_attention_backward",
-           "condense", "gqa_condense", "attend", "gqa_attend", "num_condensed",
+           "condense", "gqa_condense", "attend", "gqa_attend", "attend_backward",
+           "gqa_attend_backward", "num_condensed",
            "cache_entries", "mla_prefill", "LatentCache", "GQACache", "HAS_CUDA"]
 __version__ = "0.1.0"
 
@@ -263,6 +264,32 @@ def _backward(fe, code, dout, q, k, v, out, lse, cfg, d_score, d_pool, v_in_k):
     return dq, dk, dv
 
 
+def _attend_backward(fe, dout, q, k, v, kbar, vbar, out, lse, cfg, v_in_k):
+    """dq, dk, dv, dkbar, dvbar of attend over the given kbar, vbar (CPU engine)."""
+    if fe:
+        raise NotImplementedError(
+            "the backward of attend / gqa_attend (gradients for given condensed entries) on "
+            "CUDA arrays: not implemented yet (the CPU engine has it; attention_backward and "
+            "gqa_attention_backward run on CUDA)")
+    B, L, H, D = q.shape
+    Dv = v.shape[3]
+    for a, nm in ((dout, "dout"), (out, "out")):
+        if tuple(a.shape) != (B, L, H, Dv):
+            raise ValueError(f"{nm}: expected shape {(B, L, H, Dv)}, got {tuple(a.shape)}")
+    if tuple(lse.shape) != (B, H, L):
+        raise ValueError(f"lse: expected shape {(B, H, L)} (B, H, L), got {tuple(lse.shape)}")
+    dq = np.zeros_like(q, order="C")
+    dk = np.zeros(k.shape, q.dtype)
+    dv = dk[..., :Dv] if v_in_k else np.zeros(v.shape, q.dtype)
+    dkbar = np.zeros(kbar.shape, q.dtype)
+    dvbar = dkbar[..., :Dv] if v_in_k else np.zeros(vbar.shape, q.dtype)
+    _C.attend_backward(for_engine(dout.astype(q.dtype, copy=False)), q, k, v, kbar, vbar,
+                       for_engine(out.astype(q.dtype, copy=False)),
+                       np.require(lse, q.dtype, ["C", "A"]), dq, dk, dv, dkbar, dvbar,
+                       cfg.g, cfg.w, cfg.scale, cfg.rep_bias, v_in_k)
+    return dq, dk, dv, dkbar, dvbar
+
+
 def _backward_inputs(fe, q, dout, out, lse, batched):
     if fe:
         dout, out, lse = _cuda.check_grad_inputs(fe, q, dout, out, lse)
@@ -351,6 +378,30 @@ def attend(q, latent, kpos, latent_bar, kpos_bar, *, group_size=16, window=1024,
 
 
 @_caller_type
+def attend_backward(dout, q, latent, kpos, latent_bar, kpos_bar, out, lse, *, group_size=16,
+                    window=1024, softmax_scale=None, rep_bias=0.0):
+    """Gradient of attend() with the condensed entries as inputs of their own (no condensation
+    to differentiate through): (dq, dlatent, dkpos, dlatent_bar, dkpos_bar).  out and lse are
+    attend()'s.  For research code that supplies its own condensation.  CPU engine; CUDA
+    arrays raise NotImplementedError."""
+    batched, fe, code, q, k, v = _mla_inputs(q, latent, kpos)
+    cfg = _mla_cfg(q, dict(group_size=group_size, window=window, softmax_scale=softmax_scale,
+                           rep_bias=rep_bias))
+    Dq, Dc = q.shape[3], v.shape[3]
+    cb, rb = _given_condensed(fe, q, batched, [latent_bar, kpos_bar], ["latent_bar", "kpos_bar"],
+                              [Dc, Dq - Dc], None, cfg)
+    dout, out, lse = _backward_inputs(fe, q, dout, out, lse, batched)
+    kbar = None
+    if not fe:
+        kbar = np.empty((q.shape[0], cb.shape[1], 1, Dq), q.dtype)
+        kbar[:, :, 0, :Dc], kbar[:, :, 0, Dc:] = cb, rb
+    dq, dk, _, dkb, _ = _attend_backward(fe, dout, q, k, v, kbar, None if fe else kbar[..., :Dc],
+                                         out, lse, cfg, 1)
+    return _unbatch(batched, dq, _contig(fe, dk[:, :, 0, :Dc]), _contig(fe, dk[:, :, 0, Dc:]),
+                    _contig(fe, dkb[:, :, 0, :Dc]), _contig(fe, dkb[:, :, 0, Dc:]))
+
+
+@_caller_type
 def attention(q, latent, kpos, *, group_size=16, window=1024, n_summary=None,
               softmax_scale=None, score="full", rep_bias=0.0, return_lse=False):
     """LCA attention for MLA in absorbed form (SPEC §2 + §3).
@@ -414,6 +465,24 @@ def gqa_attend(q, k, v, kbar, vbar, *, group_size=16, window=1024, softmax_scale
     prep = fe.contiguous_last if fe else for_engine
     out, lse = _unbatch(batched, *_attend(fe, code, q, k, v, prep(kb), prep(vb), cfg, 0))
     return (out, lse) if return_lse else out
+
+
+@_caller_type
+def gqa_attend_backward(dout, q, k, v, kbar, vbar, out, lse, *, group_size=16, window=1024,
+                        softmax_scale=None, rep_bias=0.0):
+    """Gradient of gqa_attend() with kbar, vbar as inputs of their own: (dq, dk, dv, dkbar,
+    dvbar).  out and lse are gqa_attend()'s.  CPU engine; CUDA arrays raise
+    NotImplementedError."""
+    batched, fe, code, q, k, v = _gqa_inputs(q, k, v)
+    B, L, H, D = q.shape
+    cfg = _Cfg(L, D, group_size=group_size, window=window, softmax_scale=softmax_scale,
+               rep_bias=rep_bias)
+    kb, vb = _given_condensed(fe, q, batched, [kbar, vbar], ["kbar", "vbar"], [D, v.shape[3]],
+                              k.shape[2], cfg)
+    dout, out, lse = _backward_inputs(fe, q, dout, out, lse, batched)
+    prep = fe.contiguous_last if fe else for_engine
+    return _unbatch(batched, *_attend_backward(fe, dout, q, k, v, prep(kb), prep(vb), out, lse,
+                                               cfg, 0))
 
 
 @_caller_type

@@ -81,7 +81,15 @@ int lca_cpu_attend_fwd(const lca_params *p, char *err, int errlen) {
 
 int lca_cpu_attention_bwd(const lca_params *p, char *err, int errlen) {
     if (p->B == 0 || p->L == 0) return LCA_OK;
-    int s = p->dtype == LCA_F32 ? attention_bwd_f32(p, threads_for(p))
-                                : attention_bwd_f64(p, threads_for(p));
+    int s = p->dtype == LCA_F32 ? attention_bwd_f32(p, NULL, NULL, threads_for(p))
+                                : attention_bwd_f64(p, NULL, NULL, threads_for(p));
     return finish(s, "attention backward", err, errlen);
+}
+
+int lca_cpu_attend_bwd(const lca_params *p, const lca_view *dkbar, const lca_view *dvbar,
+                       char *err, int errlen) {
+    if (p->B == 0 || p->L == 0) return LCA_OK;     /* (the caller zeroes dkbar and dvbar) */
+    int s = p->dtype == LCA_F32 ? attention_bwd_f32(p, dkbar, dvbar, threads_for(p))
+                                : attention_bwd_f64(p, dkbar, dvbar, threads_for(p));
+    return finish(s, "attend backward", err, errlen);
 }

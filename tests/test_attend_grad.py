@@ -1,0 +1,133 @@
+"""lca.attend_backward / lca.gqa_attend_backward: the gradient of attend with the condensed
+entries as inputs of their own (SPEC §3 over given entries; no condensation), for research code
+that supplies its own condensation.
+
+Against central finite differences of lca.attend / lca.gqa_attend in float64, every input
+element perturbed (tiny shapes, more condensed rows given than the last query sees, so the
+unseen rows must get exactly zero); the exact-causal case against gqa_attention_backward; float32
+against float64; the errors."""
+import numpy as np
+import pytest
+
+import lca
+from conftest import gqa_inputs, mla_inputs, rel_err
+
+EPS = 1e-6
+
+
+def fd_check(fwd, args, dout, grads, tol=1e-7):
+    """Central differences of sum(dout * fwd(*args)) for every element of every arg."""
+    for i, (a, g) in enumerate(zip(args, grads)):
+        assert g.shape == a.shape and g.dtype == a.dtype
+        num = np.zeros_like(a)
+        for idx in np.ndindex(a.shape):
+            keep = a[idx]
+            a[idx] = keep + EPS
+            up = float(np.sum(dout * fwd(*args)))
+            a[idx] = keep - EPS
+            down = float(np.sum(dout * fwd(*args)))
+            a[idx] = keep
+            num[idx] = (up - down) / (2 * EPS)
+        err = np.abs(num - g).max() / max(np.abs(num).max(), 1e-300)
+        assert err <= tol, f"argument {i}: finite-difference error {err:.2e}"
+
+
+@pytest.mark.parametrize("case", [  # B, L, H, Hkv, D, Dv, g, w, extra rows, rep_bias
+    (2, 23, 4, 2, 5, 3, 4, 6, 2, 0.0),
+    (1, 19, 3, 1, 4, 6, 2, 0, 0, 0.4),        # window 0: condensed entries only (and the group)
+    (1, 17, 2, 2, 3, 3, 16, 3, 1, 0.0),       # one group: one condensed row, seen late
+])
+def test_gqa_attend_backward_finite_differences(case, rng):
+    B, L, H, Hkv, D, Dv, g, w, extra, bias = case
+    q, k, v = gqa_inputs(rng, B, L, H, Hkv, D, Dv)
+    m = lca.num_condensed(L - 1, g, w) + extra
+    kbar = rng.standard_normal((B, m, Hkv, D))
+    vbar = rng.standard_normal((B, m, Hkv, Dv))
+    kw = dict(group_size=g, window=w, rep_bias=bias, softmax_scale=0.7)
+    out, lse = lca.gqa_attend(q, k, v, kbar, vbar, return_lse=True, **kw)
+    dout = rng.standard_normal(out.shape)
+    grads = lca.gqa_attend_backward(dout, q, k, v, kbar, vbar, out, lse, **kw)
+    assert len(grads) == 5
+    fd_check(lambda *a: lca.gqa_attend(*a, **kw), [q, k, v, kbar, vbar], dout, grads)
+    unseen = lca.num_condensed(L - 1, g, w)
+    assert not grads[3][:, unseen:].any() and not grads[4][:, unseen:].any()
+
+
+def test_attend_backward_finite_differences(rng):
+    B, L, H, Dc, Dr, g, w = 2, 21, 3, 6, 2, 4, 5
+    q, c, r = mla_inputs(rng, B, L, H, Dc, Dr)
+    m = lca.num_condensed(L - 1, g, w) + 1
+    cb, rb = rng.standard_normal((B, m, Dc)), rng.standard_normal((B, m, Dr))
+    kw = dict(group_size=g, window=w, rep_bias=-0.3)
+    out, lse = lca.attend(q, c, r, cb, rb, return_lse=True, **kw)
+    dout = rng.standard_normal(out.shape)
+    grads = lca.attend_backward(dout, q, c, r, cb, rb, out, lse, **kw)
+    assert len(grads) == 5
+    fd_check(lambda *a: lca.attend(*a, **kw), [q, c, r, cb, rb], dout, grads)
+
+
+def test_unbatched_inputs(rng):
+    q, c, r = mla_inputs(rng, 1, 30, 2, 8, 4, batched=False)
+    cb, rb, _, _ = lca.condense(q, c, r, group_size=4)
+    kw = dict(group_size=4, window=8)
+    out, lse = lca.attend(q, c, r, cb, rb, return_lse=True, **kw)
+    dout = rng.standard_normal(out.shape)
+    got = lca.attend_backward(dout, q, c, r, cb, rb, out, lse, **kw)
+    want = lca.attend_backward(dout[None], q[None], c[None], r[None], cb[None], rb[None],
+                               out[None], lse[None], **kw)
+    for a, b in zip(got, want):
+        assert np.array_equal(a, b[0])
+
+
+def test_exact_causal_matches_attention_backward(rng):
+    """window >= L: no condensed entry is seen, so the gradients are exact causal attention's
+    (gqa_attention_backward's, whose condensation then plays no part) and dkbar = dvbar = 0."""
+    q, k, v = gqa_inputs(rng, 2, 40, 4, 2, 16, 8)
+    kw = dict(group_size=8, window=10**6)
+    kbar, vbar, _, _ = lca.gqa_condense(q, k, v, group_size=8)
+    out, lse = lca.gqa_attend(q, k, v, kbar, vbar, return_lse=True, **kw)
+    dout = rng.standard_normal(out.shape)
+    dq, dk, dv, dkb, dvb = lca.gqa_attend_backward(dout, q, k, v, kbar, vbar, out, lse, **kw)
+    want = lca.gqa_attention_backward(dout, q, k, v, out, lse, **kw)
+    for a, b in zip((dq, dk, dv), want):
+        assert rel_err(a, b) <= 1e-12
+    assert not dkb.any() and not dvb.any()
+
+
+def test_float32_against_float64(rng):
+    q, k, v = gqa_inputs(rng, 1, 300, 8, 2, 32, 16)
+    kbar, vbar, _, _ = lca.gqa_condense(q, k, v, group_size=8)
+    kw = dict(group_size=8, window=50)
+    out, lse = lca.gqa_attend(q, k, v, kbar, vbar, return_lse=True, **kw)
+    dout = rng.standard_normal(out.shape)
+    want = lca.gqa_attend_backward(dout, q, k, v, kbar, vbar, out, lse, **kw)
+    f = [a.astype(np.float32) for a in (dout, q, k, v, kbar, vbar, out, lse)]
+    got = lca.gqa_attend_backward(*f, **kw)
+    for a, b in zip(got, want):
+        assert a.dtype == np.float32 and rel_err(a, b) <= 1e-5
+
+
+def test_errors_name_the_argument(rng):
+    q, k, v = gqa_inputs(rng, 1, 30, 4, 2, 8, 8)
+    kbar, vbar, _, _ = lca.gqa_condense(q, k, v, group_size=4)
+    kw = dict(group_size=4, window=6)
+    out, lse = lca.gqa_attend(q, k, v, kbar, vbar, return_lse=True, **kw)
+    with pytest.raises(ValueError, match="kbar"):
+        lca.gqa_attend_backward(out, q, k, v, kbar[:, :2], vbar[:, :2], out, lse, **kw)
+    with pytest.raises(ValueError, match="dout"):
+        lca.gqa_attend_backward(out[:, :29], q, k, v, kbar, vbar, out, lse, **kw)
+    with pytest.raises(ValueError, match="lse"):
+        lca.gqa_attend_backward(out, q, k, v, kbar, vbar, out, lse[..., :29], **kw)
+    with pytest.raises(TypeError, match="vbar"):
+        lca.gqa_attend_backward(out, q, k, v, kbar, vbar.astype(np.float32), out, lse, **kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not lca.HAS_CUDA, reason="needs a CUDA device")
+def test_cuda_arrays_raise_not_implemented():
+    torch = pytest.importorskip("torch")
+    q, k, v = (torch.randn(1, 40, 2, 16, device="cuda") for _ in range(3))
+    kbar, vbar, _, _ = lca.gqa_condense(q, k, v, group_size=4)
+    out, lse = lca.gqa_attend(q, k, v, kbar, vbar, group_size=4, window=8, return_lse=True)
+    with pytest.raises(NotImplementedError, match="CUDA"):
+        lca.gqa_attend_backward(out, q, k, v, kbar, vbar, out, lse, group_size=4, window=8)
