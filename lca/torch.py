@@ -4,6 +4,7 @@
     out = lca.torch.attention(q, latent, kpos, group_size=16, window=1024)     # MLA, absorbed
     out = lca.torch.gqa_attention(q, k, v, key_mode="anchor")                   # GQA / MHA
     out = lca.torch.mla_prefill(q, latent, kpos, w_uk, w_uv)                    # MLA, non-absorbed
+    out = lca.torch.gqa_attend(q, k, v, kbar, vbar)    # given condensed entries (your own §2)
     out.sum().backward()
 
 Same shapes and keywords as the lca functions of the same names (SPEC §7), return_lse included;
@@ -13,7 +14,7 @@ non-differentiable, so a loss that reaches only lse raises torch's usual "does n
 Each is a torch.library.custom_op (namespace "lca") with a fake (meta) implementation and a
 registered autograd formula, so torch.compile(fullgraph=True) keeps it as one opaque node:
     torch.ops.lca.attention / attention_backward / gqa_attention / gqa_attention_backward /
-    mla_prefill
+    attend / attend_backward / gqa_attend / gqa_attend_backward / mla_prefill
 No copies on the way to the engine: CPU tensors (float32, float64) reach the C engine as NumPy
 views of their memory (strided views included; the engine copies only a view it cannot read,
 as it does for NumPy) and results come back through torch.from_numpy; CUDA tensors (float32,
@@ -28,8 +29,9 @@ absorbed forward is recomputed (lca.attention on q_abs = [W_UK[h] q_nope ; q_rop
 latent output the attention backward needs), lca.attention_backward gives dq_abs, dlatent,
 dkpos (condensation paths included), and the W_UK / W_UV products are differentiated by hand.
 It costs an absorbed forward plus an absorbed backward (more FLOPs than a dedicated non-absorbed
-backward would need: that needs engine entries for the attention backward over given condensed
-entries and the condensation backward alone, which lca does not have yet).
+backward would need: that needs the attention backward over given condensed entries —
+lca.gqa_attend_backward, on the CPU engine so far — and the condensation backward alone, which
+lca does not have yet).
 
 This module imports torch; `import lca` alone never does.
 """
@@ -42,7 +44,7 @@ import torch
 import lca as _lca
 from ._arrays import choice_param, float_param, int_param
 
-__all__ = ["attention", "gqa_attention", "mla_prefill"]
+__all__ = ["attention", "gqa_attention", "attend", "gqa_attend", "mla_prefill"]
 
 Tensor = torch.Tensor
 
@@ -233,6 +235,112 @@ def gqa_attention(q, k, v, *, group_size=16, window=1024, n_summary=None, softma
     kw = _keywords(group_size, window, n_summary, softmax_scale, rep_bias)
     out, lse = _gqa_attention(q, k, v, *kw[:4], choice_param(key_mode, "key_mode",
                                                              ("anchor", "pool")), kw[4])
+    return (out, lse) if return_lse else out
+
+
+# ---------------------------------------------------------------------------------------------
+# SPEC §3 over given condensed entries (lca.attend / lca.gqa_attend): gradients reach the
+# entries too, so research code can train its own condensation (backward: CPU engine only)
+
+def _given_setup(ctx, inputs, output):
+    ctx.kw = inputs[5:]
+    ctx.save_for_backward(*inputs[:5], *output)
+    ctx.mark_non_differentiable(output[1])
+
+
+@torch.library.custom_op("lca::gqa_attend", mutates_args=())
+def _gqa_attend(q: Tensor, k: Tensor, v: Tensor, kbar: Tensor, vbar: Tensor, group_size: int,
+                window: int, softmax_scale: Optional[float],
+                rep_bias: float) -> tuple[Tensor, Tensor]:
+    a = _engine(q, [q, k, v, kbar, vbar], ["q", "k", "v", "kbar", "vbar"])
+    out, lse = _lca.gqa_attend(*a, group_size=group_size, window=window,
+                               softmax_scale=softmax_scale, rep_bias=rep_bias, return_lse=True)
+    return _results((out, lse))
+
+
+@_gqa_attend.register_fake
+def _(q, k, v, kbar, vbar, group_size, window, softmax_scale, rep_bias):
+    return (_empty(tuple(q.shape[:-1]) + (v.shape[-1],), q),
+            _empty(_lse_shape(q), q, _lse_dtype(q)))
+
+
+@torch.library.custom_op("lca::gqa_attend_backward", mutates_args=())
+def _gqa_attend_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, kbar: Tensor,
+                         vbar: Tensor, out: Tensor, lse: Tensor, group_size: int, window: int,
+                         softmax_scale: Optional[float],
+                         rep_bias: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    a = _engine(q, [dout, q, k, v, kbar, vbar, out, lse],
+                ["dout", "q", "k", "v", "kbar", "vbar", "out", "lse"])
+    return _results(_lca.gqa_attend_backward(*a, group_size=group_size, window=window,
+                                             softmax_scale=softmax_scale, rep_bias=rep_bias))
+
+
+@_gqa_attend_backward.register_fake
+def _(dout, q, k, v, kbar, vbar, out, lse, group_size, window, softmax_scale, rep_bias):
+    return tuple(_empty(t.shape, t) for t in (q, k, v, kbar, vbar))
+
+
+_gqa_attend.register_autograd(_grad_through(_gqa_attend_backward), setup_context=_given_setup)
+
+
+def gqa_attend(q, k, v, kbar, vbar, *, group_size=16, window=1024, softmax_scale=None,
+               rep_bias=0.0, return_lse=False):
+    """lca.gqa_attend with autograd: the attention of q over the given condensed entries kbar
+    (B, m, Hkv, D), vbar (B, m, Hkv, Dv) and the exact tokens; gradients reach q, k, v, kbar
+    and vbar (lca.gqa_attend_backward: CPU tensors; CUDA tensors raise NotImplementedError in
+    backward)."""
+    _check_tensors([q, k, v, kbar, vbar], ["q", "k", "v", "kbar", "vbar"])
+    g, w, _, scale, bias = _keywords(group_size, window, None, softmax_scale, rep_bias)
+    out, lse = _gqa_attend(q, k, v, kbar, vbar, g, w, scale, bias)
+    return (out, lse) if return_lse else out
+
+
+@torch.library.custom_op("lca::attend", mutates_args=())
+def _attend(q: Tensor, latent: Tensor, kpos: Tensor, latent_bar: Tensor, kpos_bar: Tensor,
+            group_size: int, window: int, softmax_scale: Optional[float],
+            rep_bias: float) -> tuple[Tensor, Tensor]:
+    a = _engine(q, [q, latent, kpos, latent_bar, kpos_bar],
+                ["q", "latent", "kpos", "latent_bar", "kpos_bar"])
+    out, lse = _lca.attend(*a, group_size=group_size, window=window,
+                           softmax_scale=softmax_scale, rep_bias=rep_bias, return_lse=True)
+    return _results((out, lse))
+
+
+@_attend.register_fake
+def _(q, latent, kpos, latent_bar, kpos_bar, group_size, window, softmax_scale, rep_bias):
+    return (_empty(tuple(q.shape[:-1]) + (latent.shape[-1],), q),
+            _empty(_lse_shape(q), q, _lse_dtype(q)))
+
+
+@torch.library.custom_op("lca::attend_backward", mutates_args=())
+def _attend_backward(dout: Tensor, q: Tensor, latent: Tensor, kpos: Tensor, latent_bar: Tensor,
+                     kpos_bar: Tensor, out: Tensor, lse: Tensor, group_size: int, window: int,
+                     softmax_scale: Optional[float],
+                     rep_bias: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    a = _engine(q, [dout, q, latent, kpos, latent_bar, kpos_bar, out, lse],
+                ["dout", "q", "latent", "kpos", "latent_bar", "kpos_bar", "out", "lse"])
+    return _results(_lca.attend_backward(*a, group_size=group_size, window=window,
+                                         softmax_scale=softmax_scale, rep_bias=rep_bias))
+
+
+@_attend_backward.register_fake
+def _(dout, q, latent, kpos, latent_bar, kpos_bar, out, lse, group_size, window, softmax_scale,
+      rep_bias):
+    return tuple(_empty(t.shape, t) for t in (q, latent, kpos, latent_bar, kpos_bar))
+
+
+_attend.register_autograd(_grad_through(_attend_backward), setup_context=_given_setup)
+
+
+def attend(q, latent, kpos, latent_bar, kpos_bar, *, group_size=16, window=1024,
+           softmax_scale=None, rep_bias=0.0, return_lse=False):
+    """lca.attend with autograd (absorbed MLA over given condensed entries latent_bar (B, m,
+    Dc), kpos_bar (B, m, Dr)); gradients reach all five inputs (lca.attend_backward: CPU
+    tensors; CUDA tensors raise NotImplementedError in backward)."""
+    _check_tensors([q, latent, kpos, latent_bar, kpos_bar],
+                   ["q", "latent", "kpos", "latent_bar", "kpos_bar"])
+    g, w, _, scale, bias = _keywords(group_size, window, None, softmax_scale, rep_bias)
+    out, lse = _attend(q, latent, kpos, latent_bar, kpos_bar, g, w, scale, bias)
     return (out, lse) if return_lse else out
 
 

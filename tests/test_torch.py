@@ -237,6 +237,27 @@ def test_gradcheck_mla_prefill(case):
     assert torch.autograd.gradcheck(lambda *a: lt.mla_prefill(*a, **kw), args)
 
 
+def given_args(gen, B, L, Hkv, m, D, Dv, mla):
+    """Condensed entries of m rows to go with mla_args / gqa_args (leaves, float64)."""
+    if mla:          # latent_bar (B, m, Dc = Dv), kpos_bar (B, m, Dr = D - Dv)
+        return randn(gen, B, m, Dv, dtype=F64), randn(gen, B, m, D - Dv, dtype=F64)
+    return randn(gen, B, m, Hkv, D, dtype=F64), randn(gen, B, m, Hkv, Dv, dtype=F64)
+
+
+@pytest.mark.parametrize("extra", [0, 2])
+def test_gradcheck_given_entries(extra):
+    """lca.torch.gqa_attend / attend: gradients reach the given condensed entries too (rows
+    past what the last query sees included: their gradient is zero)."""
+    gen = torch.Generator().manual_seed(9)
+    kw = dict(group_size=4, window=5, rep_bias=0.3)
+    m = lca.num_condensed(18, 4, 5) + extra
+    args = gqa_args(gen, 2, 19, 4, 2, 5, 3) + given_args(gen, 2, 19, 2, m, 5, 3, False)
+    assert torch.autograd.gradcheck(lambda *a: lt.gqa_attend(*a, **kw), args)
+    q, c, r = mla_args(gen, 1, 19, 3, 4, 2)
+    args = (q, c, r) + given_args(gen, 1, 19, 1, m, 6, 4, True)
+    assert torch.autograd.gradcheck(lambda *a: lt.attend(*a, **kw), args)
+
+
 def test_mla_prefill_grads_equal_absorbed_composition():
     """The non-absorbed layer's gradient is that of absorb -> attention -> W_UV product."""
     gen = torch.Generator().manual_seed(9)
@@ -256,7 +277,7 @@ def test_mla_prefill_grads_equal_absorbed_composition():
 # torch.compile: opaque ops, same numbers as eager
 
 OPS = ["attention", "attention_backward", "gqa_attention", "gqa_attention_backward",
-       "mla_prefill"]
+       "mla_prefill", "gqa_attend", "gqa_attend_backward", "attend", "attend_backward"]
 
 
 def _op_samples():
@@ -269,7 +290,17 @@ def _op_samples():
     og, lg = torch.ops.lca.gqa_attention(qg, k, v, *kwg)
     pa = prefill_args(gen, 1, 11, 2, 4, 2, 3, 3)
     d = [a.detach() for a in (q, c, r, out, qg, k, v, og)]      # no double backward: no grad
+    kb, vb = given_args(gen, 1, 11, 1, 3, 4, 3, False)
+    kwa = (3, 4, 0.5, 0.1)
+    oa, la = torch.ops.lca.gqa_attend(qg, k, v, kb, vb, *kwa)
+    cb, rb = given_args(gen, 2, 11, 1, 3, 6, 4, True)
+    om, lm = torch.ops.lca.attend(q, c, r, cb, rb, *kwa)
+    da = [a.detach() for a in (kb, vb, oa, cb, rb, om)]
     return {
+        "gqa_attend": (qg, k, v, kb, vb) + kwa,
+        "gqa_attend_backward": (torch.randn_like(oa), *d[4:7], *da[:3], la) + kwa,
+        "attend": (q, c, r, cb, rb) + kwa,
+        "attend_backward": (torch.randn_like(om), *d[:3], *da[3:], lm) + kwa,
         "attention": (q, c, r) + kw,
         "attention_backward": (torch.randn_like(out), *d[:4], lse) + kw,
         "gqa_attention": (qg, k, v) + kwg,
@@ -298,10 +329,17 @@ def _loss_fns():
         "mla_prefill": (lambda g: prefill_args(g, 2, 14, 2, 5, 3, 4, 3),
                         lambda *a: lt.mla_prefill(*a, group_size=3, window=4, score="latent",
                                                   return_lse=True)),
+        "gqa_attend": (lambda g: gqa_args(g, 2, 14, 2, 1, 4, 3) + given_args(g, 2, 14, 1, 4, 4,
+                                                                             3, False),
+                       lambda *a: lt.gqa_attend(*a, group_size=3, window=4, return_lse=True)),
+        "attend": (lambda g: mla_args(g, 2, 14, 2, 5, 3) + given_args(g, 2, 14, 1, 4, 8, 5,
+                                                                      True),
+                   lambda *a: lt.attend(*a, group_size=3, window=4, return_lse=True)),
     }
 
 
-@pytest.mark.parametrize("name", ["attention", "gqa_attention", "mla_prefill"])
+@pytest.mark.parametrize("name", ["attention", "gqa_attention", "mla_prefill", "gqa_attend",
+                                  "attend"])
 def test_compile_fullgraph_matches_eager(name):
     """fullgraph=True with AOTAutograd and no code generation (the aot_eager backend, with the
     graphs captured): it traces forward and backward through the fake kernels and the
@@ -309,6 +347,7 @@ def test_compile_fullgraph_matches_eager(name):
     holds the lca op as one node, the backward graph the lca backward op."""
     make, fn = _loss_fns()[name]
     args = make(torch.Generator().manual_seed(11))
+    torch._dynamo.reset()       # one code object for `loss` across the cases: fresh recompile count
 
     def loss(*a):
         out, lse = fn(*a)
