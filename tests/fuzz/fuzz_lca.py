@@ -79,6 +79,10 @@ PUBLIC = {
                                              "return_lse"),
     "gqa_attention_backward": ("gqa", "dout q k v out lse", "group_size window n_summary "
                                                             "softmax_scale key_mode rep_bias"),
+    "attend_backward": ("mla", "dout q latent kpos latent_bar kpos_bar out lse",
+                        "group_size window softmax_scale rep_bias"),
+    "gqa_attend_backward": ("gqa", "dout q k v kbar vbar out lse",
+                            "group_size window softmax_scale rep_bias"),
     "num_condensed": ("count", "", "t group_size window"),
     "cache_entries": ("count", "", "T group_size window"),
 }
@@ -305,7 +309,7 @@ def check_public(name, args, kw, info):
 # lca._C directly
 
 def draw_binding(d):
-    which = d.pick(["attend", "condense", "backward"])
+    which = d.pick(["attend", "condense", "backward", "attend_backward"])
     rng = np.random.default_rng(d.byte())
     dtype = d.pick(FLOATS)
     B, L, Hkv = d.pick([1, 2, 0]), d.pick([8, 1, 0, 13, 3]), d.pick([1, 2, 0])
@@ -333,12 +337,21 @@ def draw_binding(d):
     elif which == "attend":
         args = [q, k, v, kbar, vbar, out, lse, g, w, scale, rep_bias, v_in_k]
         ints = (7, 8, 11)
-    else:
+    elif which == "backward":
         dk = np.zeros(k.shape, dtype)
         dv = dk[..., :Dv] if v_in_k else np.zeros(v.shape, dtype)
         args = [z(B, L, H, Dv), q, k, v, z(B, L, H, Dv), z(B, H, L), np.zeros(q.shape, dtype),
                 dk, dv, g, w, n, scale, rep_bias, d_score, d_pool, v_in_k]
         ints = (9, 10, 11, 14, 15, 16)
+    else:
+        dk, dkb = np.zeros(k.shape, dtype), np.zeros(kbar.shape, dtype)
+        dv = dk[..., :Dv] if v_in_k else np.zeros(v.shape, dtype)
+        dvb = dkb[..., :Dv] if v_in_k else np.zeros(vbar.shape, dtype)
+        kbar[...] = rng.standard_normal(kbar.shape)
+        vbar = kbar[..., :Dv] if v_in_k else vbar + rng.standard_normal(vbar.shape)
+        args = [z(B, L, H, Dv), q, k, v, kbar, vbar, z(B, L, H, Dv), z(B, H, L),
+                np.zeros(q.shape, dtype), dk, dv, dkb, dvb, g, w, scale, rep_bias, v_in_k]
+        ints = (13, 14, 17)
     for _ in range(d.byte() % 4):
         i = d.byte() % len(args)
         if i in ints:
