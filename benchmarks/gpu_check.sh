@@ -3,7 +3,8 @@
 # order, each under its own time limit, each logging to $OUT/<stage>.log (at most 8 files come
 # back).  Benchmarks append to benchmarks/RESULTS.md, copied to $OUT at the end.
 #   bash benchmarks/gpu_check.sh [stage ...]     stages: tests prefill decode flex mla variants
-#   LCA_TESTS="tests/..."  the test files (default: the whole suite)
+#   LCA_TESTS="tests/..."  the test files (default: every file with GPU tests; LCA_TESTS=tests
+#                          for the whole suite)
 set -uo pipefail
 OUT=${OUT:-/tmp/lca-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 LCA_CUDA=1 LCA_COMMIT=${LCA_COMMIT:-unknown}
@@ -12,6 +13,10 @@ t0=$(date +%s)
 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
 echo "build: $(( $(date +%s) - t0 )) s"; grep -c "spill" "$OUT/build.log"
 python3 -c "import lca; print('HAS_CUDA', lca.HAS_CUDA)"
+
+GPU_TESTS="tests/test_cuda.py tests/test_cuda_mla.py tests/test_cuda_bwd.py tests/test_cache.py
+  tests/test_torch.py tests/test_mla_prefill.py tests/test_cuda_gqa_wgmma.py tests/test_interop.py
+  tests/test_attend_grad.py"
 
 stage() {   # name, seconds, command...
   local name=$1 secs=$2; shift 2
@@ -23,7 +28,7 @@ stage() {   # name, seconds, command...
 }
 for st in "${@:-tests prefill}"; do
   case $st in
-    tests)   stage tests 260 python3 -m pytest -q -p no:cacheprovider ${LCA_TESTS:-tests} ;;
+    tests)   stage tests 260 python3 -m pytest -q -p no:cacheprovider ${LCA_TESTS:-$GPU_TESTS} ;;
     prefill) stage prefill 150 python3 benchmarks/bench_prefill.py --lengths 8192 32768 65536 131072 \
                --reps 3 --backward --no-flex ;;
     decode)  stage decode 90 python3 benchmarks/bench_decode.py --reps 20 ;;
