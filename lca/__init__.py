@@ -120,7 +120,7 @@ def _caller_type(fn):
             ns = getattr(like, "__array_namespace__", None)
             return out if ns is None else _to_caller(out, ns().from_dlpack)
         out = fn(*args, **kw)
-        if any(_is_torch_cpu(a) for a in args):
+        if any(_is_torch_cpu(a) for a in args) or any(_is_torch_cpu(a) for a in kw.values()):
             import torch
             return _to_caller(out, lambda o: torch.from_numpy(o) if isinstance(o, np.ndarray)
                               else o)
