@@ -13,7 +13,9 @@ NumPy float32 and float64 arrays run on the CPU engine, multi-threaded, GIL rele
 PyTorch and CuPy CUDA arrays (float32, float16, bfloat16) run on the CUDA engine, zero-copy, on
 the caller's current stream, and come back as the caller's arrays (lse and alpha in float32).
 Arrays of other libraries that export DLPack or __cuda_array_interface__ (JAX, Numba, ...) are
-taken without a copy too and come back through their own namespace.
+taken without a copy too and come back through their own namespace (__array_namespace__);
+an exporter without one (a Numba device array) gets the engine's arrays back (NumPy on the CPU,
+torch or CuPy on a CUDA device).
 PyTorch autograd and torch.compile: lca.torch (imported only on request; `import lca` never
 imports torch).
 """
