@@ -114,7 +114,10 @@ def _caller_type(fn):
             import inspect
             sig = sig or inspect.signature(fn)
             bound = sig.bind(*args, **kw)
-            like = next(a for a in bound.arguments.values() if _is_foreign(a))
+            # the caller's array type: its first foreign array argument (a 0-d one passed as a
+            # scalar keyword, e.g. group_size, does not decide it)
+            like = next((a for a in bound.arguments.values()
+                         if _is_foreign(a) and getattr(a, "ndim", None) != 0), None)
             for nm, a in bound.arguments.items():
                 if _is_foreign(a):
                     bound.arguments[nm] = _adopt(a, nm)
