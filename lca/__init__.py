@@ -13,7 +13,9 @@ NumPy float32 and float64 arrays run on the CPU engine, multi-threaded, GIL rele
 PyTorch and CuPy CUDA arrays (float32, float16, bfloat16) run on the CUDA engine, zero-copy, on
 the caller's current stream, and come back as the caller's arrays (lse and alpha in float32).
 Arrays of other libraries that export DLPack or __cuda_array_interface__ (JAX, Numba, ...) are
-taken without a copy too and come back through their own namespace.
+taken without a copy too and come back through their own namespace (__array_namespace__);
+an exporter without one (a Numba device array) gets the engine's arrays back (NumPy on the CPU,
+torch or CuPy on a CUDA device).
 PyTorch autograd and torch.compile: lca.torch (imported only on request; `import lca` never
 imports torch).
 """
@@ -112,7 +114,10 @@ def _caller_type(fn):
             import inspect
             sig = sig or inspect.signature(fn)
             bound = sig.bind(*args, **kw)
-            like = next(a for a in bound.arguments.values() if _is_foreign(a))
+            # the caller's array type: its first foreign array argument (a 0-d one passed as a
+            # scalar keyword, e.g. group_size, does not decide it)
+            like = next((a for a in bound.arguments.values()
+                         if _is_foreign(a) and getattr(a, "ndim", None) != 0), None)
             for nm, a in bound.arguments.items():
                 if _is_foreign(a):
                     bound.arguments[nm] = _adopt(a, nm)
@@ -120,7 +125,7 @@ def _caller_type(fn):
             ns = getattr(like, "__array_namespace__", None)
             return out if ns is None else _to_caller(out, ns().from_dlpack)
         out = fn(*args, **kw)
-        if any(_is_torch_cpu(a) for a in args):
+        if any(_is_torch_cpu(a) for a in args) or any(_is_torch_cpu(a) for a in kw.values()):
             import torch
             return _to_caller(out, lambda o: torch.from_numpy(o) if isinstance(o, np.ndarray)
                               else o)

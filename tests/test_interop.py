@@ -131,6 +131,18 @@ def test_jax_arrays(rng):
         lca.attention(j(q).astype(jnp.bfloat16), j(c), j(r), **kw)
 
 
+def test_jax_scalar_keyword_keeps_the_numpy_result(rng):
+    """A JAX 0-d integer as a keyword (group_size) is read as that integer; it does not turn the
+    NumPy arrays' results into JAX arrays."""
+    jnp, j = jax_cpu()
+    q, c, r = mla_inputs(rng, 1, 30, 2, 16, 8, np.float32)
+    got = lca.attention(q, c, r, group_size=j(np.int32(4)), window=6)
+    assert isinstance(got, np.ndarray)
+    same(got, lca.attention(q, c, r, group_size=4, window=6))
+    got = lca.attention(j(q), c, r, group_size=j(np.int32(4)), window=6)
+    assert type(got) is type(j(q))
+
+
 def test_jax_cache_and_prefill(rng):
     jnp, j = jax_cpu()
     B, L, H, Dc, Dr = 2, 30, 4, 16, 8

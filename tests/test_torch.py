@@ -632,6 +632,21 @@ def test_torch_cpu_tensors_in_torch_tensors_out():
     assert np.array_equal(o.numpy(), lca.gqa_attention(qg.numpy(), k.numpy(), v.numpy(), **kw))
 
 
+def test_torch_cpu_tensors_by_keyword_come_back_as_tensors():
+    """Tensors passed by keyword (all of them, or only out / lse) count as the caller's arrays
+    too: the results are torch tensors, as for positional tensors."""
+    gen = torch.Generator().manual_seed(22)
+    q, c, r = (x.detach() for x in mla_args(gen, 1, 21, 2, 8, 4))
+    kw = dict(group_size=4, window=5)
+    out = lca.attention(q=q, latent=c, kpos=r, **kw)
+    assert isinstance(out, torch.Tensor)
+    assert np.array_equal(out.numpy(), lca.attention(q.numpy(), c.numpy(), r.numpy(), **kw))
+    out, lse = lca.attention(q, c, r, return_lse=True, **kw)
+    grads = lca.attention_backward(np.ones(out.shape), q.numpy(), c.numpy(), r.numpy(), out=out,
+                                   lse=lse, **kw)
+    assert all(isinstance(g, torch.Tensor) for g in grads)
+
+
 def test_cache_on_torch_cpu():
     """device=torch.device("cpu") with a torch dtype: a CPU cache whose outputs are tensors,
     equal to the NumPy cache's."""
