@@ -78,7 +78,8 @@ def _adopt(a, name):
             return np.from_dlpack(a)
         try:
             import torch
-            return torch.from_dlpack(a) if hasattr(a, "__dlpack__") else torch.as_tensor(a)
+            if torch.cuda.is_available():          # (a CPU-only torch: try CuPy)
+                return torch.from_dlpack(a) if hasattr(a, "__dlpack__") else torch.as_tensor(a)
         except ImportError:
             pass
         try:
@@ -87,7 +88,8 @@ def _adopt(a, name):
         except ImportError:
             raise NotImplementedError(
                 f"{name}: a CUDA array of {type(a).__module__}: lca's CUDA engine allocates "
-                "its results through PyTorch or CuPy, and neither is installed") from None
+                "its results through PyTorch or CuPy, and neither (with CUDA) is installed") \
+                from None
     except NotImplementedError:
         raise
     except Exception as e:  # noqa: BLE001 - e.g. a dtype DLPack cannot carry to NumPy

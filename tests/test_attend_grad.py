@@ -131,3 +131,30 @@ def test_cuda_arrays_raise_not_implemented():
     out, lse = lca.gqa_attend(q, k, v, kbar, vbar, group_size=4, window=8, return_lse=True)
     with pytest.raises(NotImplementedError, match="CUDA"):
         lca.gqa_attend_backward(out, q, k, v, kbar, vbar, out, lse, group_size=4, window=8)
+
+
+def test_rows_no_query_sees(rng):
+    """More given rows than any query sees (a preallocated buffer): the gradients of the seen
+    rows are those of the exact-size call, bit for bit, and every other row gets exact zeros
+    (written, not left over: the outputs start from garbage in the binding test below)."""
+    q, k, v = gqa_inputs(rng, 2, 30, 4, 2, 8, 6)
+    kw = dict(group_size=4, window=6)
+    seen = lca.num_condensed(29, 4, 6)
+    kbar = rng.standard_normal((2, seen + 500, 2, 8))
+    vbar = rng.standard_normal((2, seen + 500, 2, 6))
+    out, lse = lca.gqa_attend(q, k, v, kbar, vbar, return_lse=True, **kw)
+    dout = rng.standard_normal(out.shape)
+    big = lca.gqa_attend_backward(dout, q, k, v, kbar, vbar, out, lse, **kw)
+    exact = lca.gqa_attend_backward(dout, q, k, v, kbar[:, :seen], vbar[:, :seen], out, lse,
+                                    **kw)
+    for a, b in zip(big[:3], exact[:3]):
+        assert np.array_equal(a, b)
+    for a, b in zip(big[3:], exact[3:]):
+        assert np.array_equal(a[:, :seen], b) and not a[:, seen:].any()
+    # the binding writes every row itself
+    from lca import _C
+    dq, dk, dv = np.zeros(q.shape), np.zeros(k.shape), np.zeros(v.shape)
+    dkb, dvb = np.full(kbar.shape, np.nan), np.full(vbar.shape, np.nan)
+    _C.attend_backward(dout, q, k, v, kbar, vbar, out, lse, dq, dk, dv, dkb, dvb, 4, 6,
+                       1 / np.sqrt(8), 0.0, 0)
+    assert np.array_equal(dkb, big[3]) and np.array_equal(dvb, big[4])

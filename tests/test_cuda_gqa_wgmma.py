@@ -107,6 +107,28 @@ def test_strided_views(dtype):
     assert torch.equal(out, ref)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("dims", [(128, 64), (128, 0)])
+def test_absorbed_mla_of_the_same_widths(dims, dtype):
+    """Absorbed MLA whose key width is 192 or 128 and value width 128 (Dc = 128, Dr = 64 or 0):
+    the same kernel, with V read as the first 128 columns of the key rows (v_in_k)."""
+    from torch_lca import mla_lca
+    Dc, Dr = dims
+    gen = torch.Generator(device="cuda").manual_seed(zlib.crc32(repr((dims, dtype)).encode()))
+    q, c, r = rand(gen, (2, 300, 8, Dc + Dr), dtype), rand(gen, (2, 300, Dc), dtype), \
+        rand(gen, (2, 300, Dr), dtype)
+    kw = dict(group_size=16, window=40, rep_bias=0.2)
+    out, lse = lca.attention(q, c, r, return_lse=True, **kw)
+    assert _C.cuda_last_attend_kernel() == ("gqa_wgmma" if hopper() else "mma")
+    assert torch.isfinite(out.float()).all() and torch.isfinite(lse).all()
+    ref, ref_lse = lca.attention(to_np(q), to_np(c), to_np(r), return_lse=True, **kw)
+    naive, naive_lse = mla_lca(q, c, r, **kw)
+    err, bound = rel(to_np(out), ref), 2 * rel(to_np(naive), ref)
+    assert err <= max(bound, 1e-3), f"out: {dtype} error {err:.2e} > 2x naive {bound:.2e}"
+    lerr, lbound = rel(to_np(lse), ref_lse), 2 * rel(to_np(naive_lse), ref_lse)
+    assert lerr <= max(lbound, 1e-4), f"lse: error {lerr:.2e} > 2x naive {lbound:.2e}"
+
+
 def test_other_shapes_do_not_take_it():
     gen = torch.Generator(device="cuda").manual_seed(4)
     q, k, v = (rand(gen, (1, 100, 4, 64), "bfloat16") for _ in range(3))
