@@ -42,7 +42,7 @@ HAS_CUDA = _cuda.device_count() > 0      # built with the CUDA engine and a devi
 # of their memory, and the results come back as torch tensors over the same buffers (no copies).
 # Arrays of any other library that export DLPack or __cuda_array_interface__ (JAX, Numba, ...)
 # are adopted without a copy — on the CPU as NumPy views, on a CUDA device as torch tensors (or
-# CuPy arrays where torch is absent) — and the results come back through the caller's
+# CuPy arrays where torch lacks CUDA) — and the results come back through the caller's
 # namespace (its __array_namespace__().from_dlpack), or as the engine's arrays where it has none.
 
 _ENGINE_TYPES = ("numpy", "torch", "cupy")
