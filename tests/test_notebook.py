@@ -91,6 +91,9 @@ def test_printed_results(executed):
     # the central finite difference agrees with attention_backward
     m = re.search(r"rel err (\S+)", text)
     assert m and float(m.group(1)) < 1e-6, text
+    # a condensation of one's own (mean pooling) trained through gqa_attend_backward
+    m = re.search(r"own condensation: .* relative difference (\S+)", text)
+    assert m and float(m.group(1)) < 1e-6, text
 
 
 def test_plot_rendered(executed):
