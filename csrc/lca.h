@@ -99,6 +99,11 @@ const char *lca_cuda_last_decode_kernel(void);
 int lca_cpu_condense(const lca_params *p, char *err, int errlen);
 int lca_cpu_attend_fwd(const lca_params *p, char *err, int errlen);
 int lca_cpu_attention_bwd(const lca_params *p, char *err, int errlen);
+/* The backward of condense alone: dL/dkbar, dL/dvbar (B, L / g, Hkv, D / Dv; dvbar unused with
+ * v_in_k, dkbar then holding the value columns' gradients) accumulated through the pooling
+ * weights, the anchor copy and the summary queries into the zeroed p->dq, p->dk, p->dv. */
+int lca_cpu_condense_bwd(const lca_params *p, const lca_view *dkbar, const lca_view *dvbar,
+                         char *err, int errlen);
 /* The backward of attend (SPEC §3 over the given condensed entries p->kbar, p->vbar, p->m
  * rows): dq, dk, dv accumulated into the zeroed p->dq, p->dk, p->dv, and the entries' own
  * gradients into the zeroed dkbar, dvbar (B, m, Hkv, D / Dv; with v_in_k dvbar is dkbar's

@@ -268,6 +268,42 @@ static PyObject *py_backward(PyObject *self, PyObject *args) {
     return finish(status, err);
 }
 
+PyDoc_STRVAR(condense_backward_doc, "condense_backward(q, k, v, dkbar, dvbar, dq, dk, dv, g, n, "
+             "scale, d_score, d_pool, v_in_k): the condensation's gradients, accumulated into "
+             "the zeroed dq, dk, dv.");
+
+static PyObject *py_condense_backward(PyObject *self, PyObject *args) {
+    PyObject *q, *k, *v, *dkbar, *dvbar, *dq, *dk, *dv;
+    lca_params p = {0};
+    if (!PyArg_ParseTuple(args, "OOOOOOOOLLdLLi", &q, &k, &v, &dkbar, &dvbar, &dq, &dk, &dv,
+                          &p.g, &p.n, &p.scale, &p.d_score, &p.d_pool, &p.v_in_k))
+        return NULL;
+    int typenum = qkv_params(&p, q, k, v);
+    if (typenum < 0 || lca_params_check(&p)) return NULL;
+    p.m = p.L / p.g;
+    npy_intp s[4], wk[4] = {p.B, p.m, p.Hkv, p.D}, wv[4] = {p.B, p.m, p.Hkv, p.Dv};
+    npy_intp wq[4] = {p.B, p.L, p.H, p.D}, wtk[4] = {p.B, p.L, p.Hkv, p.D};
+    npy_intp wtv[4] = {p.B, p.L, p.Hkv, p.Dv};
+    lca_view dkb, dvb;
+    if (view_of(dkbar, "dkbar", 4, typenum, 0, s, &dkb) || same_shape("dkbar", s, wk, 4) ||
+        view_of(dvbar, "dvbar", 4, typenum, 0, s, &dvb) || same_shape("dvbar", s, wv, 4) ||
+        view_of(dq, "dq", 4, typenum, 1, s, &p.dq) || same_shape("dq", s, wq, 4) ||
+        view_of(dk, "dk", 4, typenum, 1, s, &p.dk) || same_shape("dk", s, wtk, 4) ||
+        view_of(dv, "dv", 4, typenum, 1, s, &p.dv) || same_shape("dv", s, wtv, 4))
+        return NULL;
+    if (p.v_in_k && (!same_view(&p.dv, &p.dk) || !same_view(&dvb, &dkb))) {
+        PyErr_SetString(PyExc_ValueError, "v_in_k: dv and dvbar must be prefix views of dk and "
+                        "dkbar");
+        return NULL;
+    }
+    char err[256] = "";
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = lca_cpu_condense_bwd(&p, &dkb, &dvb, err, sizeof err);
+    Py_END_ALLOW_THREADS
+    return finish(status, err);
+}
+
 PyDoc_STRVAR(attend_backward_doc, "attend_backward(dout, q, k, v, kbar, vbar, out, lse, dq, dk, "
              "dv, dkbar, dvbar, g, w, scale, rep_bias, v_in_k): the gradients of attend, "
              "accumulated into the zeroed dq, dk, dv, dkbar, dvbar.");
@@ -674,6 +710,7 @@ static PyMethodDef methods[] = {
     {"attend", py_attend, METH_VARARGS, attend_doc},
     {"backward", py_backward, METH_VARARGS, backward_doc},
     {"attend_backward", py_attend_backward, METH_VARARGS, attend_backward_doc},
+    {"condense_backward", py_condense_backward, METH_VARARGS, condense_backward_doc},
     {"decode_step", py_decode_step, METH_VARARGS, decode_step_doc},
     {"max_threads", py_max_threads, METH_NOARGS, "Threads the CPU engine uses by default."},
 #ifdef LCA_WITH_CUDA

@@ -30,7 +30,7 @@ from ._arrays import (as_array, check_dim, check_rank, choice_param, float_param
 
 __all__ = ["attention", "attention_backward", "gqa_attention", "gqa_attention_backward",
            "condense", "gqa_condense", "attend", "gqa_attend", "attend_backward",
-           "gqa_attend_backward", "num_condensed",
+           "gqa_attend_backward", "condense_backward", "gqa_condense_backward", "num_condensed",
            "cache_entries", "mla_prefill", "LatentCache", "GQACache", "HAS_CUDA"]
 __version__ = "0.1.0"
 
@@ -297,6 +297,40 @@ def _attend_backward(fe, dout, q, k, v, kbar, vbar, out, lse, cfg, v_in_k):
     return dq, dk, dv, dkbar, dvbar
 
 
+def _condense_backward(fe, grads, names, q, k, v, cfg, d_score, d_pool, v_in_k, batched):
+    """dq, dk, dv of condense's pooled entries, given their gradients (CPU engine)."""
+    if fe:
+        raise NotImplementedError(
+            "the backward of condense / gqa_condense alone on CUDA arrays: not implemented yet "
+            "(the CPU engine has it; attention_backward and gqa_attention_backward, which "
+            "include it, run on CUDA)")
+    B, L, H, D = q.shape
+    Hkv, Dv = k.shape[2], v.shape[3]
+    grads = [as_array(a, nm) for a, nm in zip(grads, names)]
+    same_dtype([q] + grads, ["q"] + names)
+    if not batched:
+        grads = [a[None] if a.ndim >= 1 else a for a in grads]
+    dkbar = np.zeros((B, cfg.m, Hkv, D), q.dtype)
+    dvbar = dkbar[..., :Dv] if v_in_k else np.zeros((B, cfg.m, Hkv, Dv), q.dtype)
+    if v_in_k:                               # MLA: grads = (dlatent_bar, dkpos_bar)
+        shapes = [(B, cfg.m, Dv), (B, cfg.m, D - Dv)]
+        targets = [dkbar[:, :, 0, :Dv], dkbar[:, :, 0, Dv:]]
+    else:
+        shapes, targets = [(B, cfg.m, Hkv, D), (B, cfg.m, Hkv, Dv)], [dkbar, dvbar]
+    for a, nm, shape, t in zip(grads, names, shapes, targets):
+        want = shape if batched else shape[1:]
+        if tuple(a.shape) != shape:
+            raise ValueError(f"{nm}: expected shape {want}, got "
+                             f"{tuple(a.shape) if batched else tuple(a.shape)[1:]}")
+        t[...] = a
+    dq = np.zeros_like(q, order="C")
+    dk = np.zeros(k.shape, q.dtype)
+    dv = dk[..., :Dv] if v_in_k else np.zeros(v.shape, q.dtype)
+    _C.condense_backward(q, k, v, dkbar, dvbar, dq, dk, dv, cfg.g, cfg.n, cfg.scale, d_score,
+                         d_pool, v_in_k)
+    return dq, dk, dv
+
+
 def _backward_inputs(fe, q, dout, out, lse, batched):
     if fe:
         dout, out, lse = _cuda.check_grad_inputs(fe, q, dout, out, lse)
@@ -362,6 +396,23 @@ def condense(q, latent, kpos, *, group_size=16, n_summary=None, softmax_scale=No
                                        _score_dims(score, Dc, q.shape[3]), Dc, 1)
     return _unbatch(batched, _contig(fe, kbar[:, :, 0, :Dc]), _contig(fe, kbar[:, :, 0, Dc:]),
                     anchor[:, :, 0], alpha[:, :, 0])
+
+
+@_caller_type
+def condense_backward(dlatent_bar, dkpos_bar, q, latent, kpos, *, group_size=16, n_summary=None,
+                      softmax_scale=None, score="full"):
+    """Gradient of condense()'s pooled entries alone: given dlatent_bar (B, m, Dc) and
+    dkpos_bar (B, m, Dr), (dq, dlatent, dkpos) through the pooling weights, the anchor copy and
+    the summary queries (anchor and alpha are not differentiated).  attention_backward is
+    attend_backward plus this.  CPU engine; CUDA arrays raise NotImplementedError."""
+    batched, fe, code, q, k, v = _mla_inputs(q, latent, kpos)
+    cfg = _mla_cfg(q, dict(group_size=group_size, n_summary=n_summary,
+                           softmax_scale=softmax_scale))
+    Dq, Dc = q.shape[3], v.shape[3]
+    dq, dk, _ = _condense_backward(fe, [dlatent_bar, dkpos_bar], ["dlatent_bar", "dkpos_bar"],
+                                   q, k, v, cfg, _score_dims(score, Dc, Dq), Dc, 1, batched)
+    return _unbatch(batched, dq, np.ascontiguousarray(dk[:, :, 0, :Dc]),
+                    np.ascontiguousarray(dk[:, :, 0, Dc:]))
 
 
 @_caller_type
@@ -457,6 +508,20 @@ def gqa_condense(q, k, v, *, group_size=16, n_summary=None, softmax_scale=None,
                softmax_scale=softmax_scale)
     D = q.shape[3]
     return _unbatch(batched, *_condense(fe, code, q, k, v, cfg, D, _gqa_pool(key_mode, D), 0))
+
+
+@_caller_type
+def gqa_condense_backward(dkbar, dvbar, q, k, v, *, group_size=16, n_summary=None,
+                          softmax_scale=None, key_mode="anchor"):
+    """Gradient of gqa_condense()'s kbar, vbar alone: (dq, dk, dv) given dkbar (B, m, Hkv, D)
+    and dvbar (B, m, Hkv, Dv).  gqa_attention_backward is gqa_attend_backward plus this.  CPU
+    engine; CUDA arrays raise NotImplementedError."""
+    batched, fe, code, q, k, v = _gqa_inputs(q, k, v)
+    D = q.shape[3]
+    cfg = _Cfg(q.shape[1], D, group_size=group_size, n_summary=n_summary,
+               softmax_scale=softmax_scale)
+    return _unbatch(batched, *_condense_backward(fe, [dkbar, dvbar], ["dkbar", "dvbar"], q, k, v,
+                                                 cfg, D, _gqa_pool(key_mode, D), 0, batched))
 
 
 @_caller_type

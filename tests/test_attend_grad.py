@@ -158,3 +158,68 @@ def test_rows_no_query_sees(rng):
     _C.attend_backward(dout, q, k, v, kbar, vbar, out, lse, dq, dk, dv, dkb, dvb, 4, 6,
                        1 / np.sqrt(8), 0.0, 0)
     assert np.array_equal(dkb, big[3]) and np.array_equal(dvb, big[4])
+
+
+# -- the condensation's backward alone ------------------------------------------------------------
+
+@pytest.mark.parametrize("key_mode", ["anchor", "pool"])
+def test_gqa_backward_is_attend_backward_plus_condense_backward(key_mode, rng):
+    """SPEC §5's chain, in two engine calls: gqa_attention_backward == gqa_attend_backward over
+    the condensed entries + gqa_condense_backward of their gradients."""
+    q, k, v = gqa_inputs(rng, 2, 77, 6, 2, 12, 10)
+    ck = dict(group_size=4, n_summary=3, softmax_scale=0.4)
+    kw = dict(ck, window=9, rep_bias=0.2)
+    kbar, vbar, _, _ = lca.gqa_condense(q, k, v, key_mode=key_mode, **ck)
+    out, lse = lca.gqa_attention(q, k, v, key_mode=key_mode, return_lse=True, **kw)
+    dout = rng.standard_normal(out.shape)
+    akw = {x: kw[x] for x in ("group_size", "window", "softmax_scale", "rep_bias")}
+    dq, dk, dv, dkb, dvb = lca.gqa_attend_backward(dout, q, k, v, kbar, vbar, out, lse, **akw)
+    cq, ckk, cv = lca.gqa_condense_backward(dkb, dvb, q, k, v, key_mode=key_mode, **ck)
+    want = lca.gqa_attention_backward(dout, q, k, v, out, lse, key_mode=key_mode, **kw)
+    for got, w in zip((dq + cq, dk + ckk, dv + cv), want):
+        assert rel_err(got, w) <= 1e-12
+
+
+def test_mla_backward_is_attend_backward_plus_condense_backward(rng):
+    q, c, r = mla_inputs(rng, 1, 90, 4, 16, 8, batched=False)
+    ck = dict(group_size=8, score="latent")
+    kw = dict(ck, window=20)
+    cb, rb, _, _ = lca.condense(q, c, r, **ck)
+    out, lse = lca.attention(q, c, r, return_lse=True, **kw)
+    dout = rng.standard_normal(out.shape)
+    dq, dc, dr, dcb, drb = lca.attend_backward(dout, q, c, r, cb, rb, out, lse, group_size=8,
+                                               window=20)
+    cq, cc, cr = lca.condense_backward(dcb, drb, q, c, r, **ck)
+    want = lca.attention_backward(dout, q, c, r, out, lse, **kw)
+    for got, w in zip((dq + cq, dc + cc, dr + cr), want):
+        assert got.shape == w.shape and rel_err(got, w) <= 1e-12
+
+
+def test_condense_backward_finite_differences(rng):
+    """key_mode="pool": every condensed column is a smooth function of q, k, v."""
+    q, k, v = gqa_inputs(rng, 1, 12, 4, 2, 3, 2)
+    ck = dict(group_size=4, n_summary=2, key_mode="pool")
+    kbar, vbar, _, _ = lca.gqa_condense(q, k, v, **ck)
+    wk, wv = rng.standard_normal(kbar.shape), rng.standard_normal(vbar.shape)
+    grads = lca.gqa_condense_backward(wk, wv, q, k, v, **ck)
+
+    def loss_parts(*a):
+        kb, vb, _, _ = lca.gqa_condense(*a, **ck)
+        return np.concatenate([(wk * kb).ravel(), (wv * vb).ravel()])
+
+    fd_check(lambda *a: loss_parts(*a), [q, k, v], np.ones(kbar.size + vbar.size), grads)
+
+
+def test_condense_backward_errors(rng):
+    q, c, r = mla_inputs(rng, 1, 40, 2, 8, 4)
+    cb, rb, _, _ = lca.condense(q, c, r, group_size=4)
+    with pytest.raises(ValueError, match="dkpos_bar"):
+        lca.condense_backward(cb, rb[:, :-1], q, c, r, group_size=4)
+    with pytest.raises(TypeError, match="dlatent_bar"):
+        lca.condense_backward(cb.astype(np.float32), rb, q, c, r, group_size=4)
+    q, k, v = gqa_inputs(rng, 1, 40, 4, 2, 8, 6, batched=False)
+    kb, vb, _, _ = lca.gqa_condense(q, k, v, group_size=4)
+    with pytest.raises(ValueError, match="dvbar"):
+        lca.gqa_condense_backward(kb, vb[..., :-1], q, k, v, group_size=4)
+    got = lca.gqa_condense_backward(kb, vb, q, k, v, group_size=4)      # unbatched
+    assert [g.shape for g in got] == [q.shape, k.shape, v.shape]

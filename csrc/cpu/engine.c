@@ -86,6 +86,14 @@ int lca_cpu_attention_bwd(const lca_params *p, char *err, int errlen) {
     return finish(s, "attention backward", err, errlen);
 }
 
+int lca_cpu_condense_bwd(const lca_params *p, const lca_view *dkbar, const lca_view *dvbar,
+                         char *err, int errlen) {
+    if (p->B == 0 || p->L / p->g == 0 || p->Hkv == 0) return LCA_OK;
+    int s = p->dtype == LCA_F32 ? condense_bwd_f32(p, dkbar, dvbar, threads_for(p))
+                                : condense_bwd_f64(p, dkbar, dvbar, threads_for(p));
+    return finish(s, "condense backward", err, errlen);
+}
+
 int lca_cpu_attend_bwd(const lca_params *p, const lca_view *dkbar, const lca_view *dvbar,
                        char *err, int errlen) {
     if (p->B == 0 || p->L == 0) return LCA_OK;     /* (the caller zeroes dkbar and dvbar) */

@@ -83,6 +83,10 @@ PUBLIC = {
                         "group_size window softmax_scale rep_bias"),
     "gqa_attend_backward": ("gqa", "dout q k v kbar vbar out lse",
                             "group_size window softmax_scale rep_bias"),
+    "condense_backward": ("mla", "dlatent_bar dkpos_bar q latent kpos",
+                          "group_size n_summary softmax_scale score"),
+    "gqa_condense_backward": ("gqa", "dkbar dvbar q k v",
+                              "group_size n_summary softmax_scale key_mode"),
     "num_condensed": ("count", "", "t group_size window"),
     "cache_entries": ("count", "", "T group_size window"),
 }
@@ -206,6 +210,7 @@ def draw_public(d):
     else:
         arr = dict(q=randn(b, L, H, D), k=randn(b, L, Hkv, D), v=randn(b, L, Hkv, Dv),
                    kbar=randn(b, m, Hkv, D), vbar=randn(b, m, Hkv, Dv))
+    arr.update({"d" + n: arr[n] for n in ("latent_bar", "kpos_bar", "kbar", "vbar") if n in arr})
     if "dout" in arg_names:
         fwd = lca.attention if kind == "mla" else lca.gqa_attention
         fkw = {k: v for k, v in kw.items() if k not in ("return_lse",)}
