@@ -29,9 +29,9 @@ absorbed forward is recomputed (lca.attention on q_abs = [W_UK[h] q_nope ; q_rop
 latent output the attention backward needs), lca.attention_backward gives dq_abs, dlatent,
 dkpos (condensation paths included), and the W_UK / W_UV products are differentiated by hand.
 It costs an absorbed forward plus an absorbed backward (more FLOPs than a dedicated non-absorbed
-backward would need: that needs the attention backward over given condensed entries —
-lca.gqa_attend_backward, on the CPU engine so far — and the condensation backward alone, which
-lca does not have yet).
+backward would need: that needs the attention backward over given condensed entries and the
+condensation backward alone — lca.gqa_attend_backward and lca.condense_backward, on the CPU
+engine so far).
 
 This module imports torch; `import lca` alone never does.
 """
