@@ -235,6 +235,38 @@ static PyObject *py_attend(PyObject *self, PyObject *args) {
     return finish(status, err);
 }
 
+/* dq (B, L, H, D), dk (B, L, Hkv, D), dv (B, L, Hkv, Dv): the writable gradients of q, k, v
+ * (with v_in_k, dv is dk's prefix view).  Shared by the three backward bindings. */
+static int grad_views(lca_params *p, int typenum, PyObject *dq, PyObject *dk, PyObject *dv) {
+    npy_intp s[4], wq[4] = {p->B, p->L, p->H, p->D}, wk[4] = {p->B, p->L, p->Hkv, p->D};
+    npy_intp wv[4] = {p->B, p->L, p->Hkv, p->Dv};
+    if (view_of(dq, "dq", 4, typenum, 1, s, &p->dq) || same_shape("dq", s, wq, 4) ||
+        view_of(dk, "dk", 4, typenum, 1, s, &p->dk) || same_shape("dk", s, wk, 4) ||
+        view_of(dv, "dv", 4, typenum, 1, s, &p->dv) || same_shape("dv", s, wv, 4))
+        return -1;
+    if (p->v_in_k && !same_view(&p->dv, &p->dk)) {
+        PyErr_SetString(PyExc_ValueError, "v_in_k: dv must be a prefix view of dk");
+        return -1;
+    }
+    return 0;
+}
+
+/* dkbar, dvbar: the condensed entries' gradients, of shapes wk and wv (writable or not; with
+ * v_in_k, dvbar is dkbar's prefix view). */
+static int entry_grad_views(const lca_params *p, int typenum, PyObject *dkbar, PyObject *dvbar,
+                            const npy_intp *wk, const npy_intp *wv, int writable,
+                            lca_view *dkb, lca_view *dvb) {
+    npy_intp s[4];
+    if (view_of(dkbar, "dkbar", 4, typenum, writable, s, dkb) || same_shape("dkbar", s, wk, 4) ||
+        view_of(dvbar, "dvbar", 4, typenum, writable, s, dvb) || same_shape("dvbar", s, wv, 4))
+        return -1;
+    if (p->v_in_k && !same_view(dvb, dkb)) {
+        PyErr_SetString(PyExc_ValueError, "v_in_k: dvbar must be a prefix view of dkbar");
+        return -1;
+    }
+    return 0;
+}
+
 PyDoc_STRVAR(backward_doc, "backward(dout, q, k, v, out, lse, dq, dk, dv, g, w, n, scale, "
              "rep_bias, d_score, d_pool, v_in_k): SPEC §5 gradients, accumulated into the "
              "zeroed dq, dk, dv.");
@@ -249,17 +281,10 @@ static PyObject *py_backward(PyObject *self, PyObject *args) {
     int typenum = qkv_params(&p, q, k, v);
     if (typenum < 0 || lca_params_check(&p) || attend_views(&p, typenum, out, lse, 0))
         return NULL;
-    npy_intp s[4], wq[4] = {p.B, p.L, p.H, p.D}, wk[4] = {p.B, p.L, p.Hkv, p.D};
-    npy_intp wv[4] = {p.B, p.L, p.Hkv, p.Dv}, wo[4] = {p.B, p.L, p.H, p.Dv};
+    npy_intp s[4], wo[4] = {p.B, p.L, p.H, p.Dv};
     if (view_of(dout, "dout", 4, typenum, 0, s, &p.dout) || same_shape("dout", s, wo, 4) ||
-        view_of(dq, "dq", 4, typenum, 1, s, &p.dq) || same_shape("dq", s, wq, 4) ||
-        view_of(dk, "dk", 4, typenum, 1, s, &p.dk) || same_shape("dk", s, wk, 4) ||
-        view_of(dv, "dv", 4, typenum, 1, s, &p.dv) || same_shape("dv", s, wv, 4))
+        grad_views(&p, typenum, dq, dk, dv))
         return NULL;
-    if (p.v_in_k && !same_view(&p.dv, &p.dk)) {
-        PyErr_SetString(PyExc_ValueError, "v_in_k: dv must be a prefix view of dk");
-        return NULL;
-    }
     char err[256] = "";
     int status;
     Py_BEGIN_ALLOW_THREADS
@@ -281,21 +306,11 @@ static PyObject *py_condense_backward(PyObject *self, PyObject *args) {
     int typenum = qkv_params(&p, q, k, v);
     if (typenum < 0 || lca_params_check(&p)) return NULL;
     p.m = p.L / p.g;
-    npy_intp s[4], wk[4] = {p.B, p.m, p.Hkv, p.D}, wv[4] = {p.B, p.m, p.Hkv, p.Dv};
-    npy_intp wq[4] = {p.B, p.L, p.H, p.D}, wtk[4] = {p.B, p.L, p.Hkv, p.D};
-    npy_intp wtv[4] = {p.B, p.L, p.Hkv, p.Dv};
+    npy_intp wk[4] = {p.B, p.m, p.Hkv, p.D}, wv[4] = {p.B, p.m, p.Hkv, p.Dv};
     lca_view dkb, dvb;
-    if (view_of(dkbar, "dkbar", 4, typenum, 0, s, &dkb) || same_shape("dkbar", s, wk, 4) ||
-        view_of(dvbar, "dvbar", 4, typenum, 0, s, &dvb) || same_shape("dvbar", s, wv, 4) ||
-        view_of(dq, "dq", 4, typenum, 1, s, &p.dq) || same_shape("dq", s, wq, 4) ||
-        view_of(dk, "dk", 4, typenum, 1, s, &p.dk) || same_shape("dk", s, wtk, 4) ||
-        view_of(dv, "dv", 4, typenum, 1, s, &p.dv) || same_shape("dv", s, wtv, 4))
+    if (entry_grad_views(&p, typenum, dkbar, dvbar, wk, wv, 0, &dkb, &dvb) ||
+        grad_views(&p, typenum, dq, dk, dv))
         return NULL;
-    if (p.v_in_k && (!same_view(&p.dv, &p.dk) || !same_view(&dvb, &dkb))) {
-        PyErr_SetString(PyExc_ValueError, "v_in_k: dv and dvbar must be prefix views of dk and "
-                        "dkbar");
-        return NULL;
-    }
     char err[256] = "";
     int status;
     Py_BEGIN_ALLOW_THREADS
@@ -323,21 +338,12 @@ static PyObject *py_attend_backward(PyObject *self, PyObject *args) {
     if (view_of(kbar, "kbar", 4, typenum, 0, sk, &p.kbar) ||
         view_of(vbar, "vbar", 4, typenum, 0, sv, &p.vbar) || given_condensed(&p, sk, sv))
         return NULL;
-    npy_intp wq[4] = {p.B, p.L, p.H, p.D}, wk[4] = {p.B, p.L, p.Hkv, p.D};
-    npy_intp wv[4] = {p.B, p.L, p.Hkv, p.Dv}, wo[4] = {p.B, p.L, p.H, p.Dv};
+    npy_intp wo[4] = {p.B, p.L, p.H, p.Dv};
     lca_view dkb, dvb;
     if (view_of(dout, "dout", 4, typenum, 0, s, &p.dout) || same_shape("dout", s, wo, 4) ||
-        view_of(dq, "dq", 4, typenum, 1, s, &p.dq) || same_shape("dq", s, wq, 4) ||
-        view_of(dk, "dk", 4, typenum, 1, s, &p.dk) || same_shape("dk", s, wk, 4) ||
-        view_of(dv, "dv", 4, typenum, 1, s, &p.dv) || same_shape("dv", s, wv, 4) ||
-        view_of(dkbar, "dkbar", 4, typenum, 1, s, &dkb) || same_shape("dkbar", s, sk, 4) ||
-        view_of(dvbar, "dvbar", 4, typenum, 1, s, &dvb) || same_shape("dvbar", s, sv, 4))
+        grad_views(&p, typenum, dq, dk, dv) ||
+        entry_grad_views(&p, typenum, dkbar, dvbar, sk, sv, 1, &dkb, &dvb))
         return NULL;
-    if (p.v_in_k && (!same_view(&p.dv, &p.dk) || !same_view(&dvb, &dkb))) {
-        PyErr_SetString(PyExc_ValueError, "v_in_k: dv and dvbar must be prefix views of dk and "
-                        "dkbar");
-        return NULL;
-    }
     char err[256] = "";
     int status;
     Py_BEGIN_ALLOW_THREADS
