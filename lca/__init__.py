@@ -251,23 +251,37 @@ def _attend(fe, code, q, k, v, kbar, vbar, cfg, v_in_k):
     return out, lse
 
 
-def _backward(fe, code, dout, q, k, v, out, lse, cfg, d_score, d_pool, v_in_k):
-    B, L, H, D = q.shape
+def _check_grad_shapes(q, v, dout, out, lse):
+    B, L, H, _ = q.shape
     Dv = v.shape[3]
     for a, nm in ((dout, "dout"), (out, "out")):
         if tuple(a.shape) != (B, L, H, Dv):
             raise ValueError(f"{nm}: expected shape {(B, L, H, Dv)}, got {tuple(a.shape)}")
     if tuple(lse.shape) != (B, H, L):
         raise ValueError(f"lse: expected shape {(B, H, L)} (B, H, L), got {tuple(lse.shape)}")
+
+
+def _cpu_grad_inputs(q, dout, out, lse):
+    """dout, out, lse as the CPU engine reads them: q's dtype, views it can read."""
+    return (for_engine(dout.astype(q.dtype, copy=False)),
+            for_engine(out.astype(q.dtype, copy=False)), np.require(lse, q.dtype, ["C", "A"]))
+
+
+def _zero_grads(q, k, v, v_in_k):
+    """Zeroed dq, dk, dv for the CPU engine to accumulate into (dv is dk's prefix with v_in_k)."""
+    dk = np.zeros(k.shape, q.dtype)
+    return (np.zeros_like(q, order="C"), dk,
+            dk[..., :v.shape[3]] if v_in_k else np.zeros(v.shape, q.dtype))
+
+
+def _backward(fe, code, dout, q, k, v, out, lse, cfg, d_score, d_pool, v_in_k):
+    _check_grad_shapes(q, v, dout, out, lse)
     if fe:
         return _cuda.backward(fe, code, dout, q, k, v, out, lse, cfg, d_score, d_pool, v_in_k)
-    dq = np.zeros_like(q, order="C")
-    dk = np.zeros(k.shape, q.dtype)
-    dv = dk[..., :Dv] if v_in_k else np.zeros(v.shape, q.dtype)
-    _C.backward(for_engine(dout.astype(q.dtype, copy=False)), q, k, v,
-                for_engine(out.astype(q.dtype, copy=False)),
-                np.require(lse, q.dtype, ["C", "A"]), dq, dk, dv,
-                cfg.g, cfg.w, cfg.n, cfg.scale, cfg.rep_bias, d_score, d_pool, v_in_k)
+    dout, out, lse = _cpu_grad_inputs(q, dout, out, lse)
+    dq, dk, dv = _zero_grads(q, k, v, v_in_k)
+    _C.backward(dout, q, k, v, out, lse, dq, dk, dv, cfg.g, cfg.w, cfg.n, cfg.scale,
+                cfg.rep_bias, d_score, d_pool, v_in_k)
     return dq, dk, dv
 
 
@@ -278,21 +292,12 @@ def _attend_backward(fe, dout, q, k, v, kbar, vbar, out, lse, cfg, v_in_k):
             "the backward of attend / gqa_attend (gradients for given condensed entries) on "
             "CUDA arrays: not implemented yet (the CPU engine has it; attention_backward and "
             "gqa_attention_backward run on CUDA)")
-    B, L, H, D = q.shape
-    Dv = v.shape[3]
-    for a, nm in ((dout, "dout"), (out, "out")):
-        if tuple(a.shape) != (B, L, H, Dv):
-            raise ValueError(f"{nm}: expected shape {(B, L, H, Dv)}, got {tuple(a.shape)}")
-    if tuple(lse.shape) != (B, H, L):
-        raise ValueError(f"lse: expected shape {(B, H, L)} (B, H, L), got {tuple(lse.shape)}")
-    dq = np.zeros_like(q, order="C")
-    dk = np.zeros(k.shape, q.dtype)
-    dv = dk[..., :Dv] if v_in_k else np.zeros(v.shape, q.dtype)
+    _check_grad_shapes(q, v, dout, out, lse)
+    dout, out, lse = _cpu_grad_inputs(q, dout, out, lse)
+    dq, dk, dv = _zero_grads(q, k, v, v_in_k)
     dkbar = np.zeros(kbar.shape, q.dtype)
-    dvbar = dkbar[..., :Dv] if v_in_k else np.zeros(vbar.shape, q.dtype)
-    _C.attend_backward(for_engine(dout.astype(q.dtype, copy=False)), q, k, v, kbar, vbar,
-                       for_engine(out.astype(q.dtype, copy=False)),
-                       np.require(lse, q.dtype, ["C", "A"]), dq, dk, dv, dkbar, dvbar,
+    dvbar = dkbar[..., :v.shape[3]] if v_in_k else np.zeros(vbar.shape, q.dtype)
+    _C.attend_backward(dout, q, k, v, kbar, vbar, out, lse, dq, dk, dv, dkbar, dvbar,
                        cfg.g, cfg.w, cfg.scale, cfg.rep_bias, v_in_k)
     return dq, dk, dv, dkbar, dvbar
 
@@ -323,9 +328,7 @@ def _condense_backward(fe, grads, names, q, k, v, cfg, d_score, d_pool, v_in_k, 
             raise ValueError(f"{nm}: expected shape {want}, got "
                              f"{tuple(a.shape) if batched else tuple(a.shape)[1:]}")
         t[...] = a
-    dq = np.zeros_like(q, order="C")
-    dk = np.zeros(k.shape, q.dtype)
-    dv = dk[..., :Dv] if v_in_k else np.zeros(v.shape, q.dtype)
+    dq, dk, dv = _zero_grads(q, k, v, v_in_k)
     _C.condense_backward(q, k, v, dkbar, dvbar, dq, dk, dv, cfg.g, cfg.n, cfg.scale, d_score,
                          d_pool, v_in_k)
     return dq, dk, dv
@@ -381,6 +384,19 @@ def _given_condensed(fe, q, batched, arrays, names, widths, heads, cfg):
     return arrays
 
 
+def _mla_entries(fe, q, batched, latent_bar, kpos_bar, Dc, cfg):
+    """Given MLA condensed entries, validated, as the engine's keys kbar (B, m, 1, Dc+Dr) =
+    [latent_bar; kpos_bar] (the values are its first Dc columns)."""
+    Dq = q.shape[3]
+    cb, rb = _given_condensed(fe, q, batched, [latent_bar, kpos_bar], ["latent_bar", "kpos_bar"],
+                              [Dc, Dq - Dc], None, cfg)
+    if fe:
+        return fe.cat([cb[:, :, None], rb[:, :, None]], axis=3)
+    kbar = np.empty((q.shape[0], cb.shape[1], 1, Dq), q.dtype)
+    kbar[:, :, 0, :Dc], kbar[:, :, 0, Dc:] = cb, rb
+    return kbar
+
+
 @_caller_type
 def condense(q, latent, kpos, *, group_size=16, n_summary=None, softmax_scale=None,
              score="full"):
@@ -423,14 +439,8 @@ def attend(q, latent, kpos, latent_bar, kpos_bar, *, group_size=16, window=1024,
     batched, fe, code, q, k, v = _mla_inputs(q, latent, kpos)
     cfg = _mla_cfg(q, dict(group_size=group_size, window=window, softmax_scale=softmax_scale,
                            rep_bias=rep_bias))
-    Dq, Dc = q.shape[3], v.shape[3]
-    cb, rb = _given_condensed(fe, q, batched, [latent_bar, kpos_bar], ["latent_bar", "kpos_bar"],
-                              [Dc, Dq - Dc], None, cfg)
-    if fe:
-        kbar = fe.cat([cb[:, :, None], rb[:, :, None]], axis=3)
-    else:
-        kbar = np.empty((q.shape[0], cb.shape[1], 1, Dq), q.dtype)
-        kbar[:, :, 0, :Dc], kbar[:, :, 0, Dc:] = cb, rb
+    Dc = v.shape[3]
+    kbar = _mla_entries(fe, q, batched, latent_bar, kpos_bar, Dc, cfg)
     out, lse = _unbatch(batched, *_attend(fe, code, q, k, v, kbar, kbar[..., :Dc], cfg, 1))
     return (out, lse) if return_lse else out
 
@@ -445,16 +455,11 @@ def attend_backward(dout, q, latent, kpos, latent_bar, kpos_bar, out, lse, *, gr
     batched, fe, code, q, k, v = _mla_inputs(q, latent, kpos)
     cfg = _mla_cfg(q, dict(group_size=group_size, window=window, softmax_scale=softmax_scale,
                            rep_bias=rep_bias))
-    Dq, Dc = q.shape[3], v.shape[3]
-    cb, rb = _given_condensed(fe, q, batched, [latent_bar, kpos_bar], ["latent_bar", "kpos_bar"],
-                              [Dc, Dq - Dc], None, cfg)
+    Dc = v.shape[3]
+    kbar = _mla_entries(fe, q, batched, latent_bar, kpos_bar, Dc, cfg)
     dout, out, lse = _backward_inputs(fe, q, dout, out, lse, batched)
-    kbar = None
-    if not fe:
-        kbar = np.empty((q.shape[0], cb.shape[1], 1, Dq), q.dtype)
-        kbar[:, :, 0, :Dc], kbar[:, :, 0, Dc:] = cb, rb
-    dq, dk, _, dkb, _ = _attend_backward(fe, dout, q, k, v, kbar, None if fe else kbar[..., :Dc],
-                                         out, lse, cfg, 1)
+    dq, dk, _, dkb, _ = _attend_backward(fe, dout, q, k, v, kbar, kbar[..., :Dc], out, lse, cfg,
+                                         1)
     return _unbatch(batched, dq, _contig(fe, dk[:, :, 0, :Dc]), _contig(fe, dk[:, :, 0, Dc:]),
                     _contig(fe, dkb[:, :, 0, :Dc]), _contig(fe, dkb[:, :, 0, Dc:]))
 
