@@ -35,7 +35,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "mma.cuh"
+#include "hopper.cuh"
 
 namespace lca {
 namespace gqa90 {
@@ -57,27 +57,6 @@ __device__ __forceinline__ int sw(int r, int c) {
     return (c >> 3) * (64 * 64) + r * 64 + (((c & 7) ^ (r & 7)) << 3);
 }
 
-/* wgmma shared-memory descriptor: 128-byte swizzle, byte offsets lbo and sbo */
-__device__ __forceinline__ uint64_t gdesc(const void *p, uint32_t lbo, uint32_t sbo) {
-    const uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
-    return (uint64_t)((a & 0x3FFFF) >> 4) | ((uint64_t)((lbo >> 4) & 0x3FFF) << 16) |
-           ((uint64_t)((sbo >> 4) & 0x3FFF) << 32) | (1ull << 62);
-}
-
-__device__ __forceinline__ void wg_fence() {
-    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-}
-__device__ __forceinline__ void wg_commit() {
-    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-}
-template <int N> __device__ __forceinline__ void wg_wait() {
-    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-}
-/* generic-proxy shared-memory writes (cp.async, st.shared) made visible to wgmma reads */
-__device__ __forceinline__ void fence_async_smem() {
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-}
-
 /* Register fences: the compiler sees a wgmma as finished when issued, so without these it could
  * move reads of its accumulators above the wait, or rewrite its A registers before it. */
 template <int N> __device__ __forceinline__ void reg_fence(float (&d)[N][4]) {
@@ -90,32 +69,6 @@ template <int N> __device__ __forceinline__ void reg_fence(uint32_t (&d)[N][4]) 
     for (int n = 0; n < N; n++)
         asm volatile("" : "+r"(d[n][0]), "+r"(d[n][1]), "+r"(d[n][2]), "+r"(d[n][3])::"memory");
 }
-
-__device__ __forceinline__ void mbar_init(uint64_t *bar, int count) {
-    const uint32_t a = (uint32_t)__cvta_generic_to_shared(bar);
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(a), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(uint64_t *bar) {
-    const uint32_t a = (uint32_t)__cvta_generic_to_shared(bar);
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(a) : "memory");
-}
-/* wait for the completion of the phase of parity `parity` */
-__device__ __forceinline__ void mbar_wait(uint64_t *bar, uint32_t parity) {
-    const uint32_t a = (uint32_t)__cvta_generic_to_shared(bar);
-    uint32_t done;
-    do {
-        asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-                     "selp.u32 %0, 1, 0, p;\n}\n"
-                     : "=r"(done)
-                     : "r"(a), "r"(parity)
-                     : "memory");
-    } while (!done);
-}
-
-#define LCA_ACC1(i) "+f"(d[i][0]), "+f"(d[i][1]), "+f"(d[i][2]), "+f"(d[i][3])
-#define LCA_ACC4(i) LCA_ACC1(i), LCA_ACC1(i + 1), LCA_ACC1(i + 2), LCA_ACC1(i + 3)
-#define LCA_ACC8(i) LCA_ACC4(i), LCA_ACC4(i + 4)
-#define LCA_ACC16(i) LCA_ACC8(i), LCA_ACC8(i + 8)
 
 /* d (+)= A B, m64n64k16, A and B K-major from shared memory (descriptors da, db); acc = 0:
  * d = A B.  TY the element type's PTX name. */

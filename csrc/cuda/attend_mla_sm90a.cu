@@ -17,7 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "mma.cuh"
+#include "hopper.cuh"
 
 namespace lca {
 namespace mla90 {
@@ -31,36 +31,9 @@ __device__ __forceinline__ int sw(int rows, int r, int c) {
     return (c >> 3) * (rows * 64) + r * 64 + (((c & 7) ^ (r & 7)) << 3);
 }
 
-/* wgmma shared-memory descriptor: 128-byte swizzle, byte offsets lbo and sbo */
-__device__ __forceinline__ uint64_t gdesc(const void *p, uint32_t lbo, uint32_t sbo) {
-    const uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
-    return (uint64_t)((a & 0x3FFFF) >> 4) | ((uint64_t)((lbo >> 4) & 0x3FFF) << 16) |
-           ((uint64_t)((sbo >> 4) & 0x3FFF) << 32) | (1ull << 62);
-}
-
-__device__ __forceinline__ void wg_fence() {
-    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-}
-__device__ __forceinline__ void wg_commit() {
-    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-}
-__device__ __forceinline__ void wg_wait0() {
-    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-}
-/* generic-proxy shared-memory writes (cp.async, st.shared) made visible to wgmma reads */
-__device__ __forceinline__ void fence_async_smem() {
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-}
 __device__ __forceinline__ void pair_sync(int rg) {
     asm volatile("bar.sync %0, 64;\n" ::"r"(rg + 1));
 }
-
-
-/* The accumulator operands of an m64nN wgmma: d[i][0..3] for i < N / 8 (the mma.sync m16n8
- * fragment of each 8-column tile). */
-#define LCA_ACC1(i) "+f"(d[i][0]), "+f"(d[i][1]), "+f"(d[i][2]), "+f"(d[i][3])
-#define LCA_ACC4(i) LCA_ACC1(i), LCA_ACC1(i + 1), LCA_ACC1(i + 2), LCA_ACC1(i + 3)
-#define LCA_ACC16(i) LCA_ACC4(i), LCA_ACC4(i + 4), LCA_ACC4(i + 8), LCA_ACC4(i + 12)
 
 /* d (+)= A B, m64n32k16, A and B from shared memory (descriptors da, db); TY the element
  * type's PTX name; TB: B transposed (N-major). */
@@ -217,7 +190,7 @@ __global__ void __launch_bounds__(kThreads, 1) lca_attend_mla_wgmma_kernel(lca_p
             wgmma_m64n32<0>(s, da, db, (T *)nullptr);
         }
         wg_commit();
-        wg_wait0();
+        wg_wait<0>();
 
         float bmax[2] = {-INFINITY, -INFINITY};
 #pragma unroll
@@ -270,7 +243,7 @@ __global__ void __launch_bounds__(kThreads, 1) lca_attend_mla_wgmma_kernel(lca_p
             wgmma_m64n256<1>(o, da, db, (T *)nullptr);
         }
         wg_commit();
-        wg_wait0();
+        wg_wait<0>();
         __syncthreads();                                  /* stage and P may be refilled */
     }
 

@@ -22,6 +22,7 @@
  * tested): two tiles an iteration (KT = 2) and cp.async loads on the same mbarriers (BULK =
  * false) — both measured slower on the H200 (benchmarks/NOTES.md, Decode). */
 #include "decode.cuh"
+#include "hopper.cuh"
 
 namespace lca {
 namespace dec90 {
@@ -48,29 +49,6 @@ template <int D, int DV, int MT, int KT> struct Shape {
     static_assert(KSW % NACC == 0 && KT < NST, "accumulators, stages");
 };
 
-__device__ __forceinline__ uint32_t smem_addr(const void *p) {
-    return (uint32_t)__cvta_generic_to_shared(p);
-}
-__device__ __forceinline__ void mbar_init(uint64_t *bar, uint32_t count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(count)
-                 : "memory");
-}
-__device__ __forceinline__ void mbar_expect_tx(uint64_t *bar, uint32_t bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)),
-                 "r"(bytes)
-                 : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint64_t *bar, uint32_t parity) {
-    const uint32_t a = smem_addr(bar);
-    uint32_t done = 0;
-    while (!done)
-        asm volatile("{\n.reg .pred p;\n"
-                     "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-                     "selp.u32 %0, 1, 0, p;\n}\n"
-                     : "=r"(done)
-                     : "r"(a), "r"(parity)
-                     : "memory");
-}
 /* bytes global -> shared, completing on bar (bytes and both addresses multiples of 16) */
 __device__ __forceinline__ void bulk_g2s(void *dst, const void *src, uint32_t bytes,
                                          uint64_t *bar) {
