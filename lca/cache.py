@@ -375,6 +375,19 @@ class _Cache:
             raise ValueError(f"q: a prefill of {P} tokens exceeds max_len {self.max_len}")
         return P
 
+    def _prefill_run(self, fe, code, q, k, v):
+        """The prefill's condensation and attention (engine inputs, batched, P >= 1 tokens), the
+        state filled from them; returns the output."""
+        from . import _Cfg, _attend, _condense
+        cfg = _Cfg(q.shape[1], q.shape[3], group_size=self.group_size, window=self.window,
+                   n_summary=self.n_summary, softmax_scale=self.softmax_scale,
+                   rep_bias=self.rep_bias)
+        vin = int(self._v_in_k)
+        kb, vb, _, _ = _condense(fe, code, q, k, v, cfg, self._d_score, self._d_pool, vin)
+        out, _ = _attend(fe, code, q, k, v, kb, vb, cfg, vin)
+        self._fill(q, k, v, kb, vb)
+        return out
+
     def _fill(self, q, k, v, kb, vb):
         """The state after a prefill of P tokens: q (B, P, H, D), k (B, P, Hkv, D), v, and the
         prefill's condensed rows kb, vb (B, P // g, Hkv, ...)."""
@@ -455,13 +468,9 @@ class LatentCache(_Cache):
                     softmax_scale, rep_bias, Dc + Dr if score == "full" else Dc, Dc, True,
                     dtype, device)
 
-    def _kw(self):
-        return dict(group_size=self.group_size, window=self.window, n_summary=self.n_summary,
-                    softmax_scale=self.softmax_scale, rep_bias=self.rep_bias)
-
     @_caller_type
     def prefill(self, q, latent, kpos):
-        from . import _Cfg, _attend, _condense, _mla_inputs
+        from . import _mla_inputs
         B, H, Dc, Dr = self.batch, self.num_heads, self.latent_dim, self.kpos_dim
         q = self._store.check(q, "q")
         if q.ndim != 4:
@@ -472,16 +481,9 @@ class LatentCache(_Cache):
         latent = self._input(latent, "latent", (B, P, Dc))
         kpos = self._input(kpos, "kpos", (B, P, Dr))
         self._check_prefill(q)
-        st = self._store
         if P == 0:
-            return st.zeros((B, 0, H, Dc)) if st.kind != "numpy" else np.zeros((B, 0, H, Dc),
-                                                                                st.dtype)
-        _, fe, code, q, k, v = _mla_inputs(q, latent, kpos)
-        cfg = _Cfg(P, Dc + Dr, **self._kw())
-        kb, vb, _, _ = _condense(fe, code, q, k, v, cfg, self._d_score, Dc, 1)
-        out, _ = _attend(fe, code, q, k, v, kb, vb, cfg, 1)
-        self._fill(q, k, v, kb, vb)
-        return out
+            return self._store.zeros((B, 0, H, Dc))
+        return self._prefill_run(*_mla_inputs(q, latent, kpos)[1:])
 
     @_caller_type
     def step(self, q, latent, kpos):
@@ -529,7 +531,7 @@ class GQACache(_Cache):
 
     @_caller_type
     def prefill(self, q, k, v):
-        from . import _Cfg, _attend, _condense, _gqa_inputs
+        from . import _gqa_inputs
         B, H, Hkv, D, Dv = self.batch, self.num_heads, self.num_kv_heads, self._D, self._Dv
         q = self._store.check(q, "q")
         if q.ndim != 4:
@@ -540,18 +542,9 @@ class GQACache(_Cache):
         k = self._input(k, "k", (B, P, Hkv, D))
         v = self._input(v, "v", (B, P, Hkv, Dv))
         self._check_prefill(q)
-        st = self._store
         if P == 0:
-            return st.zeros((B, 0, H, Dv)) if st.kind != "numpy" else np.zeros((B, 0, H, Dv),
-                                                                                st.dtype)
-        _, fe, code, q, k, v = _gqa_inputs(q, k, v)
-        cfg = _Cfg(P, D, group_size=self.group_size, window=self.window,
-                   n_summary=self.n_summary, softmax_scale=self.softmax_scale,
-                   rep_bias=self.rep_bias)
-        kb, vb, _, _ = _condense(fe, code, q, k, v, cfg, D, self._d_pool, 0)
-        out, _ = _attend(fe, code, q, k, v, kb, vb, cfg, 0)
-        self._fill(q, k, v, kb, vb)
-        return out
+            return self._store.zeros((B, 0, H, Dv))
+        return self._prefill_run(*_gqa_inputs(q, k, v)[1:])
 
     @_caller_type
     def step(self, q, k, v):
