@@ -2,7 +2,7 @@
 # One device call: build lca there (its Python differs from ours), then stages in priority
 # order, each under its own time limit, each logging to $OUT/<stage>.log (at most 8 files come
 # back).  Benchmarks append to benchmarks/RESULTS.md, copied to $OUT at the end.
-#   bash benchmarks/gpu_check.sh [stage ...]     stages: tests prefill decode flex mla variants
+#   bash benchmarks/gpu_check.sh [stage ...]     stages: tests prefill decode flex mla variants ncu
 #   LCA_TESTS="tests/..."  the test files (default: every file with GPU tests; LCA_TESTS=tests
 #                          for the whole suite)
 set -uo pipefail
@@ -24,7 +24,7 @@ stage() {   # name, seconds, command...
   timeout "$secs" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
   echo "== $name: rc=$rc, $(( $(date +%s) - s )) s"
-  grep -vE "Warning|warn\(|^\s*$" "$OUT/$name.log" | tail -n 25
+  grep -vE "Warning|warn\(|^\s*$" "$OUT/$name.log" | tail -n ${LCA_TAIL:-25}
 }
 for st in "${@:-tests prefill}"; do
   case $st in
@@ -38,6 +38,10 @@ for st in "${@:-tests prefill}"; do
     variants) stage variants_tests 90 python3 -m pytest -q -x -p no:cacheprovider \
                 tests/test_cuda_gqa_wgmma.py -k tuning_variants
               stage variants 60 python3 benchmarks/bench_gqa_variants.py ;;
+    ncu)     stage ncu 200 ncu --clock-control none -k regex:'gqa_wgmma|dkdv_kernel|dq_kernel|dec_partial_bulk' \
+               -c 4 --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+               --section SchedulerStats --section WarpStateStats --section Occupancy --section LaunchStats \
+               --section InstructionStats python3 benchmarks/ncu_kernels.py ;;
   esac
 done
 cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
