@@ -107,6 +107,28 @@ def test_strided_views(dtype):
     assert torch.equal(out, ref)
 
 
+@pytest.mark.parametrize("variant", [25, 57])
+@pytest.mark.parametrize("scale", [None, 0.0, -0.05])
+def test_tma_variants_strided_views_and_any_scale(variant, scale, monkeypatch):
+    """The TMA variants read k and v through tensor maps built from the views' strides (k and v
+    two slices of one fused tensor here, one kv head, B = 3), and the one-FMA exponent (bit 3)
+    needs scale > 0: a zero or negative softmax_scale must still give the right answer (the
+    host then runs variant 7)."""
+    if not hopper():
+        pytest.skip("the variants exist only in the sm_90a kernel")
+    gen = torch.Generator(device="cuda").manual_seed(zlib.crc32(repr((variant, scale)).encode()))
+    B, L, H, Hkv = 3, 517, 4, 1
+    q = rand(gen, (B, L, H, 192), "bfloat16")
+    kv = rand(gen, (B, L, Hkv, 192 + 128 + 8), "bfloat16")
+    k, v = kv[..., :192], kv[..., 192:320]
+    kw = dict(group_size=8, window=130, n_summary=None, key_mode="pool", rep_bias=0.3,
+              softmax_scale=scale)
+    monkeypatch.setenv("LCA_GQA90_VARIANT", str(variant))
+    out, lse = lca.gqa_attention(q, k, v, return_lse=True, **kw)
+    assert _C.cuda_last_attend_kernel() == "gqa_wgmma"
+    check(q, k, v, kw, out, lse, "bfloat16")
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("dims", [(128, 64), (128, 0)])
 def test_absorbed_mla_of_the_same_widths(dims, dtype):
@@ -142,12 +164,18 @@ def test_other_shapes_do_not_take_it():
 VARIANT_CASES = [CASES[1], CASES[3], CASES[6], CASES[9]]
 
 
-@pytest.mark.parametrize("variant", range(8))
+# the variants attend_gqa_sm90a.cu builds (lca_gqa90_variants there)
+VARIANTS = [0, 1, 2, 3, 4, 5, 6, 7, 15, 17, 25, 29, 56, 57]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("case", VARIANT_CASES, ids=lambda c: "-".join(map(str, c)))
 def test_gqa_wgmma_tuning_variants(case, dtype, variant, monkeypatch):
-    """LCA_GQA90_VARIANT (a tuning knob; the default is 7): ping-pong turns (bit 0), a producer
-    that never waits (bit 1), Q from registers (bit 2): each must give the default's answer."""
+    """LCA_GQA90_VARIANT (a tuning knob): ping-pong turns (bit 0), a producer that never waits
+    (bit 1), Q from registers (bit 2), the one-FMA exponent with O rescaled only on a new
+    maximum (bit 3), TMA loads (bit 4), 128-key blocks (bit 5): each must give the default's
+    answer."""
     if not hopper():
         pytest.skip("the variants exist only in the sm_90a kernel")
     q, k, v, kw, out, lse, kernel = run_case(case, dtype, "variant")

@@ -35,21 +35,36 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <algorithm>
+#include <type_traits>
+
+#include <cuda.h>
+#include <cudaTypedefs.h>
+
 #include "hopper.cuh"
 
 namespace lca {
 namespace gqa90 {
 
-constexpr int kRows = 128, kKeys = 64, kDV = 128, kStages = 4, kThreads = 384;
+constexpr int kRows = 128, kDV = 128, kThreads = 384;
 /* variant 7 (all three changes of VAR below) measured fastest on the H200 at e63af35: 26.6 ms
  * at 128K against 29.2 for variant 0 (benchmarks/RESULTS.md), the same outputs bit for bit */
 constexpr int kDefaultVariant = 7;
 
-template <int D> struct Layout {
+/* KB keys a block; stages of the K/V ring as many as fit beside Q in 227 KB */
+template <int D, int KB> struct Layout {
+    static constexpr int kStages = KB == 64 ? 4 : (D == 128 ? 3 : 2);
     static constexpr int kQ = kRows * D;           /* elements */
-    static constexpr int kK = kKeys * D;
-    static constexpr int kStage = kK + kKeys * kDV;
+    static constexpr int kK = KB * D;
+    static constexpr int kStage = kK + KB * kDV;
     static constexpr size_t kBytes = 2 * (size_t)(kQ + kStages * kStage) + 2 * kStages * 8 + 1024;
+};
+
+/* The tensor maps of the TMA producer (VAR bit 4): k, v, kbar, vbar as 4-d tensors (columns,
+ * kv heads, rows, batch), boxes of 64 columns x KB rows, 128-byte swizzle; rows past a
+ * tensor's end arrive as zeros.  Unused by the other variants. */
+struct TmaMaps {
+    CUtensorMap k, v, kbar, vbar;
 };
 
 /* element offset of 16-byte chunk c (of 8 elements) of row r in a 64-row swizzled tile */
@@ -104,6 +119,26 @@ template <int N> __device__ __forceinline__ void reg_fence(uint32_t (&d)[N][4]) 
                  : LCA_ACC16(0)                                                                \
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1))
 
+/* the same, m64n128k16 (S of a 128-key block) */
+#define LCA_WGMMA_M64N128_SS(TY)                                                               \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                 \
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " {"                 \
+                 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "      \
+                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, " \
+                 "%31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, " \
+                 "%46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, " \
+                 "%61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"                                \
+                 : LCA_ACC16(0)                                                                \
+                 : "l"(da), "l"(db), "r"(acc))
+
+__device__ __forceinline__ void wgmma_qk(float (&d)[16][4], uint64_t da, uint64_t db, int acc,
+                                         __nv_bfloat16 *) {
+    LCA_WGMMA_M64N128_SS("bf16");
+}
+__device__ __forceinline__ void wgmma_qk(float (&d)[16][4], uint64_t da, uint64_t db, int acc,
+                                         __half *) {
+    LCA_WGMMA_M64N128_SS("f16");
+}
 __device__ __forceinline__ void wgmma_qk(float (&d)[8][4], uint64_t da, uint64_t db, int acc,
                                          __nv_bfloat16 *) {
     LCA_WGMMA_M64N64_SS("bf16");
@@ -149,16 +184,37 @@ __device__ __forceinline__ void load_tile(T *tile, int n, int tid, F src) {
     }
 }
 
+/* One box of a 4-d tensor map (coordinates innermost first) into shared memory, completing
+ * on the mbarrier `bar` (its transaction count is the box's bytes, zeros past the end included). */
+__device__ __forceinline__ void tma_load(void *dst, const CUtensorMap *map, int c0, int c1, int c2,
+                                         int c3, uint64_t *bar) {
+    asm volatile("cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes"
+                 " [%0], [%1, {%2, %3, %4, %5}], [%6];\n" ::"r"(smem_addr(dst)),
+                 "l"((uint64_t)map), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(smem_addr(bar))
+                 : "memory");
+}
+
 /* VAR: bit 0 — the two consumers take turns issuing their products (named barriers 3 and 4),
  * so one's softmax runs under the other's wgmma; bit 1 — the producer never waits for its
  * copies: each thread's cp.async.mbarrier.arrive signals the stage when its copies land, and
  * the consumers fence the async proxy after the wait; bit 2 — Q from registers (S = Q K^T
- * with A from registers: only K is read from shared memory by each product). */
+ * with A from registers: only K is read from shared memory by each product); bit 3 — the
+ * softmax's exponent as one FMA of the raw score (the row maximum taken on raw scores; needs
+ * scale > 0, which the host checks) and O rescaled only when some row's maximum moved; bit 4 —
+ * the producer is one thread issuing TMA copies (tensor maps `tm`, completing on `full` by
+ * transaction count; bit 1 then means nothing); bit 5 — 128-key blocks (S = m64n128k16; needs
+ * bit 4 and not bit 2).  Each variant computes the same products; bit 3 rounds the exponent's
+ * argument once instead of twice. */
 template <typename T, int D, int VAR>
-__global__ void __launch_bounds__(kThreads, 1) lca_attend_gqa_wgmma_kernel(lca_params p) {
-    constexpr bool kPingPong = VAR & 1, kNoWait = VAR & 2, kQRegs = VAR & 4;
+__global__ void __launch_bounds__(kThreads, 1)
+    lca_attend_gqa_wgmma_kernel(lca_params p, const __grid_constant__ TmaMaps tm) {
+    constexpr bool kPingPong = VAR & 1, kQRegs = VAR & 4, kFused = VAR & 8, kTma = VAR & 16;
+    constexpr bool kNoWait = (VAR & 2) && !kTma;
+    constexpr int kKeys = VAR & 32 ? 128 : 64;
+    static_assert(kKeys == 64 || (kTma && !kQRegs), "128-key blocks: TMA, Q in shared memory");
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    using Ly = Layout<D>;
+    using Ly = Layout<D, kKeys>;
+    constexpr int kStages = Ly::kStages;
     extern __shared__ unsigned char smem_raw[];
     unsigned char *base = (unsigned char *)(((uintptr_t)smem_raw + 1023) & ~(uintptr_t)1023);
     T *Qs = (T *)base;
@@ -182,13 +238,37 @@ __global__ void __launch_bounds__(kThreads, 1) lca_attend_gqa_wgmma_kernel(lca_p
 
     if (threadIdx.x == 0) {
         for (int s = 0; s < kStages; s++) {
-            mbar_init(&full[s], 128);                      /* every producer thread */
+            mbar_init(&full[s], kTma ? 1 : 128);           /* the TMA thread / every producer */
             mbar_init(&empty[s], 8);                       /* one lane of each consumer warp */
         }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
     __syncthreads();
 
-    if (wg == 0) {
+    if (wg == 0 && kTma) {
+        /* producer, TMA: thread 0 fills stage blk % kStages with key block blk (D / 64 boxes of
+           K, 2 of V) once both consumers have released the block kStages before */
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
+        if (tid == 0) {
+            for (int64_t blk = 0; blk < nblocks; blk++) {
+                const int st = (int)(blk % kStages);
+                if (blk >= kStages) mbar_wait(&empty[st], (uint32_t)((blk / kStages - 1) & 1));
+                const bool cond = blk < ncond_blocks;
+                const int key0 = (int)block_start(blk);
+                const CUtensorMap *mk = cond ? &tm.kbar : &tm.k, *mv = cond ? &tm.vbar : &tm.v;
+                T *Ks = St + st * Ly::kStage, *Vs = Ks + Ly::kK;
+                mbar_expect_tx(&full[st], 2u * Ly::kStage);
+#pragma unroll
+                for (int cb = 0; cb < D / 64; cb++)
+                    tma_load(Ks + cb * kKeys * 64, mk, cb * 64, (int)h, key0, (int)b, &full[st]);
+#pragma unroll
+                for (int cb = 0; cb < kDV / 64; cb++)
+                    tma_load(Vs + cb * kKeys * 64, mv, cb * 64, (int)h, key0, (int)b, &full[st]);
+            }
+        }
+        return;
+    }
+    if (wg == 0 && !kTma) {
         /* producer: stage blk % kStages holds key block blk; its registers go to the consumers */
         if constexpr (kNoWait) asm volatile("setmaxnreg.dec.sync.aligned.u32 56;\n" ::: "memory");
         else asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
@@ -230,7 +310,8 @@ __global__ void __launch_bounds__(kThreads, 1) lca_attend_gqa_wgmma_kernel(lca_p
     }
 
     /* consumer warpgroup cw: rows Rw .. Rw+63 */
-    if constexpr (kNoWait) asm volatile("setmaxnreg.inc.sync.aligned.u32 224;\n" ::: "memory");
+    if constexpr (kTma) asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n" ::: "memory");
+    else if constexpr (kNoWait) asm volatile("setmaxnreg.inc.sync.aligned.u32 224;\n" ::: "memory");
     else asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
     const int cw = wg - 1, warp = tid >> 5, lane = tid & 31, gq = lane >> 2, tq = lane & 3;
     const int64_t Rw = R0 + cw * 64;
@@ -290,20 +371,20 @@ __global__ void __launch_bounds__(kThreads, 1) lca_attend_gqa_wgmma_kernel(lca_p
         for (int ks = 0; ks < D / 16; ks++) {
             const int cb = ks >> 2, kin = (ks & 3) * 16;  /* 64-column block, offset in it */
             if constexpr (kQRegs)
-                wgmma_qk(s, qf[ks], gdesc(Ks + cb * 64 * 64 + kin, 16, 1024), ks > 0,
+                wgmma_qk(s, qf[ks], gdesc(Ks + cb * kKeys * 64 + kin, 16, 1024), ks > 0,
                          (T *)nullptr);
             else
                 wgmma_qk(s, gdesc(Qw + cb * 64 * 64 + kin, 16, 1024),
-                         gdesc(Ks + cb * 64 * 64 + kin, 16, 1024), ks > 0, (T *)nullptr);
+                         gdesc(Ks + cb * kKeys * 64 + kin, 16, 1024), ks > 0, (T *)nullptr);
         }
     };
-    /* O += P V: V N-major (transposed B): LBO = the next 64 output columns (8 KB on), SBO =
-       the next 8 keys (1 KB on) */
+    /* O += P V: V N-major (transposed B): LBO = the next 64 output columns (kKeys x 128 bytes
+       on), SBO = the next 8 keys (1 KB on) */
     auto pv = [&](int64_t blk) {
         const T *Vs = St + (int)(blk % kStages) * Ly::kStage + Ly::kK;
 #pragma unroll
         for (int kk = 0; kk < kKeys / 16; kk++)
-            wgmma_pv(o, pa[kk], gdesc(Vs + kk * 16 * 64, 64 * 64 * 2, 1024), (T *)nullptr);
+            wgmma_pv(o, pa[kk], gdesc(Vs + kk * 16 * 64, kKeys * 64 * 2, 1024), (T *)nullptr);
     };
     /* scale (log2 domain), mask only where some row of the warpgroup sees part of the block,
        online softmax: s becomes exp2(s - m), corr the factor for O */
@@ -313,53 +394,105 @@ __global__ void __launch_bounds__(kThreads, 1) lca_attend_gqa_wgmma_kernel(lca_p
         const int64_t kend = cond ? w_Gmin : w_first + 1;       /* all rows see [.., kend) */
         const bool fullv = w_all_live && key0 + kKeys <= kend && (cond || key0 >= w_ehi);
         const float bias = cond ? rep_bias_l2 : 0.0f;
+        if constexpr (kFused) {
+            /* the maximum of the raw scores (scale > 0), the mask from 32-bit offsets in the
+               block, the exponent one FMA; four partial maxima and sums a row (short chains) */
 #pragma unroll
-        for (int i = 0; i < 2; i++) {
-            float bmax = -INFINITY;
-            if (fullv) {
+            for (int i = 0; i < 2; i++) {
+                float bm[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
+                if (fullv) {
+#pragma unroll
+                    for (int n = 0; n < kKeys / 8; n++)
+#pragma unroll
+                        for (int e = 0; e < 2; e++)
+                            bm[(2 * n + e) & 3] = fmaxf(bm[(2 * n + e) & 3], s[n][2 * i + e]);
+                } else {
+                    const int64_t lo = cond ? 0 : Gr[i] * p.g, hi = cond ? Gr[i] : tr[i] + 1;
+                    auto clamp = [&](int64_t x) {
+                        return (int)(x < 0 ? 0 : x > kKeys ? kKeys : x);
+                    };
+                    const int lo_r = clamp(lo - key0), hi_r = live[i] ? clamp(hi - key0) : 0;
+#pragma unroll
+                    for (int n = 0; n < kKeys / 8; n++)
+#pragma unroll
+                        for (int e = 0; e < 2; e++) {
+                            const int rel = n * 8 + 2 * tq + e;
+                            float &x = s[n][2 * i + e];
+                            x = rel >= lo_r && rel < hi_r ? x : -INFINITY;
+                            bm[(2 * n + e) & 3] = fmaxf(bm[(2 * n + e) & 3], x);
+                        }
+                }
+                float bmax = fmaxf(fmaxf(bm[0], bm[1]), fmaxf(bm[2], bm[3]));
+                bmax = fmaxf(bmax, __shfl_xor_sync(0xffffffffu, bmax, 1));
+                bmax = fmaxf(bmax, __shfl_xor_sync(0xffffffffu, bmax, 2));
+                const float mnew = fmaxf(m[i], fmaf(bmax, scale_l2, bias));
+                const float mb = mnew == -INFINITY ? 0.0f : mnew;  /* a row with nothing yet */
+                corr[i] = ex2(m[i] - mb);
+                m[i] = mnew;
+                const float off = bias - mb;
+                float ls[4] = {0, 0, 0, 0};
 #pragma unroll
                 for (int n = 0; n < kKeys / 8; n++)
 #pragma unroll
                     for (int e = 0; e < 2; e++) {
                         float &x = s[n][2 * i + e];
-                        x = fmaf(x, scale_l2, bias);
-                        bmax = fmaxf(bmax, x);
+                        x = ex2(fmaf(x, scale_l2, off));
+                        ls[(2 * n + e) & 3] += x;
                     }
-            } else {
-                const int64_t lo = cond ? 0 : Gr[i] * p.g, hi = cond ? Gr[i] : tr[i] + 1;
+                l[i] = fmaf(l[i], corr[i], (ls[0] + ls[1]) + (ls[2] + ls[3]));
+            }
+        } else {
+#pragma unroll
+            for (int i = 0; i < 2; i++) {
+                float bmax = -INFINITY;
+                if (fullv) {
+#pragma unroll
+                    for (int n = 0; n < kKeys / 8; n++)
+#pragma unroll
+                        for (int e = 0; e < 2; e++) {
+                            float &x = s[n][2 * i + e];
+                            x = fmaf(x, scale_l2, bias);
+                            bmax = fmaxf(bmax, x);
+                        }
+                } else {
+                    const int64_t lo = cond ? 0 : Gr[i] * p.g, hi = cond ? Gr[i] : tr[i] + 1;
+#pragma unroll
+                    for (int n = 0; n < kKeys / 8; n++)
+#pragma unroll
+                        for (int e = 0; e < 2; e++) {
+                            const int64_t key = key0 + n * 8 + 2 * tq + e;
+                            float &x = s[n][2 * i + e];
+                            x = (live[i] && key >= lo && key < hi) ? fmaf(x, scale_l2, bias)
+                                                                   : -INFINITY;
+                            bmax = fmaxf(bmax, x);
+                        }
+                }
+                bmax = fmaxf(bmax, __shfl_xor_sync(0xffffffffu, bmax, 1));
+                bmax = fmaxf(bmax, __shfl_xor_sync(0xffffffffu, bmax, 2));
+                const float mnew = fmaxf(m[i], bmax);
+                const float mb = mnew == -INFINITY ? 0.0f : mnew;      /* a row with nothing yet */
+                corr[i] = ex2(m[i] - mb);
+                m[i] = mnew;
+                l[i] *= corr[i];
 #pragma unroll
                 for (int n = 0; n < kKeys / 8; n++)
 #pragma unroll
                     for (int e = 0; e < 2; e++) {
-                        const int64_t key = key0 + n * 8 + 2 * tq + e;
                         float &x = s[n][2 * i + e];
-                        x = (live[i] && key >= lo && key < hi) ? fmaf(x, scale_l2, bias)
-                                                               : -INFINITY;
-                        bmax = fmaxf(bmax, x);
+                        x = ex2(x - mb);
+                        l[i] += x;
                     }
             }
-            bmax = fmaxf(bmax, __shfl_xor_sync(0xffffffffu, bmax, 1));
-            bmax = fmaxf(bmax, __shfl_xor_sync(0xffffffffu, bmax, 2));
-            const float mnew = fmaxf(m[i], bmax);
-            const float mb = mnew == -INFINITY ? 0.0f : mnew;      /* a row with nothing yet */
-            corr[i] = ex2(m[i] - mb);
-            m[i] = mnew;
-            l[i] *= corr[i];
-#pragma unroll
-            for (int n = 0; n < kKeys / 8; n++)
-#pragma unroll
-                for (int e = 0; e < 2; e++) {
-                    float &x = s[n][2 * i + e];
-                    x = ex2(x - mb);
-                    l[i] += x;
-                }
         }
     };
     auto rescale_pack = [&]() {
+        /* kFused: only when some row of the warp has a new maximum (a warp-uniform branch) */
+        if (!kFused || __any_sync(0xffffffffu, corr[0] != 1.0f || corr[1] != 1.0f)) {
 #pragma unroll
-        for (int n = 0; n < kDV / 8; n++) {
-            o[n][0] *= corr[0], o[n][1] *= corr[0];
-            o[n][2] *= corr[1], o[n][3] *= corr[1];
+            for (int n = 0; n < kDV / 8; n++) {
+                o[n][0] *= corr[0], o[n][1] *= corr[0];
+                o[n][2] *= corr[1], o[n][3] *= corr[1];
+            }
         }
 #pragma unroll
         for (int kk = 0; kk < kKeys / 16; kk++) {
@@ -446,10 +579,72 @@ __global__ void __launch_bounds__(kThreads, 1) lca_attend_gqa_wgmma_kernel(lca_p
 #endif
 }
 
+/* Host: the driver's cuTensorMapEncodeTiled, looked up once (null when the driver lacks it). */
+static PFN_cuTensorMapEncodeTiled_v12000 encode_tiled() {
+    static PFN_cuTensorMapEncodeTiled_v12000 fn = nullptr;
+    static bool looked = false;
+    if (!looked) {
+        void *f = nullptr;
+        cudaDriverEntryPointQueryResult q;
+        if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault,
+                                             &q) == cudaSuccess &&
+            q == cudaDriverEntryPointSuccess)
+            fn = (PFN_cuTensorMapEncodeTiled_v12000)f;
+        cudaGetLastError();
+        looked = true;
+    }
+    return fn;
+}
+
+/* Host: the tensor map of view v — rows x cols of each (batch, kv head), as the 4-d tensor
+ * (cols, Hkv, rows, B) — with boxes of 64 columns x box_rows rows.  False when the driver
+ * refuses it (strides it cannot express): the caller then loads by cp.async. */
+template <typename T>
+static bool make_map(CUtensorMap *m, const lca_view &v, int64_t cols, int64_t rows, int64_t Hkv,
+                     int64_t B, int box_rows) {
+    const auto enc = encode_tiled();
+    if (!enc || rows < 1) return false;
+    const int64_t es = (int64_t)sizeof(T);
+    int64_t sh = v.sh * es, st = v.st * es, sb = v.sb * es;
+    if (Hkv == 1) sh = cols * es;                        /* a dimension of one: any stride */
+    if (B == 1) sb = st * rows;
+    if (sh <= 0 || st <= 0 || sb <= 0) return false;
+    const cuuint64_t dim[4] = {(cuuint64_t)cols, (cuuint64_t)Hkv, (cuuint64_t)rows, (cuuint64_t)B};
+    const cuuint64_t stride[3] = {(cuuint64_t)sh, (cuuint64_t)st, (cuuint64_t)sb};
+    const cuuint32_t box[4] = {64, 1, (cuuint32_t)box_rows, 1}, one[4] = {1, 1, 1, 1};
+    const CUtensorMapDataType dt = sizeof(T) == 2 && std::is_same<T, __half>::value
+                                       ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16
+                                       : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+    return enc(m, dt, 4, v.p, dim, stride, box, one, CU_TENSOR_MAP_INTERLEAVE_NONE,
+               CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+               CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
 template <typename T, int D, int VAR> int launch(const lca_params *p, cudaStream_t stream) {
+    constexpr int KB = VAR & 32 ? 128 : 64;
+    TmaMaps tm;
+    memset(&tm, 0, sizeof tm);
+    if constexpr ((VAR & 16) != 0) {
+        bool ok = make_map<T>(&tm.k, p->k, D, p->L, p->Hkv, p->B, KB) &&
+                  make_map<T>(&tm.v, p->v, kDV, p->L, p->Hkv, p->B, KB);
+        if (ok && p->m > 0)
+            ok = make_map<T>(&tm.kbar, p->kbar, D, p->m, p->Hkv, p->B, KB) &&
+                 make_map<T>(&tm.vbar, p->vbar, kDV, p->m, p->Hkv, p->B, KB);
+        else if (ok) {                                   /* no condensed rows: never read */
+            tm.kbar = tm.k;
+            tm.vbar = tm.v;
+        }
+        if (!ok) return launch<T, D, (VAR & 8) ? 15 : 7>(p, stream);   /* cp.async loads */
+    }
     auto kernel = lca_attend_gqa_wgmma_kernel<T, D, VAR>;
-    const size_t smem = Layout<D>::kBytes;
-    return launch_row_tiles(kernel, p, kRows, kThreads, smem, stream);
+    const size_t smem = Layout<D, KB>::kBytes;
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) !=
+        cudaSuccess)
+        return LCA_ERR_CUDA;
+    const int64_t nrows = p->L * (p->H / p->Hkv);
+    const dim3 grid((unsigned)((nrows + kRows - 1) / kRows), (unsigned)p->Hkv, (unsigned)p->B);
+    kernel<<<grid, kThreads, smem, stream>>>(*p, tm);
+    return LCA_OK;
 }
 
 }  // namespace gqa90
@@ -463,8 +658,9 @@ extern "C" int lca_cuda_gqa_wgmma_supported(const lca_params *p, int device) {
     if (!((p->D == 192 || p->D == 128) && p->Dv == kDV)) return 0;
     const lca_view *vs[] = {&p->q, &p->k, &p->v, &p->kbar, &p->vbar, &p->out};
     if (!lca::rows_aligned16(vs)) return 0;
-    if (!lca::device_fits(device, p->D == 192 ? Layout<192>::kBytes : Layout<128>::kBytes, true))
-        return 0;
+    const size_t need = p->D == 192 ? std::max(Layout<192, 64>::kBytes, Layout<192, 128>::kBytes)
+                                    : std::max(Layout<128, 64>::kBytes, Layout<128, 128>::kBytes);
+    if (!lca::device_fits(device, need, true)) return 0;
     return (p->L * (p->H / p->Hkv) + kRows - 1) / kRows <= 2147483647 && p->Hkv <= 65535 &&
            p->B <= 65535;
 }
@@ -477,11 +673,16 @@ template <int VAR> static int launch_var(const lca_params *p, cudaStream_t s) {
     return bf ? launch<__nv_bfloat16, 128, VAR>(p, s) : launch<__half, 128, VAR>(p, s);
 }
 
-/* LCA_GQA90_VARIANT (0..7, a tuning knob; see the kernel's VAR) overrides the default. */
+/* LCA_GQA90_VARIANT (a tuning knob; see the kernel's VAR; lca_gqa90_variants lists the built
+ * ones, any other value runs variant 0) overrides the default.  The fused softmax (bit 3)
+ * needs scale > 0: with another scale the call runs variant 7. */
+extern "C" const int lca_gqa90_variants[] = {0, 1, 2, 3, 4, 5, 6, 7, 15, 17, 25, 29, 56, 57, -1};
+
 extern "C" int lca_cuda_attend_gqa_wgmma(const lca_params *p, void *stream) {
     cudaStream_t s = (cudaStream_t)stream;
     const char *env = getenv("LCA_GQA90_VARIANT");
-    const int var = env && *env ? atoi(env) & 7 : lca::gqa90::kDefaultVariant;
+    int var = env && *env ? atoi(env) : lca::gqa90::kDefaultVariant;
+    if ((var & 8) && !(p->scale > 0)) var = 7;
     switch (var) {
     case 1: return launch_var<1>(p, s);
     case 2: return launch_var<2>(p, s);
@@ -490,6 +691,12 @@ extern "C" int lca_cuda_attend_gqa_wgmma(const lca_params *p, void *stream) {
     case 5: return launch_var<5>(p, s);
     case 6: return launch_var<6>(p, s);
     case 7: return launch_var<7>(p, s);
+    case 15: return launch_var<15>(p, s);
+    case 17: return launch_var<17>(p, s);
+    case 25: return launch_var<25>(p, s);
+    case 29: return launch_var<29>(p, s);
+    case 56: return launch_var<56>(p, s);
+    case 57: return launch_var<57>(p, s);
     default: return launch_var<0>(p, s);
     }
 }
