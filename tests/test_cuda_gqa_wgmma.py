@@ -113,7 +113,7 @@ def test_tma_variants_strided_views_and_any_scale(variant, scale, monkeypatch):
     """The TMA variants read k and v through tensor maps built from the views' strides (k and v
     two slices of one fused tensor here, one kv head, B = 3), and the one-FMA exponent (bit 3)
     needs scale > 0: a zero or negative softmax_scale must still give the right answer (the
-    host then runs variant 7)."""
+    host then runs variant 17)."""
     if not hopper():
         pytest.skip("the variants exist only in the sm_90a kernel")
     gen = torch.Generator(device="cuda").manual_seed(zlib.crc32(repr((variant, scale)).encode()))
@@ -165,7 +165,7 @@ VARIANT_CASES = [CASES[1], CASES[3], CASES[6], CASES[9]]
 
 
 # the variants attend_gqa_sm90a.cu builds (lca_gqa90_variants there)
-VARIANTS = [0, 1, 2, 3, 4, 5, 6, 7, 15, 17, 25, 29, 56, 57]
+VARIANTS = [0, 1, 2, 3, 4, 5, 6, 7, 15, 17, 25, 28, 29, 56, 57, 61]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -21,17 +21,21 @@
  *     product is still in the tensor cores; then O is rescaled and P_j packed to bf16/fp16.
  *     The two consumers run unsynchronised, so one's softmax also overlaps the other's
  *     products.
- * That is variant 0 of the template parameter VAR; the default, variant 7, also makes the
- * consumers take turns issuing, lets the producer run ahead (each copy arrives on `full` by
- * itself, no waiting) and keeps Q in registers (see VAR below; LCA_GQA90_VARIANT selects one).
+ * That is variant 0 of the template parameter VAR.  The default, variant 29, replaces the
+ * producer's copies by TMA: one thread of warpgroup 0 issues D/64 + 2 tensor-map boxes a key
+ * block, completing on `full` by transaction count (the 128 copying threads' address
+ * arithmetic was a third of the instructions the SM issued: 27.1 -> 17.0 ms at 128K); the
+ * consumers also take turns issuing, keep Q in registers and take the exponent as one FMA
+ * (see VAR below; LCA_GQA90_VARIANT selects one).
  * The m64nN accumulator fragment of warp w of a warpgroup is the mma.sync m16n8 fragment of
  * rows 16w .. 16w+15, and the register A fragment of m64nNk16 is the m16n8k16 A fragment, so
  * the softmax and the P packing are attend_mma.cu's.
  *
  * Shared memory: every tile in the 128-byte-swizzled layout of attend_mla_sm90a.cu (64-column
  * blocks of 128-byte rows, 16-byte chunk c of row r at chunk c ^ (r & 7), 1024-byte aligned):
- * Q 128 x D, kStages x (K 64 x D, V 64 x 128), the mbarriers: 208 KB at D = 192.  One block
- * per SM.  Row tiles run heaviest first. */
+ * Q 128 x D, kStages x (K 64 x D, V 64 x 128), the mbarriers: 208 KB at D = 192 (the TMA
+ * boxes land in this layout by the hardware's 128-byte swizzle).  One block per SM.  Row
+ * tiles run heaviest first. */
 #include <stdlib.h>
 #include <string.h>
 
@@ -47,9 +51,10 @@ namespace lca {
 namespace gqa90 {
 
 constexpr int kRows = 128, kDV = 128, kThreads = 384;
-/* variant 7 (all three changes of VAR below) measured fastest on the H200 at e63af35: 26.6 ms
- * at 128K against 29.2 for variant 0 (benchmarks/RESULTS.md), the same outputs bit for bit */
-constexpr int kDefaultVariant = 7;
+/* variant 29 (TMA producer, one-FMA exponent, ping-pong turns, Q in registers) measured
+ * fastest on the H200 at 770f6b5: 16.0 ms at 128K against 27.1 for variant 7, the cp.async
+ * producer that was the default before (benchmarks/NOTES.md, v8) */
+constexpr int kDefaultVariant = 29;
 
 /* KB keys a block; stages of the K/V ring as many as fit beside Q in 227 KB */
 template <int D, int KB> struct Layout {
@@ -131,6 +136,27 @@ template <int N> __device__ __forceinline__ void reg_fence(uint32_t (&d)[N][4]) 
                  : LCA_ACC16(0)                                                                \
                  : "l"(da), "l"(db), "r"(acc))
 
+/* m64n128k16, A from registers, B K-major from shared memory (S of a 128-key block, Q in
+ * registers) */
+#define LCA_WGMMA_M64N128_RS_K(TY)                                                             \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                 \
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " {"                 \
+                 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "      \
+                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, " \
+                 "%31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, " \
+                 "%46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, " \
+                 "%61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"                  \
+                 : LCA_ACC16(0)                                                                \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(acc))
+
+__device__ __forceinline__ void wgmma_qk(float (&d)[16][4], const uint32_t (&a)[4], uint64_t db,
+                                         int acc, __nv_bfloat16 *) {
+    LCA_WGMMA_M64N128_RS_K("bf16");
+}
+__device__ __forceinline__ void wgmma_qk(float (&d)[16][4], const uint32_t (&a)[4], uint64_t db,
+                                         int acc, __half *) {
+    LCA_WGMMA_M64N128_RS_K("f16");
+}
 __device__ __forceinline__ void wgmma_qk(float (&d)[16][4], uint64_t da, uint64_t db, int acc,
                                          __nv_bfloat16 *) {
     LCA_WGMMA_M64N128_SS("bf16");
@@ -203,7 +229,7 @@ __device__ __forceinline__ void tma_load(void *dst, const CUtensorMap *map, int 
  * scale > 0, which the host checks) and O rescaled only when some row's maximum moved; bit 4 —
  * the producer is one thread issuing TMA copies (tensor maps `tm`, completing on `full` by
  * transaction count; bit 1 then means nothing); bit 5 — 128-key blocks (S = m64n128k16; needs
- * bit 4 and not bit 2).  Each variant computes the same products; bit 3 rounds the exponent's
+ * bit 4).  Each variant computes the same products; bit 3 rounds the exponent's
  * argument once instead of twice. */
 template <typename T, int D, int VAR>
 __global__ void __launch_bounds__(kThreads, 1)
@@ -211,7 +237,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     constexpr bool kPingPong = VAR & 1, kQRegs = VAR & 4, kFused = VAR & 8, kTma = VAR & 16;
     constexpr bool kNoWait = (VAR & 2) && !kTma;
     constexpr int kKeys = VAR & 32 ? 128 : 64;
-    static_assert(kKeys == 64 || (kTma && !kQRegs), "128-key blocks: TMA, Q in shared memory");
+    static_assert(kKeys == 64 || kTma, "128-key blocks: TMA loads");
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
     using Ly = Layout<D, kKeys>;
     constexpr int kStages = Ly::kStages;
@@ -675,14 +701,15 @@ template <int VAR> static int launch_var(const lca_params *p, cudaStream_t s) {
 
 /* LCA_GQA90_VARIANT (a tuning knob; see the kernel's VAR; lca_gqa90_variants lists the built
  * ones, any other value runs variant 0) overrides the default.  The fused softmax (bit 3)
- * needs scale > 0: with another scale the call runs variant 7. */
-extern "C" const int lca_gqa90_variants[] = {0, 1, 2, 3, 4, 5, 6, 7, 15, 17, 25, 29, 56, 57, -1};
+ * needs scale > 0: with another scale the call runs variant 17 (TMA) or 7. */
+extern "C" const int lca_gqa90_variants[] = {0,  1,  2,  3,  4,  5,  6,  7,
+                                             15, 17, 25, 28, 29, 56, 57, 61, -1};
 
 extern "C" int lca_cuda_attend_gqa_wgmma(const lca_params *p, void *stream) {
     cudaStream_t s = (cudaStream_t)stream;
     const char *env = getenv("LCA_GQA90_VARIANT");
     int var = env && *env ? atoi(env) : lca::gqa90::kDefaultVariant;
-    if ((var & 8) && !(p->scale > 0)) var = 7;
+    if ((var & 8) && !(p->scale > 0)) var = (var & 16) ? 17 : 7;
     switch (var) {
     case 1: return launch_var<1>(p, s);
     case 2: return launch_var<2>(p, s);
@@ -697,6 +724,8 @@ extern "C" int lca_cuda_attend_gqa_wgmma(const lca_params *p, void *stream) {
     case 29: return launch_var<29>(p, s);
     case 56: return launch_var<56>(p, s);
     case 57: return launch_var<57>(p, s);
+    case 28: return launch_var<28>(p, s);
+    case 61: return launch_var<61>(p, s);
     default: return launch_var<0>(p, s);
     }
 }
