@@ -1,7 +1,7 @@
 """The non-absorbed forward (lca.gqa_attention, SPEC §9 shape: H = Hkv = 16, q/k 192, v 128,
 g = 16, w = 1024, B = 1, bf16) on the H200, kernel by kernel in one run: the mma.sync kernel
 (LCA_CUDA_DISABLE=wgmma) and each tuning variant of the wgmma kernel attend_gqa_sm90a.cu
-(LCA_GQA90_VARIANT; 29 is the default).  Times include the condensation, as in
+(LCA_GQA90_VARIANT; 28 is the default).  Times include the condensation, as in
 bench_prefill.py; TFLOP/s on attended pairs (2*192 + 2*128 FLOP a pair and head).  Also the
 relative difference of each variant's output from the mma.sync kernel's.  Prints; appends
 nothing.  For tuning runs, not a results table.

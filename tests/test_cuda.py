@@ -85,9 +85,10 @@ GQA_CASES = [  # B, L, H, Hkv, D, Dv, g, w, n, key_mode
     (2, 1300, 8, 2, 128, 128, 16, 256, None, "pool"),
     (1, 900, 4, 4, 64, 64, 8, 128, 3, "anchor"),
 ]
-# "default" runs the tensor-core kernel where the shape has one, "simt" the CUDA-core kernel
-# on the same cases (LCA_CUDA_DISABLE=mma).
-PATHS = {"default": "", "simt": "mma"}
+# "default" runs the tensor-core kernel where the shape has one and the warp-per-group
+# condensation where the widths allow it, "simt" the CUDA-core kernel and the block-per-group
+# condensation on the same cases (LCA_CUDA_DISABLE=mma,cond_warp).
+PATHS = {"default": "", "simt": "mma,cond_warp"}
 
 
 @pytest.mark.parametrize("path", list(PATHS))

@@ -21,11 +21,11 @@
  *     product is still in the tensor cores; then O is rescaled and P_j packed to bf16/fp16.
  *     The two consumers run unsynchronised, so one's softmax also overlaps the other's
  *     products.
- * That is variant 0 of the template parameter VAR.  The default, variant 29, replaces the
+ * That is variant 0 of the template parameter VAR.  The default, variant 28, replaces the
  * producer's copies by TMA: one thread of warpgroup 0 issues D/64 + 2 tensor-map boxes a key
  * block, completing on `full` by transaction count (the 128 copying threads' address
  * arithmetic was a third of the instructions the SM issued: 27.1 -> 17.0 ms at 128K); the
- * consumers also take turns issuing, keep Q in registers and take the exponent as one FMA
+ * consumers also keep Q in registers and take the exponent as one FMA, and do not take turns
  * (see VAR below; LCA_GQA90_VARIANT selects one).
  * The m64nN accumulator fragment of warp w of a warpgroup is the mma.sync m16n8 fragment of
  * rows 16w .. 16w+15, and the register A fragment of m64nNk16 is the m16n8k16 A fragment, so
@@ -51,10 +51,10 @@ namespace lca {
 namespace gqa90 {
 
 constexpr int kRows = 128, kDV = 128, kThreads = 384;
-/* variant 29 (TMA producer, one-FMA exponent, ping-pong turns, Q in registers) measured
- * fastest on the H200 at 770f6b5: 16.0 ms at 128K against 27.1 for variant 7, the cp.async
- * producer that was the default before (benchmarks/NOTES.md, v8) */
-constexpr int kDefaultVariant = 29;
+/* variant 28 (TMA producer, one-FMA exponent, Q in registers, no ping-pong turns) measured
+ * fastest on the H200 at f84b02c: 14.97 ms at 128K against 15.60 for 29 (the same with turns)
+ * and 26.90 for 7, the cp.async producer that was the default before (benchmarks/NOTES.md) */
+constexpr int kDefaultVariant = 28;
 
 /* KB keys a block; stages of the K/V ring as many as fit beside Q in 227 KB */
 template <int D, int KB> struct Layout {

@@ -1,4 +1,5 @@
-/* condense.cu — SPEC §2 / §4 condensation on the GPU: one block per (group, kv head, batch).
+/* condense.cu — SPEC §2 / §4 condensation on the GPU: one block per (group, kv head, batch),
+ * or, for bf16/fp16 with widths in multiples of 8 up to 768, one warp (see the warp kernel).
  *
  * Phases, each followed by a barrier: (1) the summary query qbar (mean of the group's last n
  * queries over the kv head's hg query heads) into shared memory; (2) the g scores, one warp per
@@ -86,8 +87,177 @@ __global__ void __launch_bounds__(kCondenseThreads) lca_condense_kernel(lca_para
         for (int64_t i = tid; i < g; i += blockDim.x) row<float>(p.alpha, b, j, h)[i] = s[i];
 }
 
+/* The same condensation, one warp per (group, kv head, batch) and 16-byte loads: lane l owns
+ * columns 8l .. 8l+7 of each 256-column chunk (KC <= 3 chunks cover D and Dv, <= 768).  The summary query
+ * stays in registers, each score is a warp sum, and every lane keeps the g scores (g <= 32) to
+ * take the softmax and the anchor itself: no shared memory, no block barrier.  For 2-byte
+ * types with D, Dv, d_score multiples of 8 and 16-byte aligned rows (kWarpCondense checks);
+ * the block kernel above serves the rest.  LCA_CUDA_DISABLE=cond_warp selects that one. */
+constexpr int kCondWarps = 8;
+
+template <typename T> __device__ __forceinline__ void load8(const T *src, float (&x)[8]) {
+    const uint4 u = *(const uint4 *)src;
+    const T *e = (const T *)&u;
+#pragma unroll
+    for (int i = 0; i < 8; i++) x[i] = to_f(e[i]);
+}
+template <typename T> __device__ __forceinline__ void store8(T *dst, const float (&x)[8]) {
+    uint4 u;
+    T *e = (T *)&u;
+#pragma unroll
+    for (int i = 0; i < 8; i++) e[i] = from_f<T>(x[i]);
+    *(uint4 *)dst = u;
+}
+
+template <typename T, int KC>
+__global__ void __launch_bounds__(32 * kCondWarps) lca_condense_warp_kernel(lca_params p) {
+    const int lane = threadIdx.x & 31;
+    const int64_t m = p.L / p.g;
+    const int64_t item = (int64_t)blockIdx.x * kCondWarps + (threadIdx.x >> 5);
+    if (item >= m * p.Hkv * p.B) return;
+    const int64_t j = item % m, h = item / m % p.Hkv, b = item / (m * p.Hkv);
+    const int64_t g = p.g, hg = p.H / p.Hkv, ds = p.d_score, D = p.D;
+    const int64_t t0 = j * g;
+
+    /* the summary query: mean of the last n tokens' queries over the hg heads, columns < ds */
+    float qb[KC][8];
+    const float inv = 1.0f / (float)(p.n * hg);
+#pragma unroll
+    for (int k = 0; k < KC; k++) {
+        const int64_t c = 256 * k + 8 * lane;
+#pragma unroll
+        for (int e = 0; e < 8; e++) qb[k][e] = 0;
+        if (c < ds) {
+            for (int64_t t = t0 + g - p.n; t < t0 + g; t++)
+                for (int64_t hh = h * hg; hh < (h + 1) * hg; hh++) {
+                    float x[8];
+                    load8(row<const T>(p.q, b, t, hh) + c, x);
+#pragma unroll
+                    for (int e = 0; e < 8; e++) qb[k][e] += x[e];
+                }
+#pragma unroll
+            for (int e = 0; e < 8; e++) qb[k][e] *= inv;
+        }
+    }
+
+    /* scores s_i = scale qbar . k_i[:ds], every lane holding all g of them */
+    float s[32];
+#pragma unroll
+    for (int i = 0; i < 32; i++) {
+        s[i] = -INFINITY;
+        if (i < g) {
+            const T *kr = row<const T>(p.k, b, t0 + i, h);
+            float part = 0;
+#pragma unroll
+            for (int k = 0; k < KC; k++) {
+                const int64_t c = 256 * k + 8 * lane;
+                if (c < ds) {
+                    float x[8];
+                    load8(kr + c, x);
+#pragma unroll
+                    for (int e = 0; e < 8; e++) part = fmaf(qb[k][e], x[e], part);
+                }
+            }
+            s[i] = (float)p.scale * warp_sum(part);
+        }
+    }
+
+    /* softmax over the group; the anchor is the first index of the maximum */
+    float mx = -INFINITY;
+    int a = -1;
+#pragma unroll
+    for (int i = 0; i < 32; i++)
+        if (i < g && s[i] > mx) mx = s[i], a = i;
+    if (a < 0) a = 0;                              /* all scores NaN: any anchor, NaN out */
+    float sum = 0;
+#pragma unroll
+    for (int i = 0; i < 32; i++)
+        if (i < g) sum += s[i] = expf(s[i] - mx);
+#pragma unroll
+    for (int i = 0; i < 32; i++)
+        if (i < g) s[i] /= sum;
+
+    /* kbar = [sum alpha_i k_i[:d_pool]; k_anchor[d_pool:]], vbar = sum alpha_i v_i */
+    T *kb = row<T>(p.kbar, b, j, h);
+#pragma unroll
+    for (int k = 0; k < KC; k++) {
+        const int64_t c = 256 * k + 8 * lane;
+        if (c >= D) continue;
+        float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}, x[8];
+        if (c < p.d_pool) {
+#pragma unroll
+            for (int i = 0; i < 32; i++)
+                if (i < g) {
+                    load8(row<const T>(p.k, b, t0 + i, h) + c, x);
+#pragma unroll
+                    for (int e = 0; e < 8; e++) acc[e] = fmaf(s[i], x[e], acc[e]);
+                }
+        }
+        if (c + 8 > p.d_pool) {                    /* columns past d_pool copy the anchor */
+            load8(row<const T>(p.k, b, t0 + a, h) + c, x);
+#pragma unroll
+            for (int e = 0; e < 8; e++)
+                if (c + e >= p.d_pool) acc[e] = x[e];
+        }
+        store8(kb + c, acc);
+    }
+    if (!p.v_in_k) {
+        T *vb = row<T>(p.vbar, b, j, h);
+#pragma unroll
+        for (int k = 0; k < KC; k++) {
+            const int64_t c = 256 * k + 8 * lane;
+            if (c >= p.Dv) continue;
+            float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}, x[8];
+#pragma unroll
+            for (int i = 0; i < 32; i++)
+                if (i < g) {
+                    load8(row<const T>(p.v, b, t0 + i, h) + c, x);
+#pragma unroll
+                    for (int e = 0; e < 8; e++) acc[e] = fmaf(s[i], x[e], acc[e]);
+                }
+            store8(vb + c, acc);
+        }
+    }
+    if (p.anchor.p && lane == 0)
+        ((int32_t *)p.anchor.p)[b * p.anchor.sb + j * p.anchor.st + h * p.anchor.sh] = a;
+    if (p.alpha.p) {
+        float mine = 0;                            /* lane i writes alpha_i */
+#pragma unroll
+        for (int i = 0; i < 32; i++)
+            if (i == lane) mine = s[i];
+        if (lane < g) row<float>(p.alpha, b, j, h)[lane] = mine;
+    }
+}
+
+/* Host: whether the warp kernel covers this call, and its column chunks (0: it does not). */
+inline int warp_condense_chunks(const lca_params *p) {
+    if ((p->dtype != LCA_BF16 && p->dtype != LCA_F16) || p->g > 32 || kernel_disabled("cond_warp"))
+        return 0;
+    const int64_t Dv = p->v_in_k ? 8 : p->Dv;
+    if (p->D % 8 || Dv % 8 || p->d_score % 8 || p->D > 768 || Dv > 768) return 0;
+    const lca_view *vs[] = {&p->q, &p->k, &p->v, &p->kbar, &p->vbar};
+    if (!rows_aligned16(vs)) return 0;
+    const int64_t w = p->D > Dv ? p->D : Dv;
+    return (int)((w + 255) / 256);
+}
+
+template <typename T, int KC> int launch_warp(const lca_params *p, cudaStream_t stream) {
+    const int64_t items = (p->L / p->g) * p->Hkv * p->B;
+    lca_condense_warp_kernel<T, KC>
+        <<<(unsigned)((items + kCondWarps - 1) / kCondWarps), 32 * kCondWarps, 0, stream>>>(*p);
+    return LCA_OK;
+}
+
 template <typename T> struct Condense {
     static int run(const lca_params *p, cudaStream_t stream) {
+        if constexpr (sizeof(T) == 2) {
+            switch (warp_condense_chunks(p)) {
+            case 1: return launch_warp<T, 1>(p, stream);
+            case 2: return launch_warp<T, 2>(p, stream);
+            case 3: return launch_warp<T, 3>(p, stream);
+            default: break;
+            }
+        }
         const size_t smem = sizeof(float) * (size_t)(p->D + p->g);
         const dim3 grid((unsigned)(p->L / p->g), (unsigned)p->Hkv, (unsigned)p->B);
         lca_condense_kernel<T><<<grid, kCondenseThreads, smem, stream>>>(*p);
