@@ -186,3 +186,24 @@ def test_gqa_wgmma_tuning_variants(case, dtype, variant, monkeypatch):
     # the same products in the same order: equal to the default up to the order of the
     # floating-point sums the compiler picks
     assert rel(to_np(got), to_np(out)) <= 1e-2 and rel(to_np(got_lse), to_np(lse)) <= 1e-4
+
+
+def test_given_entries_past_the_last_needed_are_not_read():
+    """lca.gqa_attend takes kbar / vbar with more rows than the last query sees: rows past those
+    must not reach the output (here NaN; the TMA producer's tensor maps end at the last needed
+    row, as the cp.async producer's copies do)."""
+    if not hopper():
+        pytest.skip("the wgmma kernel runs on compute 9.0")
+    gen = torch.Generator(device="cuda").manual_seed(78)
+    B, L, H, Hkv, g, w = 2, 600, 8, 2, 16, 100
+    q, k, v = rand(gen, (B, L, H, 192), "bfloat16"), rand(gen, (B, L, Hkv, 192), "bfloat16"), \
+        rand(gen, (B, L, Hkv, 128), "bfloat16")
+    kb, vb, _, _ = lca.gqa_condense(q, k, v, group_size=g)
+    need = (L - w) // g
+    want = lca.gqa_attend(q, k, v, kb[:, :need], vb[:, :need], group_size=g, window=w)
+    nan = float("nan")
+    kbp = torch.cat([kb[:, :need], torch.full_like(kb[:, :40], nan)], 1)
+    vbp = torch.cat([vb[:, :need], torch.full_like(vb[:, :40], nan)], 1)
+    got = lca.gqa_attend(q, k, v, kbp, vbp, group_size=g, window=w)
+    assert _C.cuda_last_attend_kernel() == "gqa_wgmma"
+    assert torch.equal(got, want)

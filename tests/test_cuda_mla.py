@@ -120,12 +120,15 @@ def test_gqa_256_tensor_core_forward(case, dtype):
 WGMMA_CASES = [c for c in CASES if c[3] == 512]
 
 
+@pytest.mark.parametrize("variant", ["0", "1"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("case", WGMMA_CASES, ids=lambda c: "-".join(map(str, c)))
-def test_mla_wgmma_forward(case, dtype, monkeypatch):
-    """The Hopper kernel (attend_mla_sm90a.cu), the default for 576/512 on a compute 9.0 device:
-    the same checks; elsewhere the call must take the mma.sync kernel."""
+def test_mla_wgmma_forward(case, dtype, variant, monkeypatch):
+    """The Hopper kernel (attend_mla_sm90a.cu), the default for 576/512 on a compute 9.0 device,
+    with its key tiles by cp.async (LCA_MLA90_VARIANT=0) and by TMA (1): the same checks;
+    elsewhere the call must take the mma.sync kernel."""
     monkeypatch.delenv("LCA_CUDA_DISABLE", raising=False)
+    monkeypatch.setenv("LCA_MLA90_VARIANT", variant)
     B, L, H, Dc, Dr, g, w, n, score, bias = case
     gen = torch.Generator(device="cuda").manual_seed(zlib.crc32(repr((case, dtype, "wgmma")).encode()))
     q, c, r = rand(gen, (B, L, H, Dc + Dr), dtype), rand(gen, (B, L, Dc), dtype), \
@@ -141,3 +144,26 @@ def test_mla_wgmma_forward(case, dtype, monkeypatch):
     assert err <= max(bound, 1e-3), f"out: {dtype} error {err:.2e} > 2x naive {bound:.2e}"
     lerr, lbound = rel(to_np(lse), ref_lse), 2 * rel(to_np(naive_lse), ref_lse)
     assert lerr <= max(lbound, 1e-4), f"lse: error {lerr:.2e} > 2x naive {lbound:.2e}"
+
+
+@pytest.mark.parametrize("variant", ["0", "1"])
+def test_mla_wgmma_given_entries_past_the_last_needed_are_not_read(variant, monkeypatch):
+    """lca.attend takes kbar with more rows than the last query sees: rows past those must not
+    reach the output (here NaN; the TMA variant's tensor map ends at the last needed row)."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the wgmma kernel runs on compute 9.0")
+    monkeypatch.delenv("LCA_CUDA_DISABLE", raising=False)
+    monkeypatch.setenv("LCA_MLA90_VARIANT", variant)
+    gen = torch.Generator(device="cuda").manual_seed(77)
+    B, L, H, Dc, Dr, g, w = 2, 300, 16, 512, 64, 16, 40
+    q, c, r = rand(gen, (B, L, H, Dc + Dr), "bfloat16"), rand(gen, (B, L, Dc), "bfloat16"), \
+        rand(gen, (B, L, Dr), "bfloat16")
+    cb, rb, _, _ = lca.condense(q, c, r, group_size=g)
+    need = (L - w) // g
+    want = lca.attend(q, c, r, cb[:, :need], rb[:, :need], group_size=g, window=w)
+    pad = torch.full((B, 40, Dc), float("nan"), device="cuda", dtype=torch.bfloat16)
+    cbp = torch.cat([cb[:, :need], pad], 1)
+    rbp = torch.cat([rb[:, :need], pad[..., :Dr]], 1)
+    got = lca.attend(q, c, r, cbp, rbp, group_size=g, window=w)
+    assert _C.cuda_last_attend_kernel() == "mla_wgmma"
+    assert torch.equal(got, want)

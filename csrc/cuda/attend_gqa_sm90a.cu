@@ -40,10 +40,6 @@
 #include <string.h>
 
 #include <algorithm>
-#include <type_traits>
-
-#include <cuda.h>
-#include <cudaTypedefs.h>
 
 #include "hopper.cuh"
 
@@ -208,16 +204,6 @@ __device__ __forceinline__ void load_tile(T *tile, int n, int tid, F src) {
             *(uint4 *)dst = make_uint4(0, 0, 0, 0);
         }
     }
-}
-
-/* One box of a 4-d tensor map (coordinates innermost first) into shared memory, completing
- * on the mbarrier `bar` (its transaction count is the box's bytes, zeros past the end included). */
-__device__ __forceinline__ void tma_load(void *dst, const CUtensorMap *map, int c0, int c1, int c2,
-                                         int c3, uint64_t *bar) {
-    asm volatile("cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes"
-                 " [%0], [%1, {%2, %3, %4, %5}], [%6];\n" ::"r"(smem_addr(dst)),
-                 "l"((uint64_t)map), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(smem_addr(bar))
-                 : "memory");
 }
 
 /* VAR: bit 0 — the two consumers take turns issuing their products (named barriers 3 and 4),
@@ -605,57 +591,19 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
-/* Host: the driver's cuTensorMapEncodeTiled, looked up once (null when the driver lacks it). */
-static PFN_cuTensorMapEncodeTiled_v12000 encode_tiled() {
-    static PFN_cuTensorMapEncodeTiled_v12000 fn = nullptr;
-    static bool looked = false;
-    if (!looked) {
-        void *f = nullptr;
-        cudaDriverEntryPointQueryResult q;
-        if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault,
-                                             &q) == cudaSuccess &&
-            q == cudaDriverEntryPointSuccess)
-            fn = (PFN_cuTensorMapEncodeTiled_v12000)f;
-        cudaGetLastError();
-        looked = true;
-    }
-    return fn;
-}
-
-/* Host: the tensor map of view v — rows x cols of each (batch, kv head), as the 4-d tensor
- * (cols, Hkv, rows, B) — with boxes of 64 columns x box_rows rows.  False when the driver
- * refuses it (strides it cannot express): the caller then loads by cp.async. */
-template <typename T>
-static bool make_map(CUtensorMap *m, const lca_view &v, int64_t cols, int64_t rows, int64_t Hkv,
-                     int64_t B, int box_rows) {
-    const auto enc = encode_tiled();
-    if (!enc || rows < 1) return false;
-    const int64_t es = (int64_t)sizeof(T);
-    int64_t sh = v.sh * es, st = v.st * es, sb = v.sb * es;
-    if (Hkv == 1) sh = cols * es;                        /* a dimension of one: any stride */
-    if (B == 1) sb = st * rows;
-    if (sh <= 0 || st <= 0 || sb <= 0) return false;
-    const cuuint64_t dim[4] = {(cuuint64_t)cols, (cuuint64_t)Hkv, (cuuint64_t)rows, (cuuint64_t)B};
-    const cuuint64_t stride[3] = {(cuuint64_t)sh, (cuuint64_t)st, (cuuint64_t)sb};
-    const cuuint32_t box[4] = {64, 1, (cuuint32_t)box_rows, 1}, one[4] = {1, 1, 1, 1};
-    const CUtensorMapDataType dt = sizeof(T) == 2 && std::is_same<T, __half>::value
-                                       ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16
-                                       : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
-    return enc(m, dt, 4, v.p, dim, stride, box, one, CU_TENSOR_MAP_INTERLEAVE_NONE,
-               CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-               CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
-}
-
 template <typename T, int D, int VAR> int launch(const lca_params *p, cudaStream_t stream) {
     constexpr int KB = VAR & 32 ? 128 : 64;
     TmaMaps tm;
     memset(&tm, 0, sizeof tm);
     if constexpr ((VAR & 16) != 0) {
+        /* condensed rows past the last one any query sees arrive as zeros, as the cp.async
+           path writes them (a caller's kbar may hold more rows, never initialised) */
+        const int64_t mc = std::min(p->m, lca_num_condensed(p->L - 1, p->g, p->w));
         bool ok = make_map<T>(&tm.k, p->k, D, p->L, p->Hkv, p->B, KB) &&
                   make_map<T>(&tm.v, p->v, kDV, p->L, p->Hkv, p->B, KB);
-        if (ok && p->m > 0)
-            ok = make_map<T>(&tm.kbar, p->kbar, D, p->m, p->Hkv, p->B, KB) &&
-                 make_map<T>(&tm.vbar, p->vbar, kDV, p->m, p->Hkv, p->B, KB);
+        if (ok && mc > 0)
+            ok = make_map<T>(&tm.kbar, p->kbar, D, mc, p->Hkv, p->B, KB) &&
+                 make_map<T>(&tm.vbar, p->vbar, kDV, mc, p->Hkv, p->B, KB);
         else if (ok) {                                   /* no condensed rows: never read */
             tm.kbar = tm.k;
             tm.vbar = tm.v;

@@ -12,6 +12,11 @@
  * rows of 128 bytes, 16-byte chunk c of row r stored at chunk c ^ (r & 7), atoms 1024-byte
  * aligned: Q 72 KB, 2 key stages of 72 KB (cp.async), P 8 KB; 226 KB a block.
  *
+ * Variant 1 (LCA_MLA90_VARIANT=1) loads the key tiles by TMA instead: thread 0 issues the 9
+ * boxes of 64 columns of block j + 1 (tensor maps of k and kbar), which complete on the stage's
+ * mbarrier; no thread spends instructions on copies, and O is rescaled only when some row of
+ * the warp has a new maximum.
+ *
  * The default for this shape on a compute 9.0 device (LCA_CUDA_DISABLE=wgmma runs the mma.sync
  * kernel attend_mla.cu instead). */
 #include <stdlib.h>
@@ -24,7 +29,13 @@ namespace mla90 {
 
 constexpr int kRows = 64, kKeys = 64, kThreads = 256, kD = 576, kDV = 512;
 constexpr int kTile = 64 * kD;                     /* elements of a Q or key tile */
-constexpr size_t kSmem = 2 * (size_t)(3 * kTile + kRows * kKeys) + 4 * 4 * kRows + 1024;
+constexpr size_t kSmem = 2 * (size_t)(3 * kTile + kRows * kKeys) + 4 * 4 * kRows + 2 * 8 + 1024;
+constexpr int kDefaultVariant = 0;
+
+/* variant 1's tensor maps of k and kbar (boxes of 64 columns x 64 rows, 128-byte swizzle) */
+struct MlaMaps {
+    CUtensorMap k, kbar;
+};
 
 /* element offset of 16-byte chunk c (of 8 elements) of row r in a tile of `rows` rows */
 __device__ __forceinline__ int sw(int rows, int r, int c) {
@@ -104,8 +115,9 @@ __device__ __forceinline__ void load_tile(T *tile, int n, F src) {
     }
 }
 
-template <typename T>
-__global__ void __launch_bounds__(kThreads, 1) lca_attend_mla_wgmma_kernel(lca_params p) {
+template <typename T, bool kTma>
+__global__ void __launch_bounds__(kThreads, 1)
+    lca_attend_mla_wgmma_kernel(lca_params p, const __grid_constant__ MlaMaps tm) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
     constexpr int kNT = kDV / 2 / 8;                      /* 32 n-tiles of 8 output columns */
     extern __shared__ unsigned char smem_raw[];
@@ -115,6 +127,7 @@ __global__ void __launch_bounds__(kThreads, 1) lca_attend_mla_wgmma_kernel(lca_p
     T *Ps = Kst + 2 * kTile;                              /* 64 x 64, one 64-column block */
     float *xmax = (float *)(Ps + kRows * kKeys);          /* [2][kRows] */
     float *xsum = xmax + 2 * kRows;                       /* [2][kRows] */
+    uint64_t *full = (uint64_t *)(xsum + 2 * kRows);      /* [2]: key stage landed (kTma) */
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gq = lane >> 2, tq = lane & 3;
     const int rg = warp & 3, half = warp >> 2;            /* half = warpgroup */
@@ -124,6 +137,11 @@ __global__ void __launch_bounds__(kThreads, 1) lca_attend_mla_wgmma_kernel(lca_p
     const int64_t t_first = R0 / hg;
     const int64_t t_last = (R0 + kRows - 1 < nrows ? R0 + kRows - 1 : nrows - 1) / hg;
 
+    if (kTma && threadIdx.x == 0) {
+        mbar_init(&full[0], 1);
+        mbar_init(&full[1], 1);
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
     load_tile<T>(Qs, (int)(nrows - R0 < kRows ? nrows - R0 : kRows), [&](int r) {
         const int64_t R = R0 + r;
         return row<const T>(p.q, b, R / hg, h * hg + R % hg);
@@ -155,6 +173,19 @@ __global__ void __launch_bounds__(kThreads, 1) lca_attend_mla_wgmma_kernel(lca_p
     };
     auto issue = [&](int64_t blk) {
         const bool cond = blk < ncond_blocks;
+        if constexpr (kTma) {                 /* thread 0: 9 boxes on the stage's mbarrier */
+            if (threadIdx.x == 0) {
+                uint64_t *bar = &full[blk & 1];
+                T *dst = Kst + (blk & 1) * kTile;
+                const CUtensorMap *map = cond ? &tm.kbar : &tm.k;
+                const int key0 = (int)block_start(blk);
+                mbar_expect_tx(bar, 2u * kTile);
+#pragma unroll
+                for (int cb = 0; cb < kD / 64; cb++)
+                    tma_load(dst + cb * 64 * 64, map, cb * 64, (int)h, key0, (int)b, bar);
+            }
+            return;
+        }
         const int64_t key0 = block_start(blk), kend = cond ? Gmax : t_last + 1;
         const int nk = (int)(kend - key0 < kKeys ? kend - key0 : kKeys);
         const lca_view &kv = cond ? p.kbar : p.k;
@@ -162,19 +193,30 @@ __global__ void __launch_bounds__(kThreads, 1) lca_attend_mla_wgmma_kernel(lca_p
                      [&](int r) { return row<const T>(kv, b, key0 + r, h); });
         cp_async_commit();
     };
+    if (kTma) __syncthreads();                           /* the mbarriers initialised */
     issue(0);
 
     for (int64_t blk = 0; blk < nblocks; blk++) {
         const bool cond = blk < ncond_blocks;
         const int64_t key0 = block_start(blk);
-        if (blk + 1 < nblocks) {
-            issue(blk + 1);
-            cp_async_wait<1>();
+        if constexpr (kTma) {
+            if (blk + 1 < nblocks) issue(blk + 1);    /* its stage freed by the last barrier */
+            if (blk == 0) {                           /* Q, by cp.async from every thread */
+                cp_async_wait<0>();
+                fence_async_smem();
+                __syncthreads();
+            }
+            mbar_wait(&full[blk & 1], (uint32_t)((blk >> 1) & 1));
         } else {
-            cp_async_wait<0>();
+            if (blk + 1 < nblocks) {
+                issue(blk + 1);
+                cp_async_wait<1>();
+            } else {
+                cp_async_wait<0>();
+            }
+            fence_async_smem();
+            __syncthreads();
         }
-        fence_async_smem();
-        __syncthreads();
         const T *Ks = Kst + (blk & 1) * kTile;
 
         /* S = Q K^T for keys 32*half .. +31: 36 x m64n32k16, K-major A and B */
@@ -212,19 +254,28 @@ __global__ void __launch_bounds__(kThreads, 1) lca_attend_mla_wgmma_kernel(lca_p
         }
         pair_sync(rg);
 
+        float base_m[2], corr[2];
 #pragma unroll
         for (int i = 0; i < 2; i++) {
             const float mnew = fmaxf(m[i], fmaxf(bmax[i], xmax[(1 - half) * kRows + lr[i]]));
-            const float base_m = mnew == -INFINITY ? 0.0f : mnew;
-            const float corr = __expf(m[i] - base_m);
+            base_m[i] = mnew == -INFINITY ? 0.0f : mnew;
+            corr[i] = __expf(m[i] - base_m[i]);
             m[i] = mnew;
-            l[i] *= corr;
+            l[i] *= corr[i];
+        }
+        /* kTma: O rescaled only when some row of the warp has a new maximum (warp-uniform) */
+        if (!kTma || __any_sync(0xffffffffu, corr[0] != 1.0f || corr[1] != 1.0f)) {
 #pragma unroll
-            for (int n = 0; n < kNT; n++) o[n][2 * i] *= corr, o[n][2 * i + 1] *= corr;
+            for (int i = 0; i < 2; i++)
+#pragma unroll
+                for (int n = 0; n < kNT; n++) o[n][2 * i] *= corr[i], o[n][2 * i + 1] *= corr[i];
+        }
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
 #pragma unroll
             for (int n = 0; n < 4; n++) {
-                const float p0 = __expf(s[n][2 * i] - base_m);
-                const float p1 = __expf(s[n][2 * i + 1] - base_m);
+                const float p0 = __expf(s[n][2 * i] - base_m[i]);
+                const float p1 = __expf(s[n][2 * i + 1] - base_m[i]);
                 l[i] += p0 + p1;
                 const int kc = half * 32 + n * 8 + 2 * tq;          /* key column in P */
                 *(uint32_t *)(Ps + sw(kRows, lr[i], kc >> 3) + (kc & 7)) = pack2<T>(p0, p1);
@@ -271,9 +322,28 @@ __global__ void __launch_bounds__(kThreads, 1) lca_attend_mla_wgmma_kernel(lca_p
 #endif
 }
 
-template <typename T> int launch(const lca_params *p, cudaStream_t stream) {
-    auto kernel = lca_attend_mla_wgmma_kernel<T>;
-    return launch_row_tiles(kernel, p, kRows, kThreads, kSmem, stream);
+template <typename T, bool kTma> int launch(const lca_params *p, cudaStream_t stream) {
+    MlaMaps tm;
+    memset(&tm, 0, sizeof tm);
+    if constexpr (kTma) {
+        /* condensed rows past the last one any query sees arrive as zeros */
+        const int64_t mc = p->m < lca_num_condensed(p->L - 1, p->g, p->w)
+                               ? p->m : lca_num_condensed(p->L - 1, p->g, p->w);
+        bool ok = make_map<T>(&tm.k, p->k, kD, p->L, p->Hkv, p->B, 64);
+        if (ok && mc > 0)
+            ok = make_map<T>(&tm.kbar, p->kbar, kD, mc, p->Hkv, p->B, 64);
+        else if (ok)
+            tm.kbar = tm.k;                                /* no condensed rows: never read */
+        if (!ok) return launch<T, false>(p, stream);      /* strides TMA cannot express */
+    }
+    auto kernel = lca_attend_mla_wgmma_kernel<T, kTma>;
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)kSmem) !=
+        cudaSuccess)
+        return LCA_ERR_CUDA;
+    const int64_t nrows = p->L * (p->H / p->Hkv);
+    const dim3 grid((unsigned)((nrows + kRows - 1) / kRows), (unsigned)p->Hkv, (unsigned)p->B);
+    kernel<<<grid, kThreads, kSmem, stream>>>(*p, tm);
+    return LCA_OK;
 }
 
 }  // namespace mla90
@@ -293,8 +363,13 @@ extern "C" int lca_cuda_mla_wgmma_supported(const lca_params *p, int device) {
            p->B <= 65535;
 }
 
+/* LCA_MLA90_VARIANT (a tuning knob): 0 cp.async loads, 1 TMA loads. */
 extern "C" int lca_cuda_attend_mla_wgmma(const lca_params *p, void *stream) {
     using namespace lca::mla90;
     cudaStream_t s = (cudaStream_t)stream;
-    return p->dtype == LCA_BF16 ? launch<__nv_bfloat16>(p, s) : launch<__half>(p, s);
+    const char *env = getenv("LCA_MLA90_VARIANT");
+    const int var = env && *env ? atoi(env) : kDefaultVariant;
+    const bool bf = p->dtype == LCA_BF16;
+    if (var == 1) return bf ? launch<__nv_bfloat16, true>(p, s) : launch<__half, true>(p, s);
+    return bf ? launch<__nv_bfloat16, false>(p, s) : launch<__half, false>(p, s);
 }

@@ -1,7 +1,12 @@
 /* hopper.cuh — what the sm_90a kernels share (attend_mla_sm90a.cu, attend_gqa_sm90a.cu,
  * decode_sm90a.cu; compiled for sm_90a alone): wgmma descriptors, fences and groups, mbarriers,
- * and the accumulator operand lists of the wgmma asm. */
+ * TMA loads and their tensor maps (host), and the accumulator operand lists of the wgmma asm. */
 #pragma once
+#include <cuda.h>
+#include <cudaTypedefs.h>
+
+#include <type_traits>
+
 #include "mma.cuh"
 
 namespace lca {
@@ -54,6 +59,57 @@ __device__ __forceinline__ void mbar_wait(uint64_t *bar, uint32_t parity) {
                      : "r"(a), "r"(parity)
                      : "memory");
     } while (!done);
+}
+
+/* One box of a 4-d tensor map (coordinates innermost first) into shared memory, completing
+ * on the mbarrier `bar` (its transaction count is the box's bytes, zeros past the end included). */
+__device__ __forceinline__ void tma_load(void *dst, const CUtensorMap *map, int c0, int c1, int c2,
+                                         int c3, uint64_t *bar) {
+    asm volatile("cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes"
+                 " [%0], [%1, {%2, %3, %4, %5}], [%6];\n" ::"r"(smem_addr(dst)),
+                 "l"((uint64_t)map), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(smem_addr(bar))
+                 : "memory");
+}
+
+/* Host: the driver's cuTensorMapEncodeTiled, looked up once (null when the driver lacks it). */
+inline PFN_cuTensorMapEncodeTiled_v12000 encode_tiled() {
+    static PFN_cuTensorMapEncodeTiled_v12000 fn = nullptr;
+    static bool looked = false;
+    if (!looked) {
+        void *f = nullptr;
+        cudaDriverEntryPointQueryResult q;
+        if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault,
+                                             &q) == cudaSuccess &&
+            q == cudaDriverEntryPointSuccess)
+            fn = (PFN_cuTensorMapEncodeTiled_v12000)f;
+        cudaGetLastError();
+        looked = true;
+    }
+    return fn;
+}
+
+/* Host: the tensor map of view v — rows x cols of each (batch, kv head), as the 4-d tensor
+ * (cols, Hkv, rows, B) — with boxes of 64 columns x box_rows rows.  False when the driver
+ * refuses it (strides it cannot express): the caller then loads by cp.async. */
+template <typename T>
+inline bool make_map(CUtensorMap *m, const lca_view &v, int64_t cols, int64_t rows, int64_t Hkv,
+                     int64_t B, int box_rows) {
+    const auto enc = encode_tiled();
+    if (!enc || rows < 1) return false;
+    const int64_t es = (int64_t)sizeof(T);
+    int64_t sh = v.sh * es, st = v.st * es, sb = v.sb * es;
+    if (Hkv == 1) sh = cols * es;                        /* a dimension of one: any stride */
+    if (B == 1) sb = st * rows;
+    if (sh <= 0 || st <= 0 || sb <= 0) return false;
+    const cuuint64_t dim[4] = {(cuuint64_t)cols, (cuuint64_t)Hkv, (cuuint64_t)rows, (cuuint64_t)B};
+    const cuuint64_t stride[3] = {(cuuint64_t)sh, (cuuint64_t)st, (cuuint64_t)sb};
+    const cuuint32_t box[4] = {64, 1, (cuuint32_t)box_rows, 1}, one[4] = {1, 1, 1, 1};
+    const CUtensorMapDataType dt = sizeof(T) == 2 && std::is_same<T, __half>::value
+                                       ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16
+                                       : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+    return enc(m, dt, 4, v.p, dim, stride, box, one, CU_TENSOR_MAP_INTERLEAVE_NONE,
+               CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+               CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
 }  // namespace lca
