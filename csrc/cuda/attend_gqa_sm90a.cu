@@ -215,7 +215,7 @@ __device__ __forceinline__ void load_tile(T *tile, int n, int tid, F src) {
  * scale > 0, which the host checks) and O rescaled only when some row's maximum moved; bit 4 —
  * the producer is one thread issuing TMA copies (tensor maps `tm`, completing on `full` by
  * transaction count; bit 1 then means nothing); bit 5 — 128-key blocks (S = m64n128k16; needs
- * bit 4).  Each variant computes the same products; bit 3 rounds the exponent's
+ * bit 4 and not bit 2: with Q in registers too the 192-wide kernel spills).  Each variant computes the same products; bit 3 rounds the exponent's
  * argument once instead of twice. */
 template <typename T, int D, int VAR>
 __global__ void __launch_bounds__(kThreads, 1)
@@ -223,7 +223,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     constexpr bool kPingPong = VAR & 1, kQRegs = VAR & 4, kFused = VAR & 8, kTma = VAR & 16;
     constexpr bool kNoWait = (VAR & 2) && !kTma;
     constexpr int kKeys = VAR & 32 ? 128 : 64;
-    static_assert(kKeys == 64 || kTma, "128-key blocks: TMA loads");
+    static_assert(kKeys == 64 || (kTma && !kQRegs), "128-key blocks: TMA, Q in shared memory");
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
     using Ly = Layout<D, kKeys>;
     constexpr int kStages = Ly::kStages;
@@ -647,11 +647,9 @@ template <int VAR> static int launch_var(const lca_params *p, cudaStream_t s) {
     return bf ? launch<__nv_bfloat16, 128, VAR>(p, s) : launch<__half, 128, VAR>(p, s);
 }
 
-/* LCA_GQA90_VARIANT (a tuning knob; see the kernel's VAR; lca_gqa90_variants lists the built
+/* LCA_GQA90_VARIANT (a tuning knob; see the kernel's VAR; the switch below lists the built
  * ones, any other value runs variant 0) overrides the default.  The fused softmax (bit 3)
  * needs scale > 0: with another scale the call runs variant 17 (TMA) or 7. */
-extern "C" const int lca_gqa90_variants[] = {0,  1,  2,  3,  4,  5,  6,  7,
-                                             15, 17, 25, 28, 29, 56, 57, 61, -1};
 
 extern "C" int lca_cuda_attend_gqa_wgmma(const lca_params *p, void *stream) {
     cudaStream_t s = (cudaStream_t)stream;
@@ -673,7 +671,6 @@ extern "C" int lca_cuda_attend_gqa_wgmma(const lca_params *p, void *stream) {
     case 56: return launch_var<56>(p, s);
     case 57: return launch_var<57>(p, s);
     case 28: return launch_var<28>(p, s);
-    case 61: return launch_var<61>(p, s);
     default: return launch_var<0>(p, s);
     }
 }
