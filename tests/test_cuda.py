@@ -108,6 +108,57 @@ def test_gqa_forward(case, dtype, path, monkeypatch):
     check(out, ref, naive, dtype, "out")
 
 
+COND_CASES = [  # kind, B, L, H, width(s), g, n, mode
+    ("mla", 2, 160, 4, (60, 4), 16, None, "full"),     # d_pool = 60 inside an 8-column chunk
+    ("mla", 1, 257, 16, (512, 64), 32, 5, "latent"),   # g = 32: the warp kernel's largest group
+    ("mla", 1, 99, 2, (64, 0), 33, None, "full"),      # g = 33: the block kernel both ways
+    ("gqa", 2, 200, 8, (192, 128), 16, None, "pool"),  # the non-absorbed MLA shape, 4 heads a kv head
+    ("gqa", 1, 300, 2, (128, 64), 32, 7, "anchor"),
+]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("case", COND_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_warp_and_block_condensation_agree(case, dtype, monkeypatch):
+    """condense.cu's warp-per-group kernel (the default for these widths) against its
+    block-per-group kernel (LCA_CUDA_DISABLE=cond_warp): the same anchors except at near-ties
+    (where the two alphas must be equal to float32 rounding), alphas to float32 rounding, and
+    the condensed rows to one rounding of the element type where the anchors agree."""
+    kind, B, L, H, widths, g, n, mode = case
+    gen = torch.Generator(device="cuda").manual_seed(zlib.crc32(repr((case, dtype)).encode()))
+    if kind == "mla":
+        Dc, Dr = widths
+        q, c, r = rand(gen, (B, L, H, Dc + Dr), dtype), rand(gen, (B, L, Dc), dtype), \
+            rand(gen, (B, L, Dr), dtype)
+        call = lambda: lca.condense(q, c, r, group_size=g, n_summary=n, score=mode)  # noqa: E731
+    else:
+        D, Dv = widths
+        q, k, v = rand(gen, (B, L, H, D), dtype), rand(gen, (B, L, 2, D), dtype), \
+            rand(gen, (B, L, 2, Dv), dtype)
+        call = lambda: lca.gqa_condense(q, k, v, group_size=g, n_summary=n,  # noqa: E731
+                                        key_mode=mode)
+    warp = [t.clone() for t in call()]
+    monkeypatch.setenv("LCA_CUDA_DISABLE", "cond_warp")
+    block = call()
+    a_w, a_b = warp[2].long(), block[2].long()
+    al_w, al_b = warp[3].double(), block[3].double()
+    assert torch.isfinite(al_w).all() and torch.isfinite(warp[0].float()).all()
+    assert (al_w - al_b).abs().max().item() <= 1e-5
+    differ = a_w != a_b
+    assert differ.float().mean().item() <= 0.01
+    if differ.any():                                  # near-ties: both anchors' weights equal
+        pw = al_w.gather(-1, a_w[..., None])[..., 0][differ]
+        pb = al_w.gather(-1, a_b[..., None])[..., 0][differ]
+        assert (pw - pb).abs().max().item() <= 1e-5
+    same = ~differ
+    for got, want in zip(warp[:2], block[:2]):        # kbar / latent_bar, vbar / kpos_bar
+        if got.shape[-1] == 0:
+            continue
+        gs, ws = got.float()[same], want.float()[same]
+        tol = 8e-3 if dtype == "bfloat16" else 1e-3
+        assert (gs - ws).abs().max().item() <= tol * (1 + ws.abs().max().item())
+
+
 def test_unaligned_views_fall_back_and_agree():
     """Rows not 16-byte aligned leave the tensor-core path; the answer must not change."""
     gen = torch.Generator(device="cuda").manual_seed(11)

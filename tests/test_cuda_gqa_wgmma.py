@@ -207,3 +207,21 @@ def test_given_entries_past_the_last_needed_are_not_read():
     got = lca.gqa_attend(q, k, v, kbp, vbp, group_size=g, window=w)
     assert _C.cuda_last_attend_kernel() == "gqa_wgmma"
     assert torch.equal(got, want)
+
+
+def test_strides_tma_cannot_express_fall_back_to_copies():
+    """k and v broadcast over the kv heads (stride 0): no tensor map has such a stride, so the
+    default (TMA) variant must fall back to its cp.async twin and still give the answer."""
+    if not hopper():
+        pytest.skip("the wgmma kernel runs on compute 9.0")
+    gen = torch.Generator(device="cuda").manual_seed(79)
+    B, L, H, Hkv = 1, 400, 8, 2
+    q = rand(gen, (B, L, H, 192), "bfloat16")
+    k = rand(gen, (B, L, 1, 192), "bfloat16").expand(B, L, Hkv, 192)
+    v = rand(gen, (B, L, 1, 128), "bfloat16").expand(B, L, Hkv, 128)
+    kw = dict(group_size=16, window=64, n_summary=None, key_mode="anchor", rep_bias=0.0)
+    out, lse = lca.gqa_attention(q, k, v, return_lse=True, **kw)
+    assert _C.cuda_last_attend_kernel() == "gqa_wgmma"
+    check(q, k, v, kw, out, lse, "bfloat16")
+    ref = lca.gqa_attention(q, k.contiguous(), v.contiguous(), **kw)
+    assert rel(to_np(out), to_np(ref)) <= 1e-2

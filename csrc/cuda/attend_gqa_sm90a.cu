@@ -649,13 +649,18 @@ template <int VAR> static int launch_var(const lca_params *p, cudaStream_t s) {
 
 /* LCA_GQA90_VARIANT (a tuning knob; see the kernel's VAR; the switch below lists the built
  * ones, any other value runs variant 0) overrides the default.  The fused softmax (bit 3)
- * needs scale > 0: with another scale the call runs variant 17 (TMA) or 7. */
+ * needs scale > 0 (as the kernel's float) and |rep_bias| < 2^20: otherwise the call runs
+ * variant 17 (TMA) or 7. */
 
 extern "C" int lca_cuda_attend_gqa_wgmma(const lca_params *p, void *stream) {
     cudaStream_t s = (cudaStream_t)stream;
     const char *env = getenv("LCA_GQA90_VARIANT");
     int var = env && *env ? atoi(env) : lca::gqa90::kDefaultVariant;
-    if ((var & 8) && !(p->scale > 0)) var = (var & 16) ? 17 : 7;
+    /* the one-FMA exponent needs the kernel's float scale (log2 units) > 0, and a bias small
+       enough that bias - max keeps the logits' resolution */
+    const float scale_l2 = (float)p->scale * 1.4426950408889634f;
+    if ((var & 8) && !(scale_l2 > 0 && scale_l2 < INFINITY && fabs(p->rep_bias) < 1048576.0))
+        var = (var & 16) ? 17 : 7;
     switch (var) {
     case 1: return launch_var<1>(p, s);
     case 2: return launch_var<2>(p, s);

@@ -237,6 +237,7 @@ inline int warp_condense_chunks(const lca_params *p) {
     if (p->D % 8 || Dv % 8 || p->d_score % 8 || p->D > 768 || Dv > 768) return 0;
     const lca_view *vs[] = {&p->q, &p->k, &p->v, &p->kbar, &p->vbar};
     if (!rows_aligned16(vs)) return 0;
+    if ((p->L / p->g) * p->Hkv * p->B / kCondWarps >= 2147483647) return 0;   /* grid */
     const int64_t w = p->D > Dv ? p->D : Dv;
     return (int)((w + 255) / 256);
 }

@@ -71,20 +71,24 @@ __device__ __forceinline__ void tma_load(void *dst, const CUtensorMap *map, int 
                  : "memory");
 }
 
-/* Host: the driver's cuTensorMapEncodeTiled, looked up once (null when the driver lacks it). */
+/* Host: the driver's cuTensorMapEncodeTiled, looked up once (a thread-safe static; null when
+ * the driver lacks it).  cudaGetDriverEntryPointByVersion came with CUDA 12.5. */
 inline PFN_cuTensorMapEncodeTiled_v12000 encode_tiled() {
-    static PFN_cuTensorMapEncodeTiled_v12000 fn = nullptr;
-    static bool looked = false;
-    if (!looked) {
+    static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
         void *f = nullptr;
-        cudaDriverEntryPointQueryResult q;
-        if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault,
-                                             &q) == cudaSuccess &&
-            q == cudaDriverEntryPointSuccess)
-            fn = (PFN_cuTensorMapEncodeTiled_v12000)f;
-        cudaGetLastError();
-        looked = true;
-    }
+        cudaDriverEntryPointQueryResult q = cudaDriverEntryPointSymbolNotFound;
+#if CUDART_VERSION >= 12050
+        const cudaError_t e = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000,
+                                                               cudaEnableDefault, &q);
+#else
+        const cudaError_t e =
+            cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &f, cudaEnableDefault, &q);
+#endif
+        if (e != cudaSuccess) cudaGetLastError();
+        return e == cudaSuccess && q == cudaDriverEntryPointSuccess
+                   ? (PFN_cuTensorMapEncodeTiled_v12000)f
+                   : nullptr;
+    }();
     return fn;
 }
 
@@ -95,10 +99,11 @@ template <typename T>
 inline bool make_map(CUtensorMap *m, const lca_view &v, int64_t cols, int64_t rows, int64_t Hkv,
                      int64_t B, int box_rows) {
     const auto enc = encode_tiled();
-    if (!enc || rows < 1) return false;
+    if (!enc || rows < 1 || rows > 2147483647) return false;   /* 32-bit row coordinates */
     const int64_t es = (int64_t)sizeof(T);
     int64_t sh = v.sh * es, st = v.st * es, sb = v.sb * es;
     if (Hkv == 1) sh = cols * es;                        /* a dimension of one: any stride */
+    if (rows == 1) st = sh * Hkv;
     if (B == 1) sb = st * rows;
     if (sh <= 0 || st <= 0 || sb <= 0) return false;
     const cuuint64_t dim[4] = {(cuuint64_t)cols, (cuuint64_t)Hkv, (cuuint64_t)rows, (cuuint64_t)B};
