@@ -215,8 +215,8 @@ __device__ __forceinline__ void load_tile(T *tile, int n, int tid, F src) {
  * scale > 0, which the host checks) and O rescaled only when some row's maximum moved; bit 4 —
  * the producer is one thread issuing TMA copies (tensor maps `tm`, completing on `full` by
  * transaction count; bit 1 then means nothing); bit 5 — 128-key blocks (S = m64n128k16; needs
- * bit 4 and not bit 2: with Q in registers too the 192-wide kernel spills).  Each variant computes the same products; bit 3 rounds the exponent's
- * argument once instead of twice. */
+ * bit 4 and not bit 2: with Q in registers too the 192-wide kernel spills).  Each variant
+ * computes the same products; bit 3 rounds the exponent's argument once instead of twice. */
 template <typename T, int D, int VAR>
 __global__ void __launch_bounds__(kThreads, 1)
     lca_attend_gqa_wgmma_kernel(lca_params p, const __grid_constant__ TmaMaps tm) {
