@@ -38,10 +38,12 @@ for st in "${@:-tests prefill}"; do
     variants) stage variants_tests 90 python3 -m pytest -q -x -p no:cacheprovider \
                 tests/test_cuda_gqa_wgmma.py -k tuning_variants
               stage variants 60 python3 benchmarks/bench_gqa_variants.py ;;
-    ncu)     stage ncu 200 ncu --clock-control none -k regex:'gqa_wgmma|dkdv_kernel|dq_kernel|dec_partial_bulk' \
-               -c 4 --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
-               --section SchedulerStats --section WarpStateStats --section Occupancy --section LaunchStats \
-               --section InstructionStats python3 benchmarks/ncu_kernels.py ;;
+    ncu)     stage ncu 200 ncu --clock-control none \
+               -k regex:'gqa_wgmma|dkdv_kernel|dq_kernel|dec_partial_bulk' -c 4 \
+               --section SpeedOfLight --section ComputeWorkloadAnalysis \
+               --section MemoryWorkloadAnalysis --section SchedulerStats --section WarpStateStats \
+               --section Occupancy --section LaunchStats --section InstructionStats \
+               python3 benchmarks/ncu_kernels.py ;;
   esac
 done
 cp benchmarks/RESULTS.md "$OUT/RESULTS.md"

@@ -112,7 +112,7 @@ COND_CASES = [  # kind, B, L, H, width(s), g, n, mode
     ("mla", 2, 160, 4, (60, 4), 16, None, "full"),     # d_pool = 60 inside an 8-column chunk
     ("mla", 1, 257, 16, (512, 64), 32, 5, "latent"),   # g = 32: the warp kernel's largest group
     ("mla", 1, 99, 2, (64, 0), 33, None, "full"),      # g = 33: the block kernel both ways
-    ("gqa", 2, 200, 8, (192, 128), 16, None, "pool"),  # the non-absorbed MLA shape, 4 heads a kv head
+    ("gqa", 2, 200, 8, (192, 128), 16, None, "pool"),  # non-absorbed MLA, 4 heads a kv head
     ("gqa", 1, 300, 2, (128, 64), 32, 7, "anchor"),
 ]
 
