@@ -610,15 +610,8 @@ template <typename T, int D, int VAR> int launch(const lca_params *p, cudaStream
         }
         if (!ok) return launch<T, D, (VAR & 8) ? 15 : 7>(p, stream);   /* cp.async loads */
     }
-    auto kernel = lca_attend_gqa_wgmma_kernel<T, D, VAR>;
-    const size_t smem = Layout<D, KB>::kBytes;
-    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) !=
-        cudaSuccess)
-        return LCA_ERR_CUDA;
-    const int64_t nrows = p->L * (p->H / p->Hkv);
-    const dim3 grid((unsigned)((nrows + kRows - 1) / kRows), (unsigned)p->Hkv, (unsigned)p->B);
-    kernel<<<grid, kThreads, smem, stream>>>(*p, tm);
-    return LCA_OK;
+    return launch_row_tiles(lca_attend_gqa_wgmma_kernel<T, D, VAR>, p, kRows, kThreads,
+                            Layout<D, KB>::kBytes, stream, tm);
 }
 
 }  // namespace gqa90

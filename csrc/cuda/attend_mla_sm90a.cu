@@ -339,14 +339,8 @@ template <typename T, bool kTma> int launch(const lca_params *p, cudaStream_t st
             tm.kbar = tm.k;                                /* no condensed rows: never read */
         if (!ok) return launch<T, false>(p, stream);      /* strides TMA cannot express */
     }
-    auto kernel = lca_attend_mla_wgmma_kernel<T, kTma>;
-    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)kSmem) !=
-        cudaSuccess)
-        return LCA_ERR_CUDA;
-    const int64_t nrows = p->L * (p->H / p->Hkv);
-    const dim3 grid((unsigned)((nrows + kRows - 1) / kRows), (unsigned)p->Hkv, (unsigned)p->B);
-    kernel<<<grid, kThreads, kSmem, stream>>>(*p, tm);
-    return LCA_OK;
+    return launch_row_tiles(lca_attend_mla_wgmma_kernel<T, kTma>, p, kRows, kThreads, kSmem,
+                            stream, tm);
 }
 
 }  // namespace mla90

@@ -103,16 +103,17 @@ inline bool device_fits(int device, size_t need, bool hopper) {
 }
 
 /* Host: launch a forward kernel over (tiles of `rows` score rows of the flattened (position,
- * head-in-group) space, kv heads, batch), with `smem` bytes of dynamic shared memory. */
-template <typename Kernel>
+ * head-in-group) space, kv heads, batch), with `smem` bytes of dynamic shared memory; the
+ * kernel takes the params, then `extra` (the TMA kernels' tensor maps). */
+template <typename Kernel, typename... Extra>
 inline int launch_row_tiles(Kernel kernel, const lca_params *p, int rows, int threads, size_t smem,
-                            cudaStream_t stream) {
+                            cudaStream_t stream, const Extra &...extra) {
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) !=
         cudaSuccess)
         return LCA_ERR_CUDA;
     const int64_t nrows = p->L * (p->H / p->Hkv);
     const dim3 grid((unsigned)((nrows + rows - 1) / rows), (unsigned)p->Hkv, (unsigned)p->B);
-    kernel<<<grid, threads, smem, stream>>>(*p);
+    kernel<<<grid, threads, smem, stream>>>(*p, extra...);
     return LCA_OK;
 }
 
