@@ -66,6 +66,18 @@ def to_np(x):
     return x.detach().double().cpu().numpy()
 
 
+def check_forward(out, lse, ref, naive, dtype):
+    """SPEC §8 for a bf16/fp16 forward: every element written (the outputs were NaN-poisoned),
+    and out and lse within twice the error of the same computation in plain torch (naive: its
+    (out, lse)) against the float64 CPU engine's ref = (out, lse); floors 1e-3 and 1e-4."""
+    assert torch.isfinite(out.float()).all() and torch.isfinite(lse).all(), "unwritten elements"
+    (ref_out, ref_lse), (naive_out, naive_lse) = ref, naive
+    err, bound = rel(to_np(out), ref_out), 2 * rel(to_np(naive_out), ref_out)
+    assert err <= max(bound, 1e-3), f"out: {dtype} error {err:.2e} > 2x naive {bound:.2e}"
+    lerr, lbound = rel(to_np(lse), ref_lse), 2 * rel(to_np(naive_lse), ref_lse)
+    assert lerr <= max(lbound, 1e-4), f"lse: error {lerr:.2e} > 2x naive {lbound:.2e}"
+
+
 def rand(gen, shape, dtype):
     """Standard normal on the GPU, drawn in float32 and rounded to dtype (a name)."""
     return torch.randn(shape, generator=gen, dtype=torch.float32, device="cuda").to(
