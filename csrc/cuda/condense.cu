@@ -178,21 +178,23 @@ __global__ void __launch_bounds__(32 * kCondWarps) lca_condense_warp_kernel(lca_
         if (i < g) s[i] /= sum;
 
     /* kbar = [sum alpha_i k_i[:d_pool]; k_anchor[d_pool:]], vbar = sum alpha_i v_i */
+    auto pool = [&](const lca_view &src, int64_t c, float (&acc)[8]) {   /* += sum alpha_i x_i */
+#pragma unroll
+        for (int i = 0; i < 32; i++)
+            if (i < g) {
+                float x[8];
+                load8(row<const T>(src, b, t0 + i, h) + c, x);
+#pragma unroll
+                for (int e = 0; e < 8; e++) acc[e] = fmaf(s[i], x[e], acc[e]);
+            }
+    };
     T *kb = row<T>(p.kbar, b, j, h);
 #pragma unroll
     for (int k = 0; k < KC; k++) {
         const int64_t c = 256 * k + 8 * lane;
         if (c >= D) continue;
         float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}, x[8];
-        if (c < p.d_pool) {
-#pragma unroll
-            for (int i = 0; i < 32; i++)
-                if (i < g) {
-                    load8(row<const T>(p.k, b, t0 + i, h) + c, x);
-#pragma unroll
-                    for (int e = 0; e < 8; e++) acc[e] = fmaf(s[i], x[e], acc[e]);
-                }
-        }
+        if (c < p.d_pool) pool(p.k, c, acc);
         if (c + 8 > p.d_pool) {                    /* columns past d_pool copy the anchor */
             load8(row<const T>(p.k, b, t0 + a, h) + c, x);
 #pragma unroll
@@ -207,14 +209,8 @@ __global__ void __launch_bounds__(32 * kCondWarps) lca_condense_warp_kernel(lca_
         for (int k = 0; k < KC; k++) {
             const int64_t c = 256 * k + 8 * lane;
             if (c >= p.Dv) continue;
-            float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}, x[8];
-#pragma unroll
-            for (int i = 0; i < 32; i++)
-                if (i < g) {
-                    load8(row<const T>(p.v, b, t0 + i, h) + c, x);
-#pragma unroll
-                    for (int e = 0; e < 8; e++) acc[e] = fmaf(s[i], x[e], acc[e]);
-                }
+            float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+            pool(p.v, c, acc);
             store8(vb + c, acc);
         }
     }
