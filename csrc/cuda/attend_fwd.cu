@@ -89,6 +89,15 @@ static const char *last_attend_kernel = "";
 
 extern "C" const char *lca_cuda_last_attend_kernel(void) { return last_attend_kernel; }
 
+/* A launcher's status s and the runtime's last error, as the entry's status: a refused launch
+ * (s not LCA_OK with no CUDA error, e.g. a shared-memory attribute not set) is reported as an
+ * invalid value of `what`. */
+static int launched(int s, const char *what, char *err, int errlen) {
+    const cudaError_t e = cudaGetLastError();
+    if (s == LCA_OK && e == cudaSuccess) return LCA_OK;
+    return lca::cuda_error(e != cudaSuccess ? e : cudaErrorInvalidValue, what, err, errlen);
+}
+
 extern "C" int lca_cuda_attend_fwd(const lca_params *p, int device, void *stream, char *err,
                                    int errlen) {
     using namespace lca;
@@ -109,36 +118,25 @@ extern "C" int lca_cuda_attend_fwd(const lca_params *p, int device, void *stream
     if (!kernel_disabled("wgmma") && !kernel_disabled("mma") &&
         lca_cuda_mla_wgmma_supported(p, device)) {   /* Hopper: attend_mla_sm90a.cu */
         last_attend_kernel = "mla_wgmma";
-        int s = lca_cuda_attend_mla_wgmma(p, stream);
-        cudaError_t e = cudaGetLastError();
-        if (s != LCA_OK && e == cudaSuccess) e = cudaErrorInvalidValue;
-        return e == cudaSuccess ? LCA_OK
-                                : cuda_error(e, "lca_attend_mla_wgmma_kernel launch", err, errlen);
+        return launched(lca_cuda_attend_mla_wgmma(p, stream), "lca_attend_mla_wgmma_kernel launch",
+                        err, errlen);
     }
     if (!kernel_disabled("wgmma") && !kernel_disabled("mma") &&
         lca_cuda_gqa_wgmma_supported(p, device)) {   /* Hopper: attend_gqa_sm90a.cu */
         last_attend_kernel = "gqa_wgmma";
-        int s = lca_cuda_attend_gqa_wgmma(p, stream);
-        cudaError_t e = cudaGetLastError();
-        if (s != LCA_OK && e == cudaSuccess) e = cudaErrorInvalidValue;
-        return e == cudaSuccess ? LCA_OK
-                                : cuda_error(e, "lca_attend_gqa_wgmma_kernel launch", err, errlen);
+        return launched(lca_cuda_attend_gqa_wgmma(p, stream), "lca_attend_gqa_wgmma_kernel launch",
+                        err, errlen);
     }
 #endif
     if (lca_cuda_mla_supported(p, device) && !kernel_disabled("mma")) {  /* absorbed MLA, GQA 256 */
         last_attend_kernel = p->v_in_k ? "mla" : "wide";
-        int s = lca_cuda_attend_mla(p, stream);
-        cudaError_t e = cudaGetLastError();
-        if (s != LCA_OK && e == cudaSuccess) e = cudaErrorInvalidValue;
-        return e == cudaSuccess ? LCA_OK : cuda_error(e, "lca_attend_mla_kernel launch", err, errlen);
+        return launched(lca_cuda_attend_mla(p, stream), "lca_attend_mla_kernel launch", err,
+                        errlen);
     }
     if (lca_cuda_mma_supported(p) && !kernel_disabled("mma")) {   /* tensor cores: attend_mma.cu */
         last_attend_kernel = "mma";
-        const int s = lca_cuda_attend_mma(p, stream);
-        cudaError_t e = cudaGetLastError();
-        if (s == LCA_OK && e == cudaSuccess) return LCA_OK;
-        return cuda_error(e != cudaSuccess ? e : cudaErrorInvalidValue,
-                          "lca_attend_mma_kernel launch", err, errlen);
+        return launched(lca_cuda_attend_mma(p, stream), "lca_attend_mma_kernel launch", err,
+                        errlen);
     }
     last_attend_kernel = "simt";
     int s = dispatch<AttendFwd>(p->dtype, p, (cudaStream_t)stream);
@@ -146,8 +144,7 @@ extern "C" int lca_cuda_attend_fwd(const lca_params *p, int device, void *stream
         snprintf(err, (size_t)errlen, "attention on CUDA: unsupported dtype");
         return s;
     }
-    cudaError_t e = cudaGetLastError();
-    return e == cudaSuccess ? LCA_OK : cuda_error(e, "lca_attend_simt_kernel launch", err, errlen);
+    return launched(LCA_OK, "lca_attend_simt_kernel launch", err, errlen);
 }
 
 extern "C" int lca_cuda_device_count(void) {
