@@ -214,3 +214,25 @@ def test_strides_tma_cannot_express_fall_back_to_copies():
     check(q, k, v, kw, out, lse, "bfloat16")
     ref = lca.gqa_attention(q, k.contiguous(), v.contiguous(), **kw)
     assert rel(to_np(out), to_np(ref)) <= 1e-2
+
+
+@pytest.mark.parametrize("variant", [7, 28, 29, 57])
+def test_later_non_finite_values_do_not_reach_earlier_rows(variant, monkeypatch):
+    """Inf in the values of every token from T = 256 on (a row tile's boundary: 128 rows a tile
+    at one head a kv head): rows before T never see them (SPEC §3), so their output must be
+    finite and equal to the same call on the first T tokens.  The TMA variants load whole
+    64/128-key boxes and zero the value rows past each block's end."""
+    if not hopper():
+        pytest.skip("the variants exist only in the sm_90a kernel")
+    monkeypatch.setenv("LCA_GQA90_VARIANT", str(variant))
+    gen = torch.Generator(device="cuda").manual_seed(80 + variant)
+    B, L, H, T = 1, 600, 4, 256
+    q, k = rand(gen, (B, L, H, 192), "bfloat16"), rand(gen, (B, L, H, 192), "bfloat16")
+    v = rand(gen, (B, L, H, 128), "bfloat16")
+    v[:, T:] = float("inf")
+    kw = dict(group_size=16, window=64)
+    out = lca.gqa_attention(q, k, v, **kw)
+    assert _C.cuda_last_attend_kernel() == "gqa_wgmma"
+    want = lca.gqa_attention(q[:, :T], k[:, :T], v[:, :T], **kw)
+    assert torch.isfinite(out[:, :T].float()).all()
+    assert rel(to_np(out[:, :T]), to_np(want)) <= 1e-2

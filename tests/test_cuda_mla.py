@@ -152,3 +152,26 @@ def test_mla_wgmma_given_entries_past_the_last_needed_are_not_read(variant, monk
     got = lca.attend(q, c, r, cbp, rbp, group_size=g, window=w)
     assert _C.cuda_last_attend_kernel() == "mla_wgmma"
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("variant", ["0", "1"])
+def test_mla_wgmma_later_non_finite_values_do_not_reach_earlier_rows(variant, monkeypatch):
+    """Inf in the latent of every token from T = 64 on (a row tile's boundary: 64 rows a tile,
+    16 heads, so 4 tokens a tile): rows before T never see them, so their output must be finite
+    and equal to the same call on the first T tokens (the TMA variant zeroes the key rows past
+    each block's end)."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the wgmma kernel runs on compute 9.0")
+    monkeypatch.delenv("LCA_CUDA_DISABLE", raising=False)
+    monkeypatch.setenv("LCA_MLA90_VARIANT", variant)
+    gen = torch.Generator(device="cuda").manual_seed(81)
+    B, L, H, Dc, Dr, T = 1, 300, 16, 512, 64, 64
+    q, c, r = rand(gen, (B, L, H, Dc + Dr), "bfloat16"), rand(gen, (B, L, Dc), "bfloat16"), \
+        rand(gen, (B, L, Dr), "bfloat16")
+    c[:, T:] = float("inf")
+    kw = dict(group_size=16, window=32)
+    out = lca.attention(q, c, r, **kw)
+    assert _C.cuda_last_attend_kernel() == "mla_wgmma"
+    want = lca.attention(q[:, :T], c[:, :T], r[:, :T], **kw)
+    assert torch.isfinite(out[:, :T].float()).all()
+    assert rel(to_np(out[:, :T]), to_np(want)) <= 1e-2

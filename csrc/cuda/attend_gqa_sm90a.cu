@@ -517,6 +517,27 @@ __global__ void __launch_bounds__(kThreads, 1)
     auto wait_full = [&](int64_t blk) {
         mbar_wait(&full[blk % kStages], (uint32_t)((blk / kStages) & 1));
         if (kNoWait) fence_async_smem();
+        if constexpr (kTma) {
+            /* A TMA box brings the keys past the block's end too (later tokens, condensed rows
+               no row of the tile sees): zero their value rows, so that a non-finite value
+               there cannot reach P V as 0 x Inf (the cp.async producer never loads them).
+               The two consumers zero half each and meet at named barrier 5 before either's
+               P V reads the stage (the block's size is the same for both). */
+            const bool cond = blk < ncond_blocks;
+            const int64_t key0 = block_start(blk), kend = cond ? Gmax : t_last + 1;
+            const int nk = (int)(kend - key0 < kKeys ? kend - key0 : kKeys);
+            if (nk < kKeys) {
+                T *Vs = St + (int)(blk % kStages) * Ly::kStage + Ly::kK;
+                constexpr int kChunks = kDV / 8;           /* 16-byte chunks a row */
+                for (int i = nk * kChunks + cw * 128 + tid; i < kKeys * kChunks; i += 256) {
+                    const int r = i / kChunks, c = i % kChunks;
+                    T *dst = Vs + (c >> 3) * (kKeys * 64) + r * 64 + (((c & 7) ^ (r & 7)) << 3);
+                    *(uint4 *)dst = make_uint4(0, 0, 0, 0);
+                }
+                fence_async_smem();
+                asm volatile("bar.sync 5, 256;\n" ::: "memory");
+            }
+        }
     };
     /* ping-pong: wait for this warpgroup's turn to issue, then hand the turn over */
     auto turn_wait = [&]() {

@@ -210,6 +210,19 @@ __global__ void __launch_bounds__(kThreads, 1)
                 __syncthreads();
             }
             mbar_wait(&full[blk & 1], (uint32_t)((blk >> 1) & 1));
+            /* the box's keys past the block's end (later tokens, condensed rows no row of the
+               tile sees) zeroed, as the cp.async loads leave them: a non-finite value there
+               must not reach P V as 0 x Inf */
+            const int64_t kend = cond ? Gmax : t_last + 1;
+            const int nk = (int)(kend - key0 < kKeys ? kend - key0 : kKeys);
+            if (nk < kKeys) {                              /* the same for the whole block */
+                T *Ks = Kst + (blk & 1) * kTile;
+                constexpr int V = kD / 8;
+                for (int i = nk * V + threadIdx.x; i < kKeys * V; i += kThreads)
+                    *(uint4 *)(Ks + sw(64, i / V, i % V)) = make_uint4(0, 0, 0, 0);
+                fence_async_smem();
+                __syncthreads();
+            }
         } else {
             if (blk + 1 < nblocks) {
                 issue(blk + 1);
