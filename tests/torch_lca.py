@@ -10,6 +10,16 @@ def gqa_lca(q, k, v, *, group_size=16, window=1024, n_summary=None, softmax_scal
             key_mode="anchor", rep_bias=0.0, d_score=None, d_pool=None):
     """q (B, L, H, D), k (B, L, Hkv, D), v (B, L, Hkv, Dv) -> (out (B, L, H, Dv), lse (B, H, L)).
     d_score / d_pool override the score and pooled key columns (used for MLA)."""
+    kbar, vbar = gqa_condense_lca(q, k, v, group_size=group_size, n_summary=n_summary,
+                                  softmax_scale=softmax_scale, key_mode=key_mode,
+                                  d_score=d_score, d_pool=d_pool)
+    return gqa_attend_lca(q, k, v, kbar, vbar, group_size=group_size, window=window,
+                          softmax_scale=softmax_scale, rep_bias=rep_bias)
+
+
+def gqa_condense_lca(q, k, v, *, group_size=16, n_summary=None, softmax_scale=None,
+                     key_mode="anchor", d_score=None, d_pool=None):
+    """The condensation (SPEC §2 / §4) alone: (kbar (B, m, Hkv, D), vbar (B, m, Hkv, Dv))."""
     B, L, H, D = q.shape
     Hkv, Dv = k.shape[2], v.shape[3]
     g, hg = group_size, H // Hkv
@@ -18,7 +28,6 @@ def gqa_lca(q, k, v, *, group_size=16, window=1024, n_summary=None, softmax_scal
     ds = D if d_score is None else d_score
     dp = (D if key_mode == "pool" else 0) if d_pool is None else d_pool
     m = L // g
-    # condensation (SPEC §2 / §4)
     qg = q[:, :m * g].reshape(B, m, g, Hkv, hg, D)[:, :, g - n:].mean(dim=(2, 4))
     kg = k[:, :m * g].reshape(B, m, g, Hkv, D)
     vg = v[:, :m * g].reshape(B, m, g, Hkv, Dv)
@@ -29,6 +38,16 @@ def gqa_lca(q, k, v, *, group_size=16, window=1024, n_summary=None, softmax_scal
     k_anchor = torch.gather(kg, 2, anchor[:, :, None, :, None].expand(B, m, 1, Hkv, D))[:, :, 0]
     kbar = torch.cat([torch.einsum("bmhg,bmghd->bmhd", alpha, kg[..., :dp]), k_anchor[..., dp:]],
                      dim=-1)
+    return kbar, vbar
+
+
+def gqa_attend_lca(q, k, v, kbar, vbar, *, group_size=16, window=1024, softmax_scale=None,
+                   rep_bias=0.0):
+    """SPEC §3 over the given condensed entries kbar (B, m, Hkv, D), vbar (B, m, Hkv, Dv), any
+    m >= the last query's G_t -> (out (B, L, H, Dv), lse (B, H, L))."""
+    B, L, H, D = q.shape
+    g, hg, m = group_size, H // k.shape[2], kbar.shape[1]
+    scale = softmax_scale if softmax_scale is not None else D ** -0.5
     # attention over [condensed; exact] with the SPEC §3 visibility
     keys = torch.cat([kbar, k], dim=1).repeat_interleave(hg, dim=2)           # (B, m+L, H, D)
     vals = torch.cat([vbar, v], dim=1).repeat_interleave(hg, dim=2)
@@ -44,6 +63,22 @@ def gqa_lca(q, k, v, *, group_size=16, window=1024, n_summary=None, softmax_scal
     lse = torch.logsumexp(logits.float(), dim=-1)
     out = torch.einsum("bhts,bshd->bthd", torch.softmax(logits, dim=-1), vals)
     return out, lse
+
+
+def mla_attend_lca(q, latent, kpos, latent_bar, kpos_bar, **kw):
+    """Absorbed MLA over given condensed entries: keys [c; r], values c."""
+    k = torch.cat([latent, kpos], dim=-1)[:, :, None]
+    kbar = torch.cat([latent_bar, kpos_bar], dim=-1)[:, :, None]
+    return gqa_attend_lca(q, k, latent[:, :, None], kbar, latent_bar[:, :, None], **kw)
+
+
+def mla_condense_lca(q, latent, kpos, *, score="full", **kw):
+    """(latent_bar (B, m, Dc), kpos_bar (B, m, Dr)) of the absorbed MLA condensation."""
+    Dc = latent.shape[-1]
+    k = torch.cat([latent, kpos], dim=-1)[:, :, None]
+    kbar, _ = gqa_condense_lca(q, k, latent[:, :, None], d_pool=Dc,
+                               d_score=q.shape[-1] if score == "full" else Dc, **kw)
+    return kbar[:, :, 0, :Dc], kbar[:, :, 0, Dc:]
 
 
 def mla_lca(q, latent, kpos, *, score="full", **kw):
