@@ -119,6 +119,38 @@ def rand(gen, shape, dtype):
         getattr(torch, dtype))
 
 
+def check_grads(got, ref, naive, dtype, names, what):
+    """SPEC §8 for gradients: got, naive device tensors, ref float64 NumPy arrays; float32 within
+    1e-5 relative, bf16 / fp16 within twice the error of naive (the same gradients by plain
+    PyTorch at that precision).  Returns the errors."""
+    errs = {}
+    for g, r, nv, nm in zip(got, ref, naive if naive is not None else [None] * len(got), names):
+        assert isinstance(g, torch.Tensor) and g.dtype == getattr(torch, dtype), nm
+        assert tuple(g.shape) == r.shape, f"{nm}: shape {tuple(g.shape)} != {r.shape}"
+        assert torch.isfinite(g.float()).all(), f"{what} {nm}: non-finite (unwritten) elements"
+        err = rel(to_np(g), r)
+        if dtype == "float32":
+            assert err <= 1e-5, f"{what} {nm}: float32 error {err:.2e}"
+            errs[nm] = (err, None)
+        else:
+            bound = 2 * rel(to_np(nv), r)
+            assert err <= bound, f"{what} {nm}: {dtype} error {err:.2e} > 2x plain torch {bound:.2e}"
+            errs[nm] = (err, bound / 2)
+    print(what, dtype, {k: f"{e:.2e}" + (f" (torch {b:.2e})" if b is not None else "")
+                        for k, (e, b) in errs.items()})
+    return errs
+
+
+def naive_grads(fn, args, dout, kw):
+    """Gradients of fn(*args, **kw)'s leading outputs, given dout (one tensor, or one per output),
+    with respect to every arg, by torch autograd (zeros for an arg the outputs do not use)."""
+    leaves = [a.detach().clone().requires_grad_(True) for a in args]
+    douts = tuple(dout) if isinstance(dout, (tuple, list)) else (dout,)
+    res = fn(*leaves, **kw)
+    torch.autograd.backward(tuple(res[:len(douts)]), douts)
+    return [x.grad if x.grad is not None else torch.zeros_like(x) for x in leaves]
+
+
 def run_captured(fn):
     """fn() captured in a CUDA graph, its results poisoned with NaN, then the graph replayed; returns
     fn's results.  torch.cuda.graph captures on a stream of its own in global mode, so a kernel
