@@ -578,8 +578,8 @@ static PyObject *py_cuda_attend(PyObject *self, PyObject *args) {
 }
 
 PyDoc_STRVAR(cuda_backward_workspace_doc, "cuda_backward_workspace(dtype, B, L, H, Hkv, D, Dv, g, "
-             "v_in_k[, m]): bytes of scratch cuda_backward, cuda_condense_backward and (with m, the "
-             "given condensed rows) cuda_attend_backward need.");
+             "v_in_k[, m]): bytes of scratch cuda_backward, cuda_condense_backward and (with m, "
+             "the given condensed rows) cuda_attend_backward need.");
 
 static PyObject *py_cuda_backward_workspace(PyObject *self, PyObject *args) {
     lca_params p = {0};
@@ -685,10 +685,10 @@ static PyObject *py_cuda_backward(PyObject *self, PyObject *args) {
     return cuda_bwd_finish(status, err);
 }
 
-PyDoc_STRVAR(cuda_attend_backward_doc, "cuda_attend_backward(dtype, dout, q, k, v, kbar, vbar, out, "
-             "lse, dq, dk, dv, dkbar, dvbar, (workspace_ptr, workspace_bytes), g, w, scale, "
-             "rep_bias, v_in_k, device, stream): the gradients of attend over the given kbar, vbar "
-             "on the GPU into dq, dk, dv, dkbar, dvbar (lse float32).");
+PyDoc_STRVAR(cuda_attend_backward_doc, "cuda_attend_backward(dtype, dout, q, k, v, kbar, vbar, "
+             "out, lse, dq, dk, dv, dkbar, dvbar, (workspace_ptr, workspace_bytes), g, w, scale, "
+             "rep_bias, v_in_k, device, stream): the gradients of attend over the given kbar, "
+             "vbar on the GPU into dq, dk, dv, dkbar, dvbar (lse float32).");
 
 static PyObject *py_cuda_attend_backward(PyObject *self, PyObject *args) {
     PyObject *dout, *q, *k, *v, *kbar, *vbar, *out, *lse, *dq, *dk, *dv, *dkbar, *dvbar;

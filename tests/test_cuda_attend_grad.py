@@ -50,6 +50,27 @@ def gen_for(*key):
     return torch.Generator(device="cuda").manual_seed(zlib.crc32(repr(key).encode()))
 
 
+def check_attend(attend, attend_backward, naive_fn, args, dout, kw, dtype, names, what):
+    """attend_backward of the device arrays args (q, k, v or latent and kpos, then the entries)
+    against the CPU engine's float64 gradients of the same rounded inputs; returns them."""
+    out, lse = attend(*args, return_lse=True, **kw)
+    got = attend_backward(dout, *args, out, lse, **kw)
+    args64 = [to_np(x) for x in args]
+    out64, lse64 = attend(*args64, return_lse=True, **kw)
+    ref = attend_backward(to_np(dout), *args64, out64, lse64, **kw)
+    naive = None if dtype == "float32" else naive_grads(naive_fn, args, dout, kw)
+    check_grads(got, ref, naive, dtype, names, what)
+    return got
+
+
+def check_condense(condense_backward, naive_fn, grads, args, kw, dtype, names, what):
+    """condense_backward(*grads, *args) likewise (grads: the entries' gradients)."""
+    got = condense_backward(*grads, *args, **kw)
+    ref = condense_backward(*(to_np(x) for x in grads + args), **kw)
+    naive = None if dtype == "float32" else naive_grads(naive_fn, args, grads, kw)
+    check_grads(got, ref, naive, dtype, names, what)
+
+
 # -- attend_backward ---------------------------------------------------------------------------
 
 GQA_ATTEND = [  # B, L, H, Hkv, D, Dv, g, w, extra rows, rep_bias
@@ -76,15 +97,9 @@ def test_gqa_attend_backward(case, dtype, path, monkeypatch):
     kbar, vbar = rand(gen, (B, m, Hkv, D), dtype), rand(gen, (B, m, Hkv, Dv), dtype)
     dout = rand(gen, (B, L, H, Dv), dtype)
     kw = dict(group_size=g, window=w, rep_bias=bias)
-    out, lse = lca.gqa_attend(q, k, v, kbar, vbar, return_lse=True, **kw)
-    got = lca.gqa_attend_backward(dout, q, k, v, kbar, vbar, out, lse, **kw)
-    args64 = [to_np(x) for x in (q, k, v, kbar, vbar)]
-    out64, lse64 = lca.gqa_attend(*args64, return_lse=True, **kw)
-    ref = lca.gqa_attend_backward(to_np(dout), *args64, out64, lse64, **kw)
-    naive = None if dtype == "float32" else \
-        naive_grads(gqa_attend_lca, (q, k, v, kbar, vbar), dout, kw)
-    check_grads(got, ref, naive, dtype, ["dq", "dk", "dv", "dkbar", "dvbar"],
-                f"gqa attend {case} {path}")
+    got = check_attend(lca.gqa_attend, lca.gqa_attend_backward, gqa_attend_lca,
+                       (q, k, v, kbar, vbar), dout, kw, dtype,
+                       ["dq", "dk", "dv", "dkbar", "dvbar"], f"gqa attend {case} {path}")
     assert not got[3][:, seen:].any() and not got[4][:, seen:].any()   # rows no query sees
 
 
@@ -106,15 +121,9 @@ def test_mla_attend_backward(case, dtype):
     cb, rb = rand(gen, (B, m, Dc), dtype), rand(gen, (B, m, Dr), dtype)
     dout = rand(gen, (B, L, H, Dc), dtype)
     kw = dict(group_size=g, window=w, rep_bias=bias)
-    out, lse = lca.attend(q, c, r, cb, rb, return_lse=True, **kw)
-    got = lca.attend_backward(dout, q, c, r, cb, rb, out, lse, **kw)
-    args64 = [to_np(x) for x in (q, c, r, cb, rb)]
-    out64, lse64 = lca.attend(*args64, return_lse=True, **kw)
-    ref = lca.attend_backward(to_np(dout), *args64, out64, lse64, **kw)
-    naive = None if dtype == "float32" else \
-        naive_grads(mla_attend_lca, (q, c, r, cb, rb), dout, kw)
-    check_grads(got, ref, naive, dtype, ["dq", "dlatent", "dkpos", "dlatent_bar", "dkpos_bar"],
-                f"mla attend {case}")
+    check_attend(lca.attend, lca.attend_backward, mla_attend_lca, (q, c, r, cb, rb), dout, kw,
+                 dtype, ["dq", "dlatent", "dkpos", "dlatent_bar", "dkpos_bar"],
+                 f"mla attend {case}")
 
 
 # -- condense_backward -------------------------------------------------------------------------
@@ -138,12 +147,8 @@ def test_gqa_condense_backward(case, dtype, key_mode):
         rand(gen, (B, L, Hkv, Dv), dtype)
     dkbar, dvbar = rand(gen, (B, m, Hkv, D), dtype), rand(gen, (B, m, Hkv, Dv), dtype)
     kw = dict(group_size=g, n_summary=n, key_mode=key_mode)
-    got = lca.gqa_condense_backward(dkbar, dvbar, q, k, v, **kw)
-    ref = lca.gqa_condense_backward(to_np(dkbar), to_np(dvbar), *(to_np(x) for x in (q, k, v)),
-                                    **kw)
-    naive = None if dtype == "float32" else \
-        naive_grads(gqa_condense_lca, (q, k, v), (dkbar, dvbar), kw)
-    check_grads(got, ref, naive, dtype, ["dq", "dk", "dv"], f"gqa condense {case} {key_mode}")
+    check_condense(lca.gqa_condense_backward, gqa_condense_lca, (dkbar, dvbar), (q, k, v), kw,
+                   dtype, ["dq", "dk", "dv"], f"gqa condense {case} {key_mode}")
 
 
 MLA_CONDENSE = [  # B, L, H, Dc, Dr, g, n, score
@@ -162,11 +167,8 @@ def test_mla_condense_backward(case, dtype):
         rand(gen, (B, L, Dr), dtype)
     dcb, drb = rand(gen, (B, m, Dc), dtype), rand(gen, (B, m, Dr), dtype)
     kw = dict(group_size=g, n_summary=n, score=score)
-    got = lca.condense_backward(dcb, drb, q, c, r, **kw)
-    ref = lca.condense_backward(to_np(dcb), to_np(drb), *(to_np(x) for x in (q, c, r)), **kw)
-    naive = None if dtype == "float32" else \
-        naive_grads(mla_condense_lca, (q, c, r), (dcb, drb), kw)
-    check_grads(got, ref, naive, dtype, ["dq", "dlatent", "dkpos"], f"mla condense {case}")
+    check_condense(lca.condense_backward, mla_condense_lca, (dcb, drb), (q, c, r), kw, dtype,
+                   ["dq", "dlatent", "dkpos"], f"mla condense {case}")
 
 
 # -- attention_backward == attend_backward + condense_backward ---------------------------------
@@ -189,6 +191,30 @@ def check_sum(parts_a, parts_b, whole, ref, naive, dtype, names, what):
             assert err <= lim, f"{what} {nm}: {dtype} split error {err:.2e} > {lim:.2e}"
 
 
+def check_chain(kind, args, dout, ck, akw, dtype, names, what):
+    """attention_backward against attend_backward over condense's entries + condense_backward
+    of their gradients (ck: condense's keywords, akw: attend's)."""
+    if kind == "gqa":
+        condense, attention, whole_bwd, attend_bwd, condense_bwd, naive_fn = (
+            lca.gqa_condense, lca.gqa_attention, lca.gqa_attention_backward,
+            lca.gqa_attend_backward, lca.gqa_condense_backward, gqa_lca)
+    else:
+        condense, attention, whole_bwd, attend_bwd, condense_bwd, naive_fn = (
+            lca.condense, lca.attention, lca.attention_backward, lca.attend_backward,
+            lca.condense_backward, mla_lca)
+    kw = dict(ck, **akw)
+    entries = condense(*args, **ck)[:2]
+    out, lse = attention(*args, return_lse=True, **kw)
+    whole = whole_bwd(dout, *args, out, lse, **kw)
+    parts = attend_bwd(dout, *args, *entries, out, lse, **akw)
+    cparts = condense_bwd(*parts[3:], *args, **ck)
+    args64 = [to_np(x) for x in args]
+    o64, l64 = attention(*args64, return_lse=True, **kw)
+    ref = whole_bwd(to_np(dout), *args64, o64, l64, **kw)
+    naive = None if dtype == "float32" else naive_grads(naive_fn, args, dout, kw)
+    check_sum(parts[:3], cparts, whole, ref, naive, dtype, names, what)
+
+
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("key_mode", ["anchor", "pool"])
@@ -199,20 +225,9 @@ def test_gqa_attention_backward_is_the_sum(key_mode, dtype, path, monkeypatch):
     q, k, v = rand(gen, (B, L, H, D), dtype), rand(gen, (B, L, Hkv, D), dtype), \
         rand(gen, (B, L, Hkv, Dv), dtype)
     dout = rand(gen, (B, L, H, Dv), dtype)
-    ck = dict(group_size=8, n_summary=5, key_mode=key_mode)
-    kw = dict(ck, window=30, rep_bias=0.2)
-    akw = dict(group_size=8, window=30, rep_bias=0.2)
-    kbar, vbar, _, _ = lca.gqa_condense(q, k, v, **ck)
-    out, lse = lca.gqa_attention(q, k, v, return_lse=True, **kw)
-    whole = lca.gqa_attention_backward(dout, q, k, v, out, lse, **kw)
-    dq, dk, dv, dkb, dvb = lca.gqa_attend_backward(dout, q, k, v, kbar, vbar, out, lse, **akw)
-    cq, ckk, cv = lca.gqa_condense_backward(dkb, dvb, q, k, v, **ck)
-    args64 = [to_np(x) for x in (q, k, v)]
-    o64, l64 = lca.gqa_attention(*args64, return_lse=True, **kw)
-    ref = lca.gqa_attention_backward(to_np(dout), *args64, o64, l64, **kw)
-    naive = None if dtype == "float32" else naive_grads(gqa_lca, (q, k, v), dout, kw)
-    check_sum((dq, dk, dv), (cq, ckk, cv), whole, ref, naive, dtype, ["dq", "dk", "dv"],
-              f"gqa sum {key_mode} {path}")
+    check_chain("gqa", (q, k, v), dout, dict(group_size=8, n_summary=5, key_mode=key_mode),
+                dict(group_size=8, window=30, rep_bias=0.2), dtype, ["dq", "dk", "dv"],
+                f"gqa sum {key_mode} {path}")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -223,20 +238,9 @@ def test_mla_attention_backward_is_the_sum(score, dtype):
     q, c, r = rand(gen, (B, L, H, Dc + Dr), dtype), rand(gen, (B, L, Dc), dtype), \
         rand(gen, (B, L, Dr), dtype)
     dout = rand(gen, (B, L, H, Dc), dtype)
-    ck = dict(group_size=8, n_summary=4, score=score)
-    kw = dict(ck, window=20)
-    cb, rb, _, _ = lca.condense(q, c, r, **ck)
-    out, lse = lca.attention(q, c, r, return_lse=True, **kw)
-    whole = lca.attention_backward(dout, q, c, r, out, lse, **kw)
-    dq, dc, dr, dcb, drb = lca.attend_backward(dout, q, c, r, cb, rb, out, lse, group_size=8,
-                                               window=20)
-    cq, cc, cr = lca.condense_backward(dcb, drb, q, c, r, **ck)
-    args64 = [to_np(x) for x in (q, c, r)]
-    o64, l64 = lca.attention(*args64, return_lse=True, **kw)
-    ref = lca.attention_backward(to_np(dout), *args64, o64, l64, **kw)
-    naive = None if dtype == "float32" else naive_grads(mla_lca, (q, c, r), dout, kw)
-    check_sum((dq, dc, dr), (cq, cc, cr), whole, ref, naive, dtype, ["dq", "dlatent", "dkpos"],
-              f"mla sum {score}")
+    check_chain("mla", (q, c, r), dout, dict(group_size=8, n_summary=4, score=score),
+                dict(group_size=8, window=20), dtype, ["dq", "dlatent", "dkpos"],
+                f"mla sum {score}")
 
 
 # -- determinism, streams, views, autograd, errors ---------------------------------------------
