@@ -312,6 +312,18 @@ def test_unbatched_and_sliced_entries():
     assert torch.equal(dq, wq[0]) and torch.equal(dk, wk[0]) and torch.equal(dv, wv[0])
 
 
+def test_no_queries():
+    """L = 0 with given rows: the entries' gradients are zeros, written (not left poisoned)."""
+    q = torch.randn(1, 0, 2, 16, device="cuda")
+    k = torch.randn(1, 0, 1, 16, device="cuda")
+    kbar, vbar = torch.randn(1, 3, 1, 16, device="cuda"), torch.randn(1, 3, 1, 16, device="cuda")
+    got = lca.gqa_attend_backward(q, q, k, k, kbar, vbar, q, torch.zeros(1, 2, 0, device="cuda"),
+                                  group_size=4, window=4)
+    assert [tuple(x.shape) for x in got] == [(1, 0, 2, 16), (1, 0, 1, 16), (1, 0, 1, 16),
+                                             (1, 3, 1, 16), (1, 3, 1, 16)]
+    assert not got[3].any() and not got[4].any()
+
+
 def test_torch_autograd_through_given_entries():
     """lca.torch.gqa_attend / attend on CUDA tensors: backward reaches all five inputs and
     equals lca.gqa_attend_backward / attend_backward (the custom ops call them)."""

@@ -306,7 +306,7 @@ enum Part { kWhole, kAttend, kCondense };
 template <typename T> struct Bwd {
     static int run(const lca_params *p, const BwdWork *w, Part part, int mma,
                    const lca_view *dkbar, const lca_view *dvbar, cudaStream_t stream) {
-        if (part != kCondense) {
+        if (part != kCondense && p->L > 0) {
             const int64_t rows = p->B * p->L * p->H;
             bwd_delta_kernel<T><<<(unsigned)((rows + kBwdWarps - 1) / kBwdWarps), 32 * kBwdWarps,
                                   0, stream>>>(*p, w->delta);
@@ -322,6 +322,13 @@ template <typename T> struct Bwd {
             }
         }
         if (part == kAttend) {             /* the entries' gradients: B m rows as B "L" rows */
+            if (p->L == 0) {               /* no query: zeros */
+                const size_t n = sizeof(float) * (size_t)(p->B * p->m * p->Hkv);
+                cudaError_t e = cudaMemsetAsync(w->dkb, 0, n * (size_t)p->D, stream);
+                if (e == cudaSuccess && !p->v_in_k)
+                    e = cudaMemsetAsync(w->dvb, 0, n * (size_t)p->Dv, stream);
+                if (e != cudaSuccess) return LCA_ERR_CUDA;
+            }
             lca_params pe = *p;
             pe.L = p->m, pe.m = 0;
             finish<T, 1>(&pe, w, w->dkb, *dkbar, p->Hkv, p->D, stream);
@@ -404,7 +411,7 @@ namespace lca {
 int backward(const lca_params *p0, Part part, const lca_view *dkbar, const lca_view *dvbar,
              void *workspace, int64_t workspace_bytes, int device, void *stream, char *err,
              int errlen, const char *what) {
-    if (p0->B == 0 || p0->L == 0) return LCA_OK;
+    if (p0->B == 0 || (p0->L == 0 && (part != kAttend || p0->m == 0))) return LCA_OK;
     if (p0->D > 1024 || p0->Dv > 1024) {
         snprintf(err, (size_t)errlen, "%s: head widths D=%lld, Dv=%lld; the CUDA engine "
                  "supports up to 1024", what, (long long)p0->D, (long long)p0->Dv);
