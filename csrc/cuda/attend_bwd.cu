@@ -417,7 +417,7 @@ int backward(const lca_params *p0, Part part, const lca_view *dkbar, const lca_v
                  "supports up to 1024", what, (long long)p0->D, (long long)p0->Dv);
         return LCA_ERR_UNSUPPORTED;
     }
-    if (p0->D + 2 * p0->g > 12288) {
+    if (part != kAttend && p0->D + 2 * p0->g > 12288) {   /* bwd_condense_kernel's smem */
         snprintf(err, (size_t)errlen, "%s: head width + 2 group_size = %lld exceeds 12288 "
                  "(shared memory)", what, (long long)(p0->D + 2 * p0->g));
         return LCA_ERR_UNSUPPORTED;
