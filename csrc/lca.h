@@ -119,12 +119,30 @@ int lca_cuda_attend_fwd(const lca_params *p, int device, void *stream, char *err
 int lca_cuda_device_count(void);
 /* SPEC §5 backward on the GPU: dq, dk, dv (every element written; v_in_k: dv is dk's prefix
  * view) from dout, q, k, v, out and the forward's lse (float32).  Needs a scratch buffer of
- * lca_cuda_bwd_workspace(p) bytes, 256-byte aligned, allocated by the caller on the device
+ * lca_cuda_bwd_workspace(p) bytes (rows of condensed entries: L / g, or p->m when more),
+ * 256-byte aligned, allocated by the caller on the device
  * (stream-ordered: it may be reused once the work queued on `stream` is done).  Deterministic:
  * the same inputs give bit-identical gradients. */
 int64_t lca_cuda_bwd_workspace(const lca_params *p);
 int lca_cuda_attention_bwd(const lca_params *p, void *workspace, int64_t workspace_bytes,
                            int device, void *stream, char *err, int errlen);
+/* The two parts of lca_cuda_attention_bwd on their own, as lca_cpu_attend_bwd and
+ * lca_cpu_condense_bwd (same arguments and contracts, except that every element of dq, dk, dv,
+ * dkbar, dvbar is written: the outputs need not be zeroed), with a workspace of
+ * lca_cuda_bwd_workspace(p) bytes as above (p->m set: the given rows for attend_bwd).
+ *   attend_bwd: SPEC §3's backward over the given p->kbar, p->vbar (p->m rows, any number at
+ *     least the last query's G_t; rows no query sees get zero gradients): dq, dk, dv without
+ *     any condensation term, and the entries' gradients into dkbar, dvbar (B, m, Hkv, D / Dv;
+ *     with v_in_k dvbar is dkbar's prefix view, dkbar then holding the value columns' sums).
+ *   condense_bwd: given dkbar, dvbar (B, L / g, Hkv, D / Dv; dvbar unused with v_in_k), the
+ *     condensation recomputed, and dq, dk, dv = its backward alone (zero outside the groups'
+ *     terms).  attention_bwd = attend_bwd (on the recomputed entries) + condense_bwd. */
+int lca_cuda_attend_bwd(const lca_params *p, const lca_view *dkbar, const lca_view *dvbar,
+                        void *workspace, int64_t workspace_bytes, int device, void *stream,
+                        char *err, int errlen);
+int lca_cuda_condense_bwd(const lca_params *p, const lca_view *dkbar, const lca_view *dvbar,
+                          void *workspace, int64_t workspace_bytes, int device, void *stream,
+                          char *err, int errlen);
 /* The kernel the last lca_cuda_attend_fwd call launched: "mla_wgmma", "mla", "wide", "mma",
  * "simt" ("": none). */
 const char *lca_cuda_last_attend_kernel(void);

@@ -578,13 +578,14 @@ static PyObject *py_cuda_attend(PyObject *self, PyObject *args) {
 }
 
 PyDoc_STRVAR(cuda_backward_workspace_doc, "cuda_backward_workspace(dtype, B, L, H, Hkv, D, Dv, g, "
-             "v_in_k): bytes of scratch cuda_backward needs.");
+             "v_in_k[, m]): bytes of scratch cuda_backward, cuda_condense_backward and (with m, "
+             "the given condensed rows) cuda_attend_backward need.");
 
 static PyObject *py_cuda_backward_workspace(PyObject *self, PyObject *args) {
     lca_params p = {0};
     int dtype;
-    if (!PyArg_ParseTuple(args, "iLLLLLLLi", &dtype, &p.B, &p.L, &p.H, &p.Hkv, &p.D, &p.Dv, &p.g,
-                          &p.v_in_k))
+    if (!PyArg_ParseTuple(args, "iLLLLLLLi|L", &dtype, &p.B, &p.L, &p.H, &p.Hkv, &p.D, &p.Dv, &p.g,
+                          &p.v_in_k, &p.m))
         return NULL;
     if (p.D > 1024 || p.Dv > 1024) {   /* the same words as the backward itself */
         PyErr_Format(PyExc_NotImplementedError, "attention backward on CUDA: head widths D=%lld, "
@@ -593,10 +594,10 @@ static PyObject *py_cuda_backward_workspace(PyObject *self, PyObject *args) {
         return NULL;
     }
     if (p.B < 0 || p.L < 0 || p.H < 1 || p.Hkv < 1 || p.D < 1 || p.Dv < 1 || p.g < 1 ||
-        p.g > INT32_MAX ||
+        p.g > INT32_MAX || p.m < 0 ||
         /* the workspace's products stay far from int64 overflow (in double: no wrap here) */
-        (double)p.B * (double)p.L * (double)(p.H + p.Hkv) * (double)(p.D + p.Dv + p.g + 16) >
-            (double)((int64_t)1 << 56)) {
+        (double)p.B * (double)(p.L + p.m) * (double)(p.H + p.Hkv) *
+                (double)(p.D + p.Dv + p.g + 16) > (double)((int64_t)1 << 56)) {
         PyErr_SetString(PyExc_ValueError, "cuda_backward_workspace: sizes out of range");
         return NULL;
     }
@@ -607,6 +608,55 @@ static PyObject *py_cuda_backward_workspace(PyObject *self, PyObject *args) {
     }
     p.dtype = (lca_dtype)dtype;
     return PyLong_FromLongLong(lca_cuda_bwd_workspace(&p));
+}
+
+/* out, dout (B, L, H, Dv) and lse (B, H, L) of a CUDA backward call. */
+static int cuda_dout_descs(lca_params *p, PyObject *dout, PyObject *out, PyObject *lse) {
+    npy_intp s[4], wo[4] = {p->B, p->L, p->H, p->Dv}, wl[3] = {p->B, p->H, p->L};
+    if (desc_of(out, "out", 4, s, &p->out) || same_shape("out", s, wo, 4) ||
+        desc_of(dout, "dout", 4, s, &p->dout) || same_shape("dout", s, wo, 4) ||
+        desc_of(lse, "lse", 3, s, &p->lse) || same_shape("lse", s, wl, 3))
+        return -1;
+    return 0;
+}
+
+/* dq, dk, dv of a CUDA backward call: the shapes of q, k, v (with v_in_k dv is dk's prefix). */
+static int cuda_grad_descs(lca_params *p, PyObject *dq, PyObject *dk, PyObject *dv) {
+    npy_intp s[4], wq[4] = {p->B, p->L, p->H, p->D}, wk[4] = {p->B, p->L, p->Hkv, p->D};
+    npy_intp wv[4] = {p->B, p->L, p->Hkv, p->Dv};
+    if (desc_of(dq, "dq", 4, s, &p->dq) || same_shape("dq", s, wq, 4) ||
+        desc_of(dk, "dk", 4, s, &p->dk) || same_shape("dk", s, wk, 4) ||
+        desc_of(dv, "dv", 4, s, &p->dv) || same_shape("dv", s, wv, 4))
+        return -1;
+    if (p->v_in_k && !same_view(&p->dv, &p->dk)) {
+        PyErr_SetString(PyExc_ValueError, "v_in_k: dv must be a prefix view of dk");
+        return -1;
+    }
+    return 0;
+}
+
+/* dkbar, dvbar of shapes wk, wv (with v_in_k dvbar is dkbar's prefix view). */
+static int cuda_entry_grad_descs(const lca_params *p, PyObject *dkbar, PyObject *dvbar,
+                                 const npy_intp *wk, const npy_intp *wv, lca_view *dkb,
+                                 lca_view *dvb) {
+    npy_intp s[4];
+    if (desc_of(dkbar, "dkbar", 4, s, dkb) || same_shape("dkbar", s, wk, 4) ||
+        desc_of(dvbar, "dvbar", 4, s, dvb) || same_shape("dvbar", s, wv, 4))
+        return -1;
+    if (p->v_in_k && !same_view(dvb, dkb)) {
+        PyErr_SetString(PyExc_ValueError, "v_in_k: dvbar must be a prefix view of dkbar");
+        return -1;
+    }
+    return 0;
+}
+
+/* A bad workspace is the caller's ValueError; the rest as cuda_finish. */
+static PyObject *cuda_bwd_finish(int status, const char *err) {
+    if (status == LCA_ERR_ARG) {
+        PyErr_SetString(PyExc_ValueError, err);
+        return NULL;
+    }
+    return cuda_finish(status, err);
 }
 
 PyDoc_STRVAR(cuda_backward_doc, "cuda_backward(dtype, dout, q, k, v, out, lse, dq, dk, dv, "
@@ -623,32 +673,80 @@ static PyObject *py_cuda_backward(PyObject *self, PyObject *args) {
                           &lse, &dq, &dk, &dv, &ws_ptr, &ws_bytes, &p.g, &p.w, &p.n, &p.scale,
                           &p.rep_bias, &p.d_score, &p.d_pool, &p.v_in_k, &device, &stream))
         return NULL;
-    if (cuda_qkv(&p, dtype, q, k, v) || lca_params_check(&p)) return NULL;
-    npy_intp s[4], wq[4] = {p.B, p.L, p.H, p.D}, wk[4] = {p.B, p.L, p.Hkv, p.D};
-    npy_intp wv[4] = {p.B, p.L, p.Hkv, p.Dv}, wo[4] = {p.B, p.L, p.H, p.Dv};
-    npy_intp wl[3] = {p.B, p.H, p.L};
-    if (desc_of(out, "out", 4, s, &p.out) || same_shape("out", s, wo, 4) ||
-        desc_of(dout, "dout", 4, s, &p.dout) || same_shape("dout", s, wo, 4) ||
-        desc_of(lse, "lse", 3, s, &p.lse) || same_shape("lse", s, wl, 3) ||
-        desc_of(dq, "dq", 4, s, &p.dq) || same_shape("dq", s, wq, 4) ||
-        desc_of(dk, "dk", 4, s, &p.dk) || same_shape("dk", s, wk, 4) ||
-        desc_of(dv, "dv", 4, s, &p.dv) || same_shape("dv", s, wv, 4))
+    if (cuda_qkv(&p, dtype, q, k, v) || lca_params_check(&p) ||
+        cuda_dout_descs(&p, dout, out, lse) || cuda_grad_descs(&p, dq, dk, dv))
         return NULL;
-    if (p.v_in_k && !same_view(&p.dv, &p.dk)) {
-        PyErr_SetString(PyExc_ValueError, "v_in_k: dv must be a prefix view of dk");
-        return NULL;
-    }
     char err[256] = "";
     int status;
     Py_BEGIN_ALLOW_THREADS
     status = lca_cuda_attention_bwd(&p, (void *)(uintptr_t)ws_ptr, (int64_t)ws_bytes, device,
                                     (void *)(uintptr_t)stream, err, sizeof err);
     Py_END_ALLOW_THREADS
-    if (status == LCA_ERR_ARG) {
-        PyErr_SetString(PyExc_ValueError, err);
+    return cuda_bwd_finish(status, err);
+}
+
+PyDoc_STRVAR(cuda_attend_backward_doc, "cuda_attend_backward(dtype, dout, q, k, v, kbar, vbar, "
+             "out, lse, dq, dk, dv, dkbar, dvbar, (workspace_ptr, workspace_bytes), g, w, scale, "
+             "rep_bias, v_in_k, device, stream): the gradients of attend over the given kbar, "
+             "vbar on the GPU into dq, dk, dv, dkbar, dvbar (lse float32).");
+
+static PyObject *py_cuda_attend_backward(PyObject *self, PyObject *args) {
+    PyObject *dout, *q, *k, *v, *kbar, *vbar, *out, *lse, *dq, *dk, *dv, *dkbar, *dvbar;
+    int dtype, device;
+    unsigned long long stream, ws_ptr;
+    long long ws_bytes;
+    lca_params p = {0};
+    if (!PyArg_ParseTuple(args, "iOOOOOOOOOOOOO(KL)LLddiiK", &dtype, &dout, &q, &k, &v, &kbar,
+                          &vbar, &out, &lse, &dq, &dk, &dv, &dkbar, &dvbar, &ws_ptr, &ws_bytes,
+                          &p.g, &p.w, &p.scale, &p.rep_bias, &p.v_in_k, &device, &stream))
         return NULL;
-    }
-    return cuda_finish(status, err);
+    if (cuda_qkv(&p, dtype, q, k, v)) return NULL;
+    p.n = 1, p.d_score = p.d_pool = p.D;                    /* as attend: no condensation */
+    npy_intp sk[4], sv[4];
+    lca_view dkb, dvb;
+    if (lca_params_check(&p) || cuda_dout_descs(&p, dout, out, lse) ||
+        cuda_grad_descs(&p, dq, dk, dv) || desc_of(kbar, "kbar", 4, sk, &p.kbar) ||
+        desc_of(vbar, "vbar", 4, sv, &p.vbar) || given_condensed(&p, sk, sv) ||
+        cuda_entry_grad_descs(&p, dkbar, dvbar, sk, sv, &dkb, &dvb))
+        return NULL;
+    char err[256] = "";
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = lca_cuda_attend_bwd(&p, &dkb, &dvb, (void *)(uintptr_t)ws_ptr, (int64_t)ws_bytes,
+                                 device, (void *)(uintptr_t)stream, err, sizeof err);
+    Py_END_ALLOW_THREADS
+    return cuda_bwd_finish(status, err);
+}
+
+PyDoc_STRVAR(cuda_condense_backward_doc, "cuda_condense_backward(dtype, q, k, v, dkbar, dvbar, dq, "
+             "dk, dv, (workspace_ptr, workspace_bytes), g, n, scale, d_score, d_pool, v_in_k, "
+             "device, stream): the condensation's backward alone on the GPU, given dkbar, dvbar "
+             "(L / g rows), into dq, dk, dv.");
+
+static PyObject *py_cuda_condense_backward(PyObject *self, PyObject *args) {
+    PyObject *q, *k, *v, *dkbar, *dvbar, *dq, *dk, *dv;
+    int dtype, device;
+    unsigned long long stream, ws_ptr;
+    long long ws_bytes;
+    lca_params p = {0};
+    if (!PyArg_ParseTuple(args, "iOOOOOOOO(KL)LLdLLiiK", &dtype, &q, &k, &v, &dkbar, &dvbar, &dq,
+                          &dk, &dv, &ws_ptr, &ws_bytes, &p.g, &p.n, &p.scale, &p.d_score,
+                          &p.d_pool, &p.v_in_k, &device, &stream))
+        return NULL;
+    if (cuda_qkv(&p, dtype, q, k, v) || lca_params_check(&p)) return NULL;
+    p.m = p.L / p.g;
+    npy_intp wk[4] = {p.B, p.m, p.Hkv, p.D}, wv[4] = {p.B, p.m, p.Hkv, p.Dv};
+    lca_view dkb, dvb;
+    if (cuda_grad_descs(&p, dq, dk, dv) ||
+        cuda_entry_grad_descs(&p, dkbar, dvbar, wk, wv, &dkb, &dvb))
+        return NULL;
+    char err[256] = "";
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = lca_cuda_condense_bwd(&p, &dkb, &dvb, (void *)(uintptr_t)ws_ptr, (int64_t)ws_bytes,
+                                   device, (void *)(uintptr_t)stream, err, sizeof err);
+    Py_END_ALLOW_THREADS
+    return cuda_bwd_finish(status, err);
 }
 
 PyDoc_STRVAR(cuda_decode_step_doc, "cuda_decode_step(dtype, q, k, v, out, kbar, vbar, kr, vr, "
@@ -723,6 +821,9 @@ static PyMethodDef methods[] = {
     {"cuda_condense", py_cuda_condense, METH_VARARGS, cuda_condense_doc},
     {"cuda_attend", py_cuda_attend, METH_VARARGS, cuda_attend_doc},
     {"cuda_backward", py_cuda_backward, METH_VARARGS, cuda_backward_doc},
+    {"cuda_attend_backward", py_cuda_attend_backward, METH_VARARGS, cuda_attend_backward_doc},
+    {"cuda_condense_backward", py_cuda_condense_backward, METH_VARARGS,
+     cuda_condense_backward_doc},
     {"cuda_backward_workspace", py_cuda_backward_workspace, METH_VARARGS,
      cuda_backward_workspace_doc},
     {"cuda_decode_step", py_cuda_decode_step, METH_VARARGS, cuda_decode_step_doc},

@@ -285,14 +285,11 @@ def _backward(fe, code, dout, q, k, v, out, lse, cfg, d_score, d_pool, v_in_k):
     return dq, dk, dv
 
 
-def _attend_backward(fe, dout, q, k, v, kbar, vbar, out, lse, cfg, v_in_k):
-    """dq, dk, dv, dkbar, dvbar of attend over the given kbar, vbar (CPU engine)."""
-    if fe:
-        raise NotImplementedError(
-            "the backward of attend / gqa_attend (gradients for given condensed entries) on "
-            "CUDA arrays: not implemented yet (the CPU engine has it; attention_backward and "
-            "gqa_attention_backward run on CUDA)")
+def _attend_backward(fe, code, dout, q, k, v, kbar, vbar, out, lse, cfg, v_in_k):
+    """dq, dk, dv, dkbar, dvbar of attend over the given kbar, vbar."""
     _check_grad_shapes(q, v, dout, out, lse)
+    if fe:
+        return _cuda.attend_backward(fe, code, dout, q, k, v, kbar, vbar, out, lse, cfg, v_in_k)
     dout, out, lse = _cpu_grad_inputs(q, dout, out, lse)
     dq, dk, dv = _zero_grads(q, k, v, v_in_k)
     dkbar = np.zeros(kbar.shape, q.dtype)
@@ -302,31 +299,41 @@ def _attend_backward(fe, dout, q, k, v, kbar, vbar, out, lse, cfg, v_in_k):
     return dq, dk, dv, dkbar, dvbar
 
 
-def _condense_backward(fe, grads, names, q, k, v, cfg, d_score, d_pool, v_in_k, batched):
-    """dq, dk, dv of condense's pooled entries, given their gradients (CPU engine)."""
-    if fe:
-        raise NotImplementedError(
-            "the backward of condense / gqa_condense alone on CUDA arrays: not implemented yet "
-            "(the CPU engine has it; attention_backward and gqa_attention_backward, which "
-            "include it, run on CUDA)")
+def _condense_backward(fe, code, grads, names, q, k, v, cfg, d_score, d_pool, v_in_k, batched):
+    """dq, dk, dv of condense's pooled entries, given their gradients."""
     B, L, H, D = q.shape
     Hkv, Dv = k.shape[2], v.shape[3]
-    grads = [as_array(a, nm) for a, nm in zip(grads, names)]
-    same_dtype([q] + grads, ["q"] + names)
+    if fe:
+        _cuda.check_same(fe, q, grads, names)
+    else:
+        grads = [as_array(a, nm) for a, nm in zip(grads, names)]
+        same_dtype([q] + grads, ["q"] + names)
     if not batched:
         grads = [a[None] if a.ndim >= 1 else a for a in grads]
-    dkbar = np.zeros((B, cfg.m, Hkv, D), q.dtype)
-    dvbar = dkbar[..., :Dv] if v_in_k else np.zeros((B, cfg.m, Hkv, Dv), q.dtype)
     if v_in_k:                               # MLA: grads = (dlatent_bar, dkpos_bar)
         shapes = [(B, cfg.m, Dv), (B, cfg.m, D - Dv)]
-        targets = [dkbar[:, :, 0, :Dv], dkbar[:, :, 0, Dv:]]
     else:
-        shapes, targets = [(B, cfg.m, Hkv, D), (B, cfg.m, Hkv, Dv)], [dkbar, dvbar]
-    for a, nm, shape, t in zip(grads, names, shapes, targets):
+        shapes = [(B, cfg.m, Hkv, D), (B, cfg.m, Hkv, Dv)]
+    for a, nm, shape in zip(grads, names, shapes):
         want = shape if batched else shape[1:]
         if tuple(a.shape) != shape:
             raise ValueError(f"{nm}: expected shape {want}, got "
                              f"{tuple(a.shape) if batched else tuple(a.shape)[1:]}")
+    if fe:
+        if v_in_k:                           # the engine's (B, m, 1, Dc+Dr) entry gradients
+            dkbar = fe.cat([grads[0][:, :, None], grads[1][:, :, None]], axis=3)
+            dvbar = dkbar[..., :Dv]
+        else:
+            dkbar, dvbar = (fe.contiguous_last(a) for a in grads)
+        return _cuda.condense_backward(fe, code, q, k, v, dkbar, dvbar, cfg, d_score, d_pool,
+                                       v_in_k)
+    dkbar = np.zeros((B, cfg.m, Hkv, D), q.dtype)
+    dvbar = dkbar[..., :Dv] if v_in_k else np.zeros((B, cfg.m, Hkv, Dv), q.dtype)
+    if v_in_k:
+        targets = [dkbar[:, :, 0, :Dv], dkbar[:, :, 0, Dv:]]
+    else:
+        targets = [dkbar, dvbar]
+    for a, t in zip(grads, targets):
         t[...] = a
     dq, dk, dv = _zero_grads(q, k, v, v_in_k)
     _C.condense_backward(q, k, v, dkbar, dvbar, dq, dk, dv, cfg.g, cfg.n, cfg.scale, d_score,
@@ -420,15 +427,15 @@ def condense_backward(dlatent_bar, dkpos_bar, q, latent, kpos, *, group_size=16,
     """Gradient of condense()'s pooled entries alone: given dlatent_bar (B, m, Dc) and
     dkpos_bar (B, m, Dr), (dq, dlatent, dkpos) through the pooling weights, the anchor copy and
     the summary queries (anchor and alpha are not differentiated).  attention_backward is
-    attend_backward plus this.  CPU engine; CUDA arrays raise NotImplementedError."""
+    attend_backward plus this.  (CUDA arrays: not yet run on a GPU.)"""
     batched, fe, code, q, k, v = _mla_inputs(q, latent, kpos)
     cfg = _mla_cfg(q, dict(group_size=group_size, n_summary=n_summary,
                            softmax_scale=softmax_scale))
     Dq, Dc = q.shape[3], v.shape[3]
-    dq, dk, _ = _condense_backward(fe, [dlatent_bar, dkpos_bar], ["dlatent_bar", "dkpos_bar"],
-                                   q, k, v, cfg, _score_dims(score, Dc, Dq), Dc, 1, batched)
-    return _unbatch(batched, dq, np.ascontiguousarray(dk[:, :, 0, :Dc]),
-                    np.ascontiguousarray(dk[:, :, 0, Dc:]))
+    dq, dk, _ = _condense_backward(fe, code, [dlatent_bar, dkpos_bar],
+                                   ["dlatent_bar", "dkpos_bar"], q, k, v, cfg,
+                                   _score_dims(score, Dc, Dq), Dc, 1, batched)
+    return _unbatch(batched, dq, _contig(fe, dk[:, :, 0, :Dc]), _contig(fe, dk[:, :, 0, Dc:]))
 
 
 @_caller_type
@@ -450,16 +457,16 @@ def attend_backward(dout, q, latent, kpos, latent_bar, kpos_bar, out, lse, *, gr
                     window=1024, softmax_scale=None, rep_bias=0.0):
     """Gradient of attend() with the condensed entries as inputs of their own (no condensation
     to differentiate through): (dq, dlatent, dkpos, dlatent_bar, dkpos_bar).  out and lse are
-    attend()'s.  For research code that supplies its own condensation.  CPU engine; CUDA
-    arrays raise NotImplementedError."""
+    attend()'s.  For research code that supplies its own condensation.  (CUDA arrays: not
+    yet run on a GPU.)"""
     batched, fe, code, q, k, v = _mla_inputs(q, latent, kpos)
     cfg = _mla_cfg(q, dict(group_size=group_size, window=window, softmax_scale=softmax_scale,
                            rep_bias=rep_bias))
     Dc = v.shape[3]
     kbar = _mla_entries(fe, q, batched, latent_bar, kpos_bar, Dc, cfg)
     dout, out, lse = _backward_inputs(fe, q, dout, out, lse, batched)
-    dq, dk, _, dkb, _ = _attend_backward(fe, dout, q, k, v, kbar, kbar[..., :Dc], out, lse, cfg,
-                                         1)
+    dq, dk, _, dkb, _ = _attend_backward(fe, code, dout, q, k, v, kbar, kbar[..., :Dc], out,
+                                         lse, cfg, 1)
     return _unbatch(batched, dq, _contig(fe, dk[:, :, 0, :Dc]), _contig(fe, dk[:, :, 0, Dc:]),
                     _contig(fe, dkb[:, :, 0, :Dc]), _contig(fe, dkb[:, :, 0, Dc:]))
 
@@ -519,14 +526,15 @@ def gqa_condense(q, k, v, *, group_size=16, n_summary=None, softmax_scale=None,
 def gqa_condense_backward(dkbar, dvbar, q, k, v, *, group_size=16, n_summary=None,
                           softmax_scale=None, key_mode="anchor"):
     """Gradient of gqa_condense()'s kbar, vbar alone: (dq, dk, dv) given dkbar (B, m, Hkv, D)
-    and dvbar (B, m, Hkv, Dv).  gqa_attention_backward is gqa_attend_backward plus this.  CPU
-    engine; CUDA arrays raise NotImplementedError."""
+    and dvbar (B, m, Hkv, Dv).  gqa_attention_backward is gqa_attend_backward plus this.  (CUDA
+    arrays: not yet run on a GPU.)"""
     batched, fe, code, q, k, v = _gqa_inputs(q, k, v)
     D = q.shape[3]
     cfg = _Cfg(q.shape[1], D, group_size=group_size, n_summary=n_summary,
                softmax_scale=softmax_scale)
-    return _unbatch(batched, *_condense_backward(fe, [dkbar, dvbar], ["dkbar", "dvbar"], q, k, v,
-                                                 cfg, D, _gqa_pool(key_mode, D), 0, batched))
+    return _unbatch(batched, *_condense_backward(fe, code, [dkbar, dvbar], ["dkbar", "dvbar"], q,
+                                                 k, v, cfg, D, _gqa_pool(key_mode, D), 0,
+                                                 batched))
 
 
 @_caller_type
@@ -548,8 +556,7 @@ def gqa_attend(q, k, v, kbar, vbar, *, group_size=16, window=1024, softmax_scale
 def gqa_attend_backward(dout, q, k, v, kbar, vbar, out, lse, *, group_size=16, window=1024,
                         softmax_scale=None, rep_bias=0.0):
     """Gradient of gqa_attend() with kbar, vbar as inputs of their own: (dq, dk, dv, dkbar,
-    dvbar).  out and lse are gqa_attend()'s.  CPU engine; CUDA arrays raise
-    NotImplementedError."""
+    dvbar).  out and lse are gqa_attend()'s.  (CUDA arrays: not yet run on a GPU.)"""
     batched, fe, code, q, k, v = _gqa_inputs(q, k, v)
     B, L, H, D = q.shape
     cfg = _Cfg(L, D, group_size=group_size, window=window, softmax_scale=softmax_scale,
@@ -558,8 +565,8 @@ def gqa_attend_backward(dout, q, k, v, kbar, vbar, out, lse, *, group_size=16, w
                               k.shape[2], cfg)
     dout, out, lse = _backward_inputs(fe, q, dout, out, lse, batched)
     prep = fe.contiguous_last if fe else for_engine
-    return _unbatch(batched, *_attend_backward(fe, dout, q, k, v, prep(kb), prep(vb), out, lse,
-                                               cfg, 0))
+    return _unbatch(batched, *_attend_backward(fe, code, dout, q, k, v, prep(kb), prep(vb), out,
+                                               lse, cfg, 0))
 
 
 @_caller_type

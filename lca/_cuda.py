@@ -185,17 +185,49 @@ def check_grad_inputs(fe, q, dout, out, lse):
     return fe.contiguous_last(dout), fe.contiguous_last(out), fe.contiguous_last(fe.float32(lse))
 
 
-def backward(fe, code, dout, q, k, v, out, lse, cfg, d_score, d_pool, v_in_k):
-    """SPEC §5 gradients (dq, dk, dv) in q's dtype; with v_in_k dv is dk's prefix view."""
+def _grads_and_workspace(fe, code, q, k, v, cfg, v_in_k, m=0):
+    """dq, dk, dv in q's dtype (with v_in_k dv is dk's prefix view) and the backward's scratch
+    (m: the rows of given condensed entries, for attend_backward)."""
     B, L, H, D = q.shape
     Hkv, Dv = k.shape[2], v.shape[3]
     dq = fe.empty((B, L, H, D), like=q)
     dk = fe.empty((B, L, Hkv, D), like=q)
     dv = dk[..., :Dv] if v_in_k else fe.empty((B, L, Hkv, Dv), like=q)
-    nbytes = _C.cuda_backward_workspace(code, B, L, H, Hkv, D, Dv, cfg.g, int(v_in_k))
-    ws = fe.workspace(nbytes)
+    nbytes = _C.cuda_backward_workspace(code, B, L, H, Hkv, D, Dv, cfg.g, int(v_in_k), m)
+    return dq, dk, dv, (fe.workspace(nbytes), nbytes)
+
+
+def backward(fe, code, dout, q, k, v, out, lse, cfg, d_score, d_pool, v_in_k):
+    """SPEC §5 gradients (dq, dk, dv) in q's dtype; with v_in_k dv is dk's prefix view."""
+    dq, dk, dv, (ws, nbytes) = _grads_and_workspace(fe, code, q, k, v, cfg, v_in_k)
     _C.cuda_backward(code, fe.desc(dout), fe.desc(q), fe.desc(k), fe.desc(v), fe.desc(out),
                      fe.desc(lse), fe.desc(dq), fe.desc(dk), fe.desc(dv), (fe.ptr(ws), nbytes),
                      cfg.g, cfg.w, cfg.n, cfg.scale, cfg.rep_bias, d_score, d_pool,
                      int(v_in_k), fe.device_id(q), fe.stream())
+    return dq, dk, dv
+
+
+def attend_backward(fe, code, dout, q, k, v, kbar, vbar, out, lse, cfg, v_in_k):
+    """The gradients of attend over the given kbar, vbar: (dq, dk, dv, dkbar, dvbar) in q's
+    dtype; with v_in_k dv and dvbar are dk's and dkbar's prefix views."""
+    m = kbar.shape[1]
+    dq, dk, dv, (ws, nbytes) = _grads_and_workspace(fe, code, q, k, v, cfg, v_in_k, m)
+    dkbar = fe.empty(tuple(kbar.shape), like=q)
+    dvbar = dkbar[..., :v.shape[3]] if v_in_k else fe.empty(tuple(vbar.shape), like=q)
+    _C.cuda_attend_backward(code, fe.desc(dout), fe.desc(q), fe.desc(k), fe.desc(v),
+                            fe.desc(kbar), fe.desc(vbar), fe.desc(out), fe.desc(lse),
+                            fe.desc(dq), fe.desc(dk), fe.desc(dv), fe.desc(dkbar),
+                            fe.desc(dvbar), (fe.ptr(ws), nbytes), cfg.g, cfg.w, cfg.scale,
+                            cfg.rep_bias, int(v_in_k), fe.device_id(q), fe.stream())
+    return dq, dk, dv, dkbar, dvbar
+
+
+def condense_backward(fe, code, q, k, v, dkbar, dvbar, cfg, d_score, d_pool, v_in_k):
+    """The condensation's backward alone, given dkbar, dvbar (B, L // g, Hkv, D / Dv; with
+    v_in_k dvbar is dkbar's prefix view): (dq, dk, dv) in q's dtype."""
+    dq, dk, dv, (ws, nbytes) = _grads_and_workspace(fe, code, q, k, v, cfg, v_in_k)
+    _C.cuda_condense_backward(code, fe.desc(q), fe.desc(k), fe.desc(v), fe.desc(dkbar),
+                              fe.desc(dvbar), fe.desc(dq), fe.desc(dk), fe.desc(dv),
+                              (fe.ptr(ws), nbytes), cfg.g, cfg.n, cfg.scale, d_score, d_pool,
+                              int(v_in_k), fe.device_id(q), fe.stream())
     return dq, dk, dv

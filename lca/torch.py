@@ -30,8 +30,8 @@ latent output the attention backward needs), lca.attention_backward gives dq_abs
 dkpos (condensation paths included), and the W_UK / W_UV products are differentiated by hand.
 It costs an absorbed forward plus an absorbed backward (more FLOPs than a dedicated non-absorbed
 backward would need: that needs the attention backward over given condensed entries and the
-condensation backward alone — lca.gqa_attend_backward and lca.condense_backward, on the CPU
-engine so far).
+condensation backward alone — lca.gqa_attend_backward and lca.condense_backward, both
+engines; the CUDA path of those two is not yet run on a GPU).
 
 This module imports torch; `import lca` alone never does.
 """
@@ -240,7 +240,8 @@ def gqa_attention(q, k, v, *, group_size=16, window=1024, n_summary=None, softma
 
 # ---------------------------------------------------------------------------------------------
 # SPEC §3 over given condensed entries (lca.attend / lca.gqa_attend): gradients reach the
-# entries too, so research code can train its own condensation (backward: CPU engine only)
+# entries too, so research code can train its own condensation (backward on either engine;
+# its CUDA path, lca_cuda_attend_bwd, is not yet run on a GPU)
 
 def _given_setup(ctx, inputs, output):
     ctx.kw = inputs[5:]
@@ -287,8 +288,7 @@ def gqa_attend(q, k, v, kbar, vbar, *, group_size=16, window=1024, softmax_scale
                rep_bias=0.0, return_lse=False):
     """lca.gqa_attend with autograd: the attention of q over the given condensed entries kbar
     (B, m, Hkv, D), vbar (B, m, Hkv, Dv) and the exact tokens; gradients reach q, k, v, kbar
-    and vbar (lca.gqa_attend_backward: CPU tensors; CUDA tensors raise NotImplementedError in
-    backward)."""
+    and vbar (lca.gqa_attend_backward, on either engine)."""
     _check_tensors([q, k, v, kbar, vbar], ["q", "k", "v", "kbar", "vbar"])
     g, w, _, scale, bias = _keywords(group_size, window, None, softmax_scale, rep_bias)
     out, lse = _gqa_attend(q, k, v, kbar, vbar, g, w, scale, bias)
@@ -335,8 +335,8 @@ _attend.register_autograd(_grad_through(_attend_backward), setup_context=_given_
 def attend(q, latent, kpos, latent_bar, kpos_bar, *, group_size=16, window=1024,
            softmax_scale=None, rep_bias=0.0, return_lse=False):
     """lca.attend with autograd (absorbed MLA over given condensed entries latent_bar (B, m,
-    Dc), kpos_bar (B, m, Dr)); gradients reach all five inputs (lca.attend_backward: CPU
-    tensors; CUDA tensors raise NotImplementedError in backward)."""
+    Dc), kpos_bar (B, m, Dr)); gradients reach all five inputs (lca.attend_backward, on either
+    engine)."""
     _check_tensors([q, latent, kpos, latent_bar, kpos_bar],
                    ["q", "latent", "kpos", "latent_bar", "kpos_bar"])
     g, w, _, scale, bias = _keywords(group_size, window, None, softmax_scale, rep_bias)

@@ -5,7 +5,7 @@ that supplies its own condensation.
 Against central finite differences of lca.attend / lca.gqa_attend in float64, every input
 element perturbed (tiny shapes, more condensed rows given than the last query sees, so the
 unseen rows must get exactly zero); the exact-causal case against gqa_attention_backward; float32
-against float64; the errors."""
+against float64; the errors.  The CUDA engine's versions: tests/test_cuda_attend_grad.py."""
 import numpy as np
 import pytest
 
@@ -120,17 +120,6 @@ def test_errors_name_the_argument(rng):
         lca.gqa_attend_backward(out, q, k, v, kbar, vbar, out, lse[..., :29], **kw)
     with pytest.raises(TypeError, match="vbar"):
         lca.gqa_attend_backward(out, q, k, v, kbar, vbar.astype(np.float32), out, lse, **kw)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not lca.HAS_CUDA, reason="needs a CUDA device")
-def test_cuda_arrays_raise_not_implemented():
-    torch = pytest.importorskip("torch")
-    q, k, v = (torch.randn(1, 40, 2, 16, device="cuda") for _ in range(3))
-    kbar, vbar, _, _ = lca.gqa_condense(q, k, v, group_size=4)
-    out, lse = lca.gqa_attend(q, k, v, kbar, vbar, group_size=4, window=8, return_lse=True)
-    with pytest.raises(NotImplementedError, match="CUDA"):
-        lca.gqa_attend_backward(out, q, k, v, kbar, vbar, out, lse, group_size=4, window=8)
 
 
 def test_rows_no_query_sees(rng):

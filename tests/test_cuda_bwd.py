@@ -24,7 +24,8 @@ pytestmark = pytest.mark.skipif(not lca.HAS_CUDA, reason="needs a CUDA device")
 torch = pytest.importorskip("torch") if lca.HAS_CUDA else None
 
 if lca.HAS_CUDA:
-    from torch_lca import gqa_lca, mla_lca, run_captured   # noqa: E402  (tests/ on sys.path)
+    from torch_lca import (check_grads, gqa_lca, mla_lca, naive_grads,   # noqa: E402
+                           run_captured)                         # (tests/ on sys.path)
 
 DTYPES = ["float32", "bfloat16", "float16"]
 
@@ -47,33 +48,6 @@ def to_np(x):
 def rand(gen, shape, dtype):
     return torch.randn(shape, generator=gen, dtype=torch.float32, device="cuda").to(
         getattr(torch, dtype))
-
-
-def check_grads(got, ref, naive, dtype, names, what):
-    """got, naive: device tensors; ref: float64 NumPy arrays.  Returns the errors."""
-    errs = {}
-    for g, r, nv, nm in zip(got, ref, naive if naive is not None else [None] * len(got), names):
-        assert isinstance(g, torch.Tensor) and g.dtype == getattr(torch, dtype), nm
-        assert tuple(g.shape) == r.shape, f"{nm}: shape {tuple(g.shape)} != {r.shape}"
-        assert torch.isfinite(g.float()).all(), f"{what} {nm}: non-finite (unwritten) elements"
-        err = rel(to_np(g), r)
-        if dtype == "float32":
-            assert err <= 1e-5, f"{what} {nm}: float32 error {err:.2e}"
-            errs[nm] = (err, None)
-        else:
-            bound = 2 * rel(to_np(nv), r)
-            assert err <= bound, f"{what} {nm}: {dtype} error {err:.2e} > 2x plain torch {bound:.2e}"
-            errs[nm] = (err, bound / 2)
-    print(what, dtype, {k: f"{e:.2e}" + (f" (torch {b:.2e})" if b is not None else "")
-                        for k, (e, b) in errs.items()})
-    return errs
-
-
-def naive_grads(fn, args, dout, kw):
-    leaves = [a.detach().clone().requires_grad_(True) for a in args]
-    out, _ = fn(*leaves, **kw)
-    out.backward(dout)
-    return [x.grad for x in leaves]
 
 
 MLA_CASES = [  # B, L, H, Dc, Dr, g, w, n, score, rep_bias

@@ -10,6 +10,16 @@ def gqa_lca(q, k, v, *, group_size=16, window=1024, n_summary=None, softmax_scal
             key_mode="anchor", rep_bias=0.0, d_score=None, d_pool=None):
     """q (B, L, H, D), k (B, L, Hkv, D), v (B, L, Hkv, Dv) -> (out (B, L, H, Dv), lse (B, H, L)).
     d_score / d_pool override the score and pooled key columns (used for MLA)."""
+    kbar, vbar = gqa_condense_lca(q, k, v, group_size=group_size, n_summary=n_summary,
+                                  softmax_scale=softmax_scale, key_mode=key_mode,
+                                  d_score=d_score, d_pool=d_pool)
+    return gqa_attend_lca(q, k, v, kbar, vbar, group_size=group_size, window=window,
+                          softmax_scale=softmax_scale, rep_bias=rep_bias)
+
+
+def gqa_condense_lca(q, k, v, *, group_size=16, n_summary=None, softmax_scale=None,
+                     key_mode="anchor", d_score=None, d_pool=None):
+    """The condensation (SPEC §2 / §4) alone: (kbar (B, m, Hkv, D), vbar (B, m, Hkv, Dv))."""
     B, L, H, D = q.shape
     Hkv, Dv = k.shape[2], v.shape[3]
     g, hg = group_size, H // Hkv
@@ -18,7 +28,6 @@ def gqa_lca(q, k, v, *, group_size=16, window=1024, n_summary=None, softmax_scal
     ds = D if d_score is None else d_score
     dp = (D if key_mode == "pool" else 0) if d_pool is None else d_pool
     m = L // g
-    # condensation (SPEC §2 / §4)
     qg = q[:, :m * g].reshape(B, m, g, Hkv, hg, D)[:, :, g - n:].mean(dim=(2, 4))
     kg = k[:, :m * g].reshape(B, m, g, Hkv, D)
     vg = v[:, :m * g].reshape(B, m, g, Hkv, Dv)
@@ -29,6 +38,16 @@ def gqa_lca(q, k, v, *, group_size=16, window=1024, n_summary=None, softmax_scal
     k_anchor = torch.gather(kg, 2, anchor[:, :, None, :, None].expand(B, m, 1, Hkv, D))[:, :, 0]
     kbar = torch.cat([torch.einsum("bmhg,bmghd->bmhd", alpha, kg[..., :dp]), k_anchor[..., dp:]],
                      dim=-1)
+    return kbar, vbar
+
+
+def gqa_attend_lca(q, k, v, kbar, vbar, *, group_size=16, window=1024, softmax_scale=None,
+                   rep_bias=0.0):
+    """SPEC §3 over the given condensed entries kbar (B, m, Hkv, D), vbar (B, m, Hkv, Dv), any
+    m >= the last query's G_t -> (out (B, L, H, Dv), lse (B, H, L))."""
+    B, L, H, D = q.shape
+    g, hg, m = group_size, H // k.shape[2], kbar.shape[1]
+    scale = softmax_scale if softmax_scale is not None else D ** -0.5
     # attention over [condensed; exact] with the SPEC §3 visibility
     keys = torch.cat([kbar, k], dim=1).repeat_interleave(hg, dim=2)           # (B, m+L, H, D)
     vals = torch.cat([vbar, v], dim=1).repeat_interleave(hg, dim=2)
@@ -44,6 +63,22 @@ def gqa_lca(q, k, v, *, group_size=16, window=1024, n_summary=None, softmax_scal
     lse = torch.logsumexp(logits.float(), dim=-1)
     out = torch.einsum("bhts,bshd->bthd", torch.softmax(logits, dim=-1), vals)
     return out, lse
+
+
+def mla_attend_lca(q, latent, kpos, latent_bar, kpos_bar, **kw):
+    """Absorbed MLA over given condensed entries: keys [c; r], values c."""
+    k = torch.cat([latent, kpos], dim=-1)[:, :, None]
+    kbar = torch.cat([latent_bar, kpos_bar], dim=-1)[:, :, None]
+    return gqa_attend_lca(q, k, latent[:, :, None], kbar, latent_bar[:, :, None], **kw)
+
+
+def mla_condense_lca(q, latent, kpos, *, score="full", **kw):
+    """(latent_bar (B, m, Dc), kpos_bar (B, m, Dr)) of the absorbed MLA condensation."""
+    Dc = latent.shape[-1]
+    k = torch.cat([latent, kpos], dim=-1)[:, :, None]
+    kbar, _ = gqa_condense_lca(q, k, latent[:, :, None], d_pool=Dc,
+                               d_score=q.shape[-1] if score == "full" else Dc, **kw)
+    return kbar[:, :, 0, :Dc], kbar[:, :, 0, Dc:]
 
 
 def mla_lca(q, latent, kpos, *, score="full", **kw):
@@ -82,6 +117,38 @@ def rand(gen, shape, dtype):
     """Standard normal on the GPU, drawn in float32 and rounded to dtype (a name)."""
     return torch.randn(shape, generator=gen, dtype=torch.float32, device="cuda").to(
         getattr(torch, dtype))
+
+
+def check_grads(got, ref, naive, dtype, names, what):
+    """SPEC §8 for gradients: got, naive device tensors, ref float64 NumPy arrays; float32 within
+    1e-5 relative, bf16 / fp16 within twice the error of naive (the same gradients by plain
+    PyTorch at that precision).  Returns the errors."""
+    errs = {}
+    for g, r, nv, nm in zip(got, ref, naive if naive is not None else [None] * len(got), names):
+        assert isinstance(g, torch.Tensor) and g.dtype == getattr(torch, dtype), nm
+        assert tuple(g.shape) == r.shape, f"{nm}: shape {tuple(g.shape)} != {r.shape}"
+        assert torch.isfinite(g.float()).all(), f"{what} {nm}: non-finite (unwritten) elements"
+        err = rel(to_np(g), r)
+        if dtype == "float32":
+            assert err <= 1e-5, f"{what} {nm}: float32 error {err:.2e}"
+            errs[nm] = (err, None)
+        else:
+            bound = 2 * rel(to_np(nv), r)
+            assert err <= bound, f"{what} {nm}: {dtype} error {err:.2e} > 2x plain torch {bound:.2e}"
+            errs[nm] = (err, bound / 2)
+    print(what, dtype, {k: f"{e:.2e}" + (f" (torch {b:.2e})" if b is not None else "")
+                        for k, (e, b) in errs.items()})
+    return errs
+
+
+def naive_grads(fn, args, dout, kw):
+    """Gradients of fn(*args, **kw)'s leading outputs, given dout (one tensor, or one per output),
+    with respect to every arg, by torch autograd (zeros for an arg the outputs do not use)."""
+    leaves = [a.detach().clone().requires_grad_(True) for a in args]
+    douts = tuple(dout) if isinstance(dout, (tuple, list)) else (dout,)
+    res = fn(*leaves, **kw)
+    torch.autograd.backward(tuple(res[:len(douts)]), douts)
+    return [x.grad if x.grad is not None else torch.zeros_like(x) for x in leaves]
 
 
 def run_captured(fn):

@@ -18,6 +18,8 @@
  * Steps 3 and 4 run on tensor cores for the shapes attend_bwd_mma.cu covers.  Every output
  * element is written by exactly one thread, sums run in a fixed order: the result is
  * bit-for-bit deterministic (no atomics).  Accumulation in float32. */
+#include <algorithm>
+
 #include "bwd.cuh"
 
 namespace lca {
@@ -216,7 +218,7 @@ __global__ void __launch_bounds__(kCondBwdThreads) bwd_condense_kernel(lca_param
  * condensation's terms for the rows of the groups (t < m g):  MODE 0 (dq): + dqbar / (n hg) on
  * the group's last n rows, columns < d_score;  MODE 1 (dk): + alpha_i dkbar (columns < d_pool;
  * the anchor copies dkbar above) + dscore_i qbar (columns < d_score);  MODE 2 (dv): + alpha_i
- * dvbar. */
+ * dvbar.  With p.m = 0 no row has a term: a plain conversion. */
 constexpr int kConvWarps = 8;
 
 template <typename T, int MODE>
@@ -263,6 +265,29 @@ void finish(const lca_params *p, const BwdWork *w, const float *src, const lca_v
         *p, *w, src, dst, (int)Hn, (int)W);
 }
 
+/* The reverse of a plain finish: a strided (B, rows, Hn, W) view in the input dtype into a
+ * contiguous float32 buffer, one block per (b, row) (B rows < 2^31: the entry checks it). */
+template <typename T>
+__global__ void __launch_bounds__(32 * kConvWarps) bwd_load_kernel(lca_view src, float *dst,
+                                                                   uint32_t rows, int Hn, int W) {
+    const int lane = threadIdx.x & 31;
+    const uint32_t bj = blockIdx.x, b = bj / rows, j = bj - b * rows;
+    for (int h = threadIdx.x >> 5; h < Hn; h += blockDim.x >> 5) {
+        const T *s = row<const T>(src, b, j, h);
+        float *d = dst + ((int64_t)bj * Hn + h) * W;
+        for (int c = lane; c < W; c += 32) d[c] = to_f(s[c]);
+    }
+}
+
+template <typename T>
+void load(const lca_params *p, const lca_view &src, float *dst, int64_t Hn, int64_t W,
+          cudaStream_t stream) {
+    if (p->B * p->m == 0 || Hn == 0 || W == 0) return;
+    const int warps = Hn < kConvWarps ? (int)Hn : kConvWarps;
+    bwd_load_kernel<T><<<(unsigned)(p->B * p->m), 32 * warps, 0, stream>>>(
+        src, dst, (uint32_t)p->m, (int)Hn, (int)W);
+}
+
 template <int C, typename T>
 void launch_simt(const lca_params *p, const BwdWork *w, cudaStream_t stream) {
     const dim3 gq((unsigned)((p->L * p->H + kBwdWarps - 1) / kBwdWarps), (unsigned)p->B);
@@ -272,38 +297,80 @@ void launch_simt(const lca_params *p, const BwdWork *w, cudaStream_t stream) {
     bwd_dkdv_simt_kernel<T, C><<<gk, 32 * kBwdWarps, 0, stream>>>(*p, *w);
 }
 
+/* What an entry computes: the whole SPEC §5 backward (lca_cuda_attention_bwd), attend's alone
+ * with the condensed entries given (lca_cuda_attend_bwd: steps 2-4, no condensation terms, the
+ * entries' gradients out), or the condensation's alone with their gradients given
+ * (lca_cuda_condense_bwd: step 5 and the terms of step 6 on zero base gradients). */
+enum Part { kWhole, kAttend, kCondense };
+
 template <typename T> struct Bwd {
-    static int run(const lca_params *p, const BwdWork *w, int mma, cudaStream_t stream) {
-        const int64_t rows = p->B * p->L * p->H;
-        bwd_delta_kernel<T><<<(unsigned)((rows + kBwdWarps - 1) / kBwdWarps), 32 * kBwdWarps, 0,
-                              stream>>>(*p, w->delta);
-        if (mma) {
-            const int s = lca_cuda_bwd_mma(p, w, stream);
-            if (s != LCA_OK) return s;
-        } else {
-            const int64_t width = p->D > p->Dv ? p->D : p->Dv;
-            if (width <= 128) launch_simt<4, T>(p, w, stream);
-            else if (width <= 256) launch_simt<8, T>(p, w, stream);
-            else if (width <= 576) launch_simt<18, T>(p, w, stream);
-            else launch_simt<32, T>(p, w, stream);
+    static int run(const lca_params *p, const BwdWork *w, Part part, int mma,
+                   const lca_view *dkbar, const lca_view *dvbar, cudaStream_t stream) {
+        if (part != kCondense && p->L > 0) {
+            const int64_t rows = p->B * p->L * p->H;
+            bwd_delta_kernel<T><<<(unsigned)((rows + kBwdWarps - 1) / kBwdWarps), 32 * kBwdWarps,
+                                  0, stream>>>(*p, w->delta);
+            if (mma) {
+                const int s = lca_cuda_bwd_mma(p, w, stream);
+                if (s != LCA_OK) return s;
+            } else {
+                const int64_t width = p->D > p->Dv ? p->D : p->Dv;
+                if (width <= 128) launch_simt<4, T>(p, w, stream);
+                else if (width <= 256) launch_simt<8, T>(p, w, stream);
+                else if (width <= 576) launch_simt<18, T>(p, w, stream);
+                else launch_simt<32, T>(p, w, stream);
+            }
+        }
+        if (part == kAttend) {             /* the entries' gradients: B m rows as B "L" rows */
+            if (p->L == 0) {               /* no query: zeros */
+                const size_t n = sizeof(float) * (size_t)(p->B * p->m * p->Hkv);
+                cudaError_t e = cudaMemsetAsync(w->dkb, 0, n * (size_t)p->D, stream);
+                if (e == cudaSuccess && !p->v_in_k)
+                    e = cudaMemsetAsync(w->dvb, 0, n * (size_t)p->Dv, stream);
+                if (e != cudaSuccess) return LCA_ERR_CUDA;
+            }
+            lca_params pe = *p;
+            pe.L = p->m, pe.m = 0;
+            finish<T, 1>(&pe, w, w->dkb, *dkbar, p->Hkv, p->D, stream);
+            if (!p->v_in_k) finish<T, 2>(&pe, w, w->dvb, *dvbar, p->Hkv, p->Dv, stream);
+            pe = *p;                       /* and dq, dk, dv with no condensation term */
+            pe.m = 0;
+            finish_grads(&pe, w, stream);
+            return LCA_OK;
+        }
+        if (part == kCondense) {           /* zero base gradients, the entries' given ones */
+            const int64_t BL = p->B * p->L;
+            cudaError_t e = cudaMemsetAsync(w->dq, 0, sizeof(float) * BL * p->H * p->D, stream);
+            if (e == cudaSuccess)
+                e = cudaMemsetAsync(w->dk, 0, sizeof(float) * BL * p->Hkv * p->D, stream);
+            if (e == cudaSuccess && !p->v_in_k)
+                e = cudaMemsetAsync(w->dv, 0, sizeof(float) * BL * p->Hkv * p->Dv, stream);
+            if (e != cudaSuccess) return LCA_ERR_CUDA;
+            load<T>(p, *dkbar, w->dkb, p->Hkv, p->D, stream);
+            if (!p->v_in_k) load<T>(p, *dvbar, w->dvb, p->Hkv, p->Dv, stream);
         }
         if (p->m > 0) {
             const dim3 grid((unsigned)p->m, (unsigned)p->Hkv, (unsigned)p->B);
             const size_t smem = sizeof(float) * (size_t)(p->D + 2 * p->g);
             bwd_condense_kernel<T><<<grid, kCondBwdThreads, smem, stream>>>(*p, *w);
         }
+        finish_grads(p, w, stream);
+        return LCA_OK;
+    }
+
+    static void finish_grads(const lca_params *p, const BwdWork *w, cudaStream_t stream) {
         finish<T, 0>(p, w, w->dq, p->dq, p->H, p->D, stream);
         finish<T, 1>(p, w, w->dk, p->dk, p->Hkv, p->D, stream);
         if (!p->v_in_k) finish<T, 2>(p, w, w->dv, p->dv, p->Hkv, p->Dv, stream);
-        return LCA_OK;
     }
 };
 
 /* The workspace layout: fills w from base (when base is not NULL), returns its size in bytes.
- * Every buffer starts on a 256-byte boundary. */
+ * Every buffer starts on a 256-byte boundary.  Rows of condensed entries: L / g, or p->m when
+ * more (the entries given to lca_cuda_attend_bwd). */
 int64_t carve(const lca_params *p, char *base, BwdWork *w) {
     const int64_t B = p->B, L = p->L, H = p->H, Hkv = p->Hkv, D = p->D, Dv = p->Dv, g = p->g;
-    const int64_t m = g > 0 ? L / g : 0, vin = p->v_in_k;
+    const int64_t m = std::max(p->m, g > 0 ? L / g : 0), vin = p->v_in_k;
     const int64_t esz = p->dtype == LCA_F32 ? 4 : 2;
     int64_t off = 0;
     auto take = [&](int64_t bytes) {
@@ -335,72 +402,106 @@ extern "C" int64_t lca_cuda_bwd_workspace(const lca_params *p) {
     return lca::carve(p, nullptr, &w);
 }
 
-extern "C" int lca_cuda_attention_bwd(const lca_params *p0, void *workspace,
-                                      int64_t workspace_bytes, int device, void *stream,
-                                      char *err, int errlen) {
-    using namespace lca;
-    if (p0->B == 0 || p0->L == 0) return LCA_OK;
+namespace lca {
+
+/* What the three entries share: the shapes the kernels cover, the workspace (carved into w),
+ * and the launch, each kernel on `stream` in order; `what` starts the messages.  p->m rows of
+ * condensed entries (L / g, or the given rows); for kCondense the condensation is recomputed
+ * into the workspace first (step 1), as for kWhole. */
+int backward(const lca_params *p0, Part part, const lca_view *dkbar, const lca_view *dvbar,
+             void *workspace, int64_t workspace_bytes, int device, void *stream, char *err,
+             int errlen, const char *what) {
+    if (p0->B == 0 || (p0->L == 0 && (part != kAttend || p0->m == 0))) return LCA_OK;
     if (p0->D > 1024 || p0->Dv > 1024) {
-        snprintf(err, (size_t)errlen, "attention backward on CUDA: head widths D=%lld, Dv=%lld; "
-                 "the CUDA engine supports up to 1024", (long long)p0->D, (long long)p0->Dv);
+        snprintf(err, (size_t)errlen, "%s: head widths D=%lld, Dv=%lld; the CUDA engine "
+                 "supports up to 1024", what, (long long)p0->D, (long long)p0->Dv);
         return LCA_ERR_UNSUPPORTED;
     }
-    if (p0->D + 2 * p0->g > 12288) {
-        snprintf(err, (size_t)errlen, "attention backward on CUDA: head width + 2 group_size = "
-                 "%lld exceeds 12288 (shared memory)", (long long)(p0->D + 2 * p0->g));
+    if (part != kAttend && p0->D + 2 * p0->g > 12288) {   /* bwd_condense_kernel's smem */
+        snprintf(err, (size_t)errlen, "%s: head width + 2 group_size = %lld exceeds 12288 "
+                 "(shared memory)", what, (long long)(p0->D + 2 * p0->g));
         return LCA_ERR_UNSUPPORTED;
     }
-    const int64_t m = p0->L / p0->g;
+    const int64_t m = p0->m;
     if ((p0->B * p0->L * p0->H + kBwdWarps - 1) / kBwdWarps > 2147483647 ||
         (m + p0->L + kBwdWarps - 1) / kBwdWarps > 2147483647 || p0->B * p0->L > 2147483647 ||
-        p0->B > 65535 ||
-        p0->Hkv > 65535) {
-        snprintf(err, (size_t)errlen, "attention backward on CUDA: grid too large (B = %lld, "
-                 "L = %lld, H = %lld, Hkv = %lld)", (long long)p0->B, (long long)p0->L,
-                 (long long)p0->H, (long long)p0->Hkv);
+        p0->B * m > 2147483647 || m > 2147483647 || p0->B > 65535 || p0->Hkv > 65535) {
+        snprintf(err, (size_t)errlen, "%s: grid too large (B = %lld, L = %lld, H = %lld, Hkv = "
+                 "%lld, condensed rows %lld)", what, (long long)p0->B, (long long)p0->L,
+                 (long long)p0->H, (long long)p0->Hkv, (long long)m);
         return LCA_ERR_UNSUPPORTED;
     }
     lca_params p = *p0;
-    p.m = m;
     BwdWork w;
     const int64_t need = carve(&p, nullptr, &w);
     if (workspace_bytes < need || (uintptr_t)workspace % 256) {
-        snprintf(err, (size_t)errlen, "attention backward on CUDA: workspace of %lld bytes at "
-                 "%p; needs %lld bytes, 256-byte aligned", (long long)workspace_bytes,
-                 workspace, (long long)need);
+        snprintf(err, (size_t)errlen, "%s: workspace of %lld bytes at %p; needs %lld bytes, "
+                 "256-byte aligned", what, (long long)workspace_bytes, workspace,
+                 (long long)need);
         return LCA_ERR_ARG;
     }
     carve(&p, (char *)workspace, &w);
     DeviceGuard guard(device);
     if (guard.status != cudaSuccess) return cuda_error(guard.status, "cudaSetDevice", err, errlen);
     cudaStream_t s = (cudaStream_t)stream;
-    /* 1. the condensation the forward used, into the workspace */
-    const int64_t D = p.D, Dv = p.Dv, Hkv = p.Hkv;
-    p.kbar = lca_view{w.kbar, m * Hkv * D, Hkv * D, D};
-    p.vbar = p.v_in_k ? p.kbar : lca_view{w.vbar, m * Hkv * Dv, Hkv * Dv, Dv};
-    if (m > 0) {
-        lca_params pc = p;
-        pc.anchor = lca_view{w.anchor, m * Hkv, Hkv, 1};
-        pc.alpha = lca_view{w.alpha, m * Hkv * p.g, Hkv * p.g, p.g};
-        const int st = lca_cuda_condense(&pc, device, stream, err, errlen);
-        if (st != LCA_OK) return st;
+    if (part != kAttend) {      /* 1. the condensation the forward used, into the workspace */
+        const int64_t D = p.D, Dv = p.Dv, Hkv = p.Hkv;
+        p.kbar = lca_view{w.kbar, m * Hkv * D, Hkv * D, D};
+        p.vbar = p.v_in_k ? p.kbar : lca_view{w.vbar, m * Hkv * Dv, Hkv * Dv, Dv};
+        if (m > 0) {
+            lca_params pc = p;
+            pc.anchor = lca_view{w.anchor, m * Hkv, Hkv, 1};
+            pc.alpha = lca_view{w.alpha, m * Hkv * p.g, Hkv * p.g, p.g};
+            const int st = lca_cuda_condense(&pc, device, stream, err, errlen);
+            if (st != LCA_OK) return st;
+        }
     }
-    const int mma = lca_cuda_bwd_mma_supported(&p, device);
+    const int mma = part != kCondense && !kernel_disabled("mma") &&
+                    lca_cuda_bwd_mma_supported(&p, device);
     int st;
     switch (p.dtype) {
-    case LCA_F32: st = Bwd<float>::run(&p, &w, mma, s); break;
-    case LCA_F16: st = Bwd<__half>::run(&p, &w, mma, s); break;
-    case LCA_BF16: st = Bwd<__nv_bfloat16>::run(&p, &w, mma, s); break;
+    case LCA_F32: st = Bwd<float>::run(&p, &w, part, mma, dkbar, dvbar, s); break;
+    case LCA_F16: st = Bwd<__half>::run(&p, &w, part, mma, dkbar, dvbar, s); break;
+    case LCA_BF16: st = Bwd<__nv_bfloat16>::run(&p, &w, part, mma, dkbar, dvbar, s); break;
     default:
-        snprintf(err, (size_t)errlen, "attention backward on CUDA: unsupported dtype");
+        snprintf(err, (size_t)errlen, "%s: unsupported dtype", what);
         return LCA_ERR_UNSUPPORTED;
     }
     if (st != LCA_OK) {
         cudaError_t e = cudaGetLastError();        /* report it here, not at a later launch */
-        snprintf(err, (size_t)errlen, "attention backward on CUDA: tensor-core kernel setup "
-                 "failed (%s)", e != cudaSuccess ? cudaGetErrorString(e) : "status");
+        snprintf(err, (size_t)errlen, "%s: kernel setup failed (%s)", what,
+                 e != cudaSuccess ? cudaGetErrorString(e) : "status");
         return st;
     }
     cudaError_t e = cudaGetLastError();
-    return e == cudaSuccess ? LCA_OK : cuda_error(e, "attention backward kernel launch", err, errlen);
+    return e == cudaSuccess ? LCA_OK : cuda_error(e, what, err, errlen);
+}
+
+}  // namespace lca
+
+extern "C" int lca_cuda_attention_bwd(const lca_params *p0, void *workspace,
+                                      int64_t workspace_bytes, int device, void *stream,
+                                      char *err, int errlen) {
+    lca_params p = *p0;
+    p.m = p.L / p.g;
+    return lca::backward(&p, lca::kWhole, nullptr, nullptr, workspace, workspace_bytes, device,
+                         stream, err, errlen, "attention backward on CUDA");
+}
+
+extern "C" int lca_cuda_attend_bwd(const lca_params *p, const lca_view *dkbar,
+                                   const lca_view *dvbar, void *workspace,
+                                   int64_t workspace_bytes, int device, void *stream, char *err,
+                                   int errlen) {
+    return lca::backward(p, lca::kAttend, dkbar, dvbar, workspace, workspace_bytes, device,
+                         stream, err, errlen, "attend backward on CUDA");
+}
+
+extern "C" int lca_cuda_condense_bwd(const lca_params *p0, const lca_view *dkbar,
+                                     const lca_view *dvbar, void *workspace,
+                                     int64_t workspace_bytes, int device, void *stream, char *err,
+                                     int errlen) {
+    lca_params p = *p0;
+    p.m = p.L / p.g;
+    return lca::backward(&p, lca::kCondense, dkbar, dvbar, workspace, workspace_bytes, device,
+                         stream, err, errlen, "condensation backward on CUDA");
 }
