@@ -2,7 +2,7 @@
 # One device call: build lca there (its Python differs from ours), then stages in priority
 # order, each under its own time limit, each logging to $OUT/<stage>.log (at most 8 files come
 # back).  Benchmarks append to benchmarks/RESULTS.md, copied to $OUT at the end.
-#   bash benchmarks/gpu_check.sh [stage ...]     stages: tests prefill decode flex mla variants ncu
+#   bash benchmarks/gpu_check.sh [stage ...]     stages: tests prefill decode flex mla variants bwd ncu
 #   LCA_TESTS="tests/..."  the test files (default: every file with GPU tests; LCA_TESTS=tests
 #                          for the whole suite)
 set -uo pipefail
@@ -16,7 +16,7 @@ python3 -c "import lca; print('HAS_CUDA', lca.HAS_CUDA)"
 
 GPU_TESTS="tests/test_cuda.py tests/test_cuda_mla.py tests/test_cuda_bwd.py tests/test_cache.py
   tests/test_torch.py tests/test_mla_prefill.py tests/test_cuda_gqa_wgmma.py tests/test_interop.py
-  tests/test_attend_grad.py tests/test_cuda_attend_grad.py"
+  tests/test_attend_grad.py tests/test_cuda_attend_grad.py tests/test_cuda_bwd_dkdv.py"
 
 stage() {   # name, seconds, command...
   local name=$1 secs=$2; shift 2
@@ -34,6 +34,8 @@ for st in "${@:-tests prefill}"; do
     decode)  stage decode 90 python3 benchmarks/bench_decode.py --reps 20 ;;
     flex)    stage flex 150 python3 benchmarks/bench_prefill.py --lengths 131072 --reps 3 \
                --backward ;;
+    bwd)     stage bwd 150 bash -c "python3 benchmarks/bench_backward.py --L 32768 131072 --reps 5 \
+               --profile; LCA_CUDA_DISABLE=wgmma python3 benchmarks/bench_backward.py --L 32768 --reps 5" ;;
     mla)     stage mla 60 python3 benchmarks/bench_mla.py --lengths 32768 131072 --reps 3 ;;
     variants) stage variants_tests 90 python3 -m pytest -q -x -p no:cacheprovider \
                 tests/test_cuda_gqa_wgmma.py -k tuning_variants

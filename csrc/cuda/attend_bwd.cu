@@ -304,14 +304,14 @@ void launch_simt(const lca_params *p, const BwdWork *w, cudaStream_t stream) {
 enum Part { kWhole, kAttend, kCondense };
 
 template <typename T> struct Bwd {
-    static int run(const lca_params *p, const BwdWork *w, Part part, int mma,
+    static int run(const lca_params *p, const BwdWork *w, Part part, int mma, int device,
                    const lca_view *dkbar, const lca_view *dvbar, cudaStream_t stream) {
         if (part != kCondense && p->L > 0) {
             const int64_t rows = p->B * p->L * p->H;
             bwd_delta_kernel<T><<<(unsigned)((rows + kBwdWarps - 1) / kBwdWarps), 32 * kBwdWarps,
                                   0, stream>>>(*p, w->delta);
             if (mma) {
-                const int s = lca_cuda_bwd_mma(p, w, stream);
+                const int s = lca_cuda_bwd_mma(p, w, stream, device);
                 if (s != LCA_OK) return s;
             } else {
                 const int64_t width = p->D > p->Dv ? p->D : p->Dv;
@@ -460,9 +460,9 @@ int backward(const lca_params *p0, Part part, const lca_view *dkbar, const lca_v
                     lca_cuda_bwd_mma_supported(&p, device);
     int st;
     switch (p.dtype) {
-    case LCA_F32: st = Bwd<float>::run(&p, &w, part, mma, dkbar, dvbar, s); break;
-    case LCA_F16: st = Bwd<__half>::run(&p, &w, part, mma, dkbar, dvbar, s); break;
-    case LCA_BF16: st = Bwd<__nv_bfloat16>::run(&p, &w, part, mma, dkbar, dvbar, s); break;
+    case LCA_F32: st = Bwd<float>::run(&p, &w, part, mma, device, dkbar, dvbar, s); break;
+    case LCA_F16: st = Bwd<__half>::run(&p, &w, part, mma, device, dkbar, dvbar, s); break;
+    case LCA_BF16: st = Bwd<__nv_bfloat16>::run(&p, &w, part, mma, device, dkbar, dvbar, s); break;
     default:
         snprintf(err, (size_t)errlen, "%s: unsupported dtype", what);
         return LCA_ERR_UNSUPPORTED;

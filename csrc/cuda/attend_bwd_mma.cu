@@ -432,7 +432,8 @@ inline int64_t dkdv_blocks(const lca_params *p) {
     return (p->m + kKKeys - 1) / kKKeys + (p->L + kKKeys - 1) / kKKeys;
 }
 
-template <typename T, int D, int DV> int launch(const lca_params *p, const BwdWork *w, cudaStream_t stream) {
+template <typename T, int D, int DV>
+int launch(const lca_params *p, const BwdWork *w, cudaStream_t stream, int device) {
     const size_t sq = dq_smem<T, D, DV>(), sk = dkdv_smem<T, D, DV>();
     auto kq = dq_kernel<T, D, DV>;
     auto kk = dkdv_kernel<T, D, DV>;
@@ -441,6 +442,13 @@ template <typename T, int D, int DV> int launch(const lca_params *p, const BwdWo
         return LCA_ERR_CUDA;
     const int64_t nbh = p->B * p->Hkv;
     kq<<<(unsigned)(dq_tiles(p) * nbh), 32 * kQWarps, sq, stream>>>(*p, *w);
+#ifndef LCA_NO_SM90A
+    /* on compute 9.0 the wgmma dk/dv kernel (1: its tensor maps cannot express the views) */
+    if (!kernel_disabled("wgmma") && lca_cuda_bwd_dkdv_wgmma_supported(p, device)) {
+        const int s = lca_cuda_bwd_dkdv_wgmma(p, w, stream);
+        if (s != 1) return s;
+    }
+#endif
     kk<<<(unsigned)(dkdv_blocks(p) * nbh), 32 * kKWarps, sk, stream>>>(*p, *w);
     return LCA_OK;
 }
@@ -468,11 +476,17 @@ extern "C" int lca_cuda_bwd_mma_supported(const lca_params *p, int device) {
     return lca::device_fits(device, need, false);
 }
 
-extern "C" int lca_cuda_bwd_mma(const lca_params *p, const lca::BwdWork *w, void *stream) {
+extern "C" int lca_cuda_bwd_mma(const lca_params *p, const lca::BwdWork *w, void *stream,
+                                int device) {
     using namespace lca::bwdmma;
     cudaStream_t s = (cudaStream_t)stream;
     const bool bf = p->dtype == LCA_BF16;
-    if (p->D == 64) return bf ? launch<__nv_bfloat16, 64, 64>(p, w, s) : launch<__half, 64, 64>(p, w, s);
-    if (p->D == 128) return bf ? launch<__nv_bfloat16, 128, 128>(p, w, s) : launch<__half, 128, 128>(p, w, s);
-    return bf ? launch<__nv_bfloat16, 192, 128>(p, w, s) : launch<__half, 192, 128>(p, w, s);
+    if (p->D == 64)
+        return bf ? launch<__nv_bfloat16, 64, 64>(p, w, s, device)
+                  : launch<__half, 64, 64>(p, w, s, device);
+    if (p->D == 128)
+        return bf ? launch<__nv_bfloat16, 128, 128>(p, w, s, device)
+                  : launch<__half, 128, 128>(p, w, s, device);
+    return bf ? launch<__nv_bfloat16, 192, 128>(p, w, s, device)
+              : launch<__half, 192, 128>(p, w, s, device);
 }

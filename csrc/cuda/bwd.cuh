@@ -25,6 +25,13 @@ struct BwdWork {
 
 }  // namespace lca
 
-/* attend_bwd_mma.cu: tensor-core dq and dk/dv kernels, and the calls they cover. */
+/* attend_bwd_mma.cu: tensor-core dq and dk/dv kernels, and the calls they cover (on compute
+ * 9.0 the wgmma kernels below replace them where they apply). */
 extern "C" int lca_cuda_bwd_mma_supported(const lca_params *p, int device);
-extern "C" int lca_cuda_bwd_mma(const lca_params *p, const lca::BwdWork *w, void *stream);
+extern "C" int lca_cuda_bwd_mma(const lca_params *p, const lca::BwdWork *w, void *stream,
+                                int device);
+
+/* attend_bwd_dkdv_sm90a.cu (sm_90a only; absent with LCA_NO_SM90A): the wgmma dk/dv kernel;
+ * returns 1 when its tensor maps cannot express the views (the caller runs the mma.sync one). */
+extern "C" int lca_cuda_bwd_dkdv_wgmma_supported(const lca_params *p, int device);
+extern "C" int lca_cuda_bwd_dkdv_wgmma(const lca_params *p, const lca::BwdWork *w, void *stream);

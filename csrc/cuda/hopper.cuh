@@ -71,6 +71,16 @@ __device__ __forceinline__ void tma_load(void *dst, const CUtensorMap *map, int 
                  : "memory");
 }
 
+/* The same for a 5-d tensor map. */
+__device__ __forceinline__ void tma_load5(void *dst, const CUtensorMap *map, int c0, int c1,
+                                          int c2, int c3, int c4, uint64_t *bar) {
+    asm volatile("cp.async.bulk.tensor.5d.shared::cluster.global.mbarrier::complete_tx::bytes"
+                 " [%0], [%1, {%2, %3, %4, %5, %6}], [%7];\n" ::"r"(smem_addr(dst)),
+                 "l"((uint64_t)map), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(c4),
+                 "r"(smem_addr(bar))
+                 : "memory");
+}
+
 /* Host: the driver's cuTensorMapEncodeTiled, looked up once (a thread-safe static; null when
  * the driver lacks it).  cudaGetDriverEntryPointByVersion came with CUDA 12.5. */
 inline PFN_cuTensorMapEncodeTiled_v12000 encode_tiled() {
