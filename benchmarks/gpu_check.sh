@@ -34,7 +34,7 @@ for st in "${@:-tests prefill}"; do
     decode)  stage decode 90 python3 benchmarks/bench_decode.py --reps 20 ;;
     flex)    stage flex 150 python3 benchmarks/bench_prefill.py --lengths 131072 --reps 3 \
                --backward ;;
-    bwd)     stage bwd 150 bash -c "python3 benchmarks/bench_backward.py --L 32768 131072 --reps 5 \
+    bwd)     stage bwd 150 env PYTHONPATH=. bash -c "python3 benchmarks/bench_backward.py --L 32768 131072 --reps 5 \
                --profile; LCA_CUDA_DISABLE=wgmma python3 benchmarks/bench_backward.py --L 32768 --reps 5" ;;
     mla)     stage mla 60 python3 benchmarks/bench_mla.py --lengths 32768 131072 --reps 3 ;;
     variants) stage variants_tests 90 python3 -m pytest -q -x -p no:cacheprovider \

@@ -39,7 +39,16 @@ __global__ void __launch_bounds__(32 * kBwdWarps) bwd_delta_kernel(lca_params p,
     const int64_t hq = rowid % p.H, t = (rowid / p.H) % p.L, b = rowid / (p.H * p.L);
     const T *o = row<const T>(p.out, b, t, hq), *d = row<const T>(p.dout, b, t, hq);
     float acc = 0;
-    for (int64_t c = lane; c < p.Dv; c += 32) acc += to_f(o[c]) * to_f(d[c]);
+    if (sizeof(T) == 2 && p.Dv % 8 == 0 && (uintptr_t)o % 16 == 0 && (uintptr_t)d % 16 == 0) {
+        for (int64_t c = 8 * lane; c < p.Dv; c += 256) {          /* 16 bytes a lane */
+            const uint4 uo = *(const uint4 *)(o + c), ud = *(const uint4 *)(d + c);
+            const T *eo = (const T *)&uo, *ed = (const T *)&ud;
+#pragma unroll
+            for (int k = 0; k < 8; k++) acc = fmaf(to_f(eo[k]), to_f(ed[k]), acc);
+        }
+    } else {
+        for (int64_t c = lane; c < p.Dv; c += 32) acc += to_f(o[c]) * to_f(d[c]);
+    }
     acc = warp_sum(acc);
     if (lane == 0) delta[(b * p.H + hq) * p.L + t] = acc;
 }
@@ -221,6 +230,18 @@ __global__ void __launch_bounds__(kCondBwdThreads) bwd_condense_kernel(lca_param
  * dvbar.  With p.m = 0 no row has a term: a plain conversion. */
 constexpr int kConvWarps = 8;
 
+/* four elements from float32 into T at d (aligned to 4 elements) */
+template <typename T> __device__ __forceinline__ void store4(T *d, float4 x) {
+    if constexpr (sizeof(T) == 4) {
+        *(float4 *)d = x;
+    } else {
+        uint2 u;
+        T *e = (T *)&u;
+        e[0] = from_f<T>(x.x), e[1] = from_f<T>(x.y), e[2] = from_f<T>(x.z), e[3] = from_f<T>(x.w);
+        *(uint2 *)d = u;
+    }
+}
+
 template <typename T, int MODE>
 __global__ void __launch_bounds__(32 * kConvWarps) bwd_finish_kernel(lca_params p, BwdWork w,
                                                                      const float *src, lca_view dst,
@@ -234,23 +255,27 @@ __global__ void __launch_bounds__(32 * kConvWarps) bwd_finish_kernel(lca_params 
         T *d = row<T>(dst, b, t, h);
         const float *s = src + ((int64_t)bt * Hn + h) * W;
         const int64_t e = (b * m + j) * p.Hkv + (MODE == 0 ? h / (int)(p.H / p.Hkv) : h);
-        if (!grp || (MODE == 0 && i < g - p.n)) {                     /* no condensation term */
-            for (int c = lane; c < W; c += 32) d[c] = from_f<T>(s[c]);
-        } else if (MODE == 0) {
-            const float *add = w.dqb + e * D;
-            for (int c = lane; c < W; c += 32) d[c] = from_f<T>(s[c] + (c < ds ? add[c] : 0.0f));
-        } else if (MODE == 1) {
-            const float al = w.alpha[e * g + i], sc = w.dsc[e * g + i];
-            const bool anc = w.anchor[e] == i;
-            const float *kb = w.dkb + e * D, *qb = w.qbar + e * D;
-            for (int c = lane; c < W; c += 32) {
-                float add = c < dpool ? al * kb[c] : (anc ? kb[c] : 0.0f);   /* pool / anchor */
-                if (c < ds) add += sc * qb[c];                                /* the scores */
-                d[c] = from_f<T>(s[c] + add);
+        /* the condensation's term of column c (0 for a row outside the groups) */
+        auto term = [&](int c) -> float {
+            if (!grp) return 0.0f;
+            if (MODE == 0) return i >= g - p.n && c < ds ? w.dqb[e * D + c] : 0.0f;
+            if (MODE == 1) {
+                const float *kb = w.dkb + e * D;
+                float add = c < dpool ? w.alpha[e * g + i] * kb[c]                /* pool */
+                                      : (w.anchor[e] == i ? kb[c] : 0.0f);        /* anchor */
+                if (c < ds) add += w.dsc[e * g + i] * w.qbar[e * D + c];          /* scores */
+                return add;
+            }
+            return w.alpha[e * g + i] * w.dvb[e * w.ldv + c];
+        };
+        if (W % 4 == 0 && (uintptr_t)d % (4 * sizeof(T)) == 0) {   /* 4 columns a lane */
+            for (int c = 4 * lane; c < W; c += 128) {
+                float4 x = *(const float4 *)(s + c);
+                x.x += term(c), x.y += term(c + 1), x.z += term(c + 2), x.w += term(c + 3);
+                store4(d + c, x);
             }
         } else {
-            const float al = w.alpha[e * g + i], *vb = w.dvb + e * w.ldv;
-            for (int c = lane; c < W; c += 32) d[c] = from_f<T>(s[c] + al * vb[c]);
+            for (int c = lane; c < W; c += 32) d[c] = from_f<T>(s[c] + term(c));
         }
     }
 }

@@ -119,47 +119,67 @@ __global__ void __launch_bounds__(32 * kCondWarps) lca_condense_warp_kernel(lca_
     const int64_t g = p.g, hg = p.H / p.Hkv, ds = p.d_score, D = p.D;
     const int64_t t0 = j * g;
 
-    /* the summary query: mean of the last n tokens' queries over the hg heads, columns < ds */
+    /* the summary query: mean of the last n tokens' queries over the hg heads, columns < ds;
+       rows (t, hh) t-major, 8 loads in flight a lane */
     float qb[KC][8];
     const float inv = 1.0f / (float)(p.n * hg);
+    const int nq = (int)(p.n * hg);
 #pragma unroll
-    for (int k = 0; k < KC; k++) {
-        const int64_t c = 256 * k + 8 * lane;
+    for (int k = 0; k < KC; k++)
 #pragma unroll
         for (int e = 0; e < 8; e++) qb[k][e] = 0;
-        if (c < ds) {
-            for (int64_t t = t0 + g - p.n; t < t0 + g; t++)
-                for (int64_t hh = h * hg; hh < (h + 1) * hg; hh++) {
-                    float x[8];
-                    load8(row<const T>(p.q, b, t, hh) + c, x);
+    for (int r0 = 0; r0 < nq; r0 += 8) {
 #pragma unroll
-                    for (int e = 0; e < 8; e++) qb[k][e] += x[e];
-                }
+        for (int k = 0; k < KC; k++) {
+            const int64_t c = 256 * k + 8 * lane;
+            if (c >= ds) continue;
+            uint4 u[8];
 #pragma unroll
-            for (int e = 0; e < 8; e++) qb[k][e] *= inv;
+            for (int r = 0; r < 8; r++) {
+                const int kq = r0 + r, kt = hg == 1 ? kq : kq / (int)hg;
+                u[r] = kq < nq ? *(const uint4 *)(row<const T>(p.q, b, t0 + g - p.n + kt,
+                                                              h * hg + (kq - kt * (int)hg)) + c)
+                               : make_uint4(0, 0, 0, 0);
+            }
+#pragma unroll
+            for (int r = 0; r < 8; r++) {
+                const T *x = (const T *)&u[r];
+#pragma unroll
+                for (int e = 0; e < 8; e++) qb[k][e] += to_f(x[e]);
+            }
         }
     }
+#pragma unroll
+    for (int k = 0; k < KC; k++)
+#pragma unroll
+        for (int e = 0; e < 8; e++) qb[k][e] *= inv;
 
-    /* scores s_i = scale qbar . k_i[:ds], every lane holding all g of them */
+    /* scores s_i = scale qbar . k_i[:ds], every lane holding all g of them; 8 rows at a time */
     float s[32];
 #pragma unroll
-    for (int i = 0; i < 32; i++) {
-        s[i] = -INFINITY;
-        if (i < g) {
-            const T *kr = row<const T>(p.k, b, t0 + i, h);
-            float part = 0;
+    for (int i0 = 0; i0 < 32; i0 += 8) {
+        float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        if (i0 < g) {
 #pragma unroll
             for (int k = 0; k < KC; k++) {
                 const int64_t c = 256 * k + 8 * lane;
-                if (c < ds) {
-                    float x[8];
-                    load8(kr + c, x);
+                if (c >= ds) continue;
+                uint4 u[8];
 #pragma unroll
-                    for (int e = 0; e < 8; e++) part = fmaf(qb[k][e], x[e], part);
+                for (int r = 0; r < 8; r++)
+                    u[r] = i0 + r < g ? *(const uint4 *)(row<const T>(p.k, b, t0 + i0 + r, h) + c)
+                                      : make_uint4(0, 0, 0, 0);
+#pragma unroll
+                for (int r = 0; r < 8; r++) {
+                    const T *x = (const T *)&u[r];
+#pragma unroll
+                    for (int e = 0; e < 8; e++) part[r] = fmaf(qb[k][e], to_f(x[e]), part[r]);
                 }
             }
-            s[i] = (float)p.scale * warp_sum(part);
         }
+#pragma unroll
+        for (int r = 0; r < 8; r++)
+            s[i0 + r] = i0 + r < g ? (float)p.scale * warp_sum(part[r]) : -INFINITY;
     }
 
     /* softmax over the group; the anchor is the first index of the maximum */
@@ -180,13 +200,20 @@ __global__ void __launch_bounds__(32 * kCondWarps) lca_condense_warp_kernel(lca_
     /* kbar = [sum alpha_i k_i[:d_pool]; k_anchor[d_pool:]], vbar = sum alpha_i v_i */
     auto pool = [&](const lca_view &src, int64_t c, float (&acc)[8]) {   /* += sum alpha_i x_i */
 #pragma unroll
-        for (int i = 0; i < 32; i++)
-            if (i < g) {
-                float x[8];
-                load8(row<const T>(src, b, t0 + i, h) + c, x);
+        for (int i0 = 0; i0 < 32; i0 += 8) {
+            if (i0 >= g) break;
+            uint4 u[8];
 #pragma unroll
-                for (int e = 0; e < 8; e++) acc[e] = fmaf(s[i], x[e], acc[e]);
+            for (int r = 0; r < 8; r++)
+                u[r] = i0 + r < g ? *(const uint4 *)(row<const T>(src, b, t0 + i0 + r, h) + c)
+                                  : make_uint4(0, 0, 0, 0);
+#pragma unroll
+            for (int r = 0; r < 8; r++) {
+                const T *x = (const T *)&u[r];
+#pragma unroll
+                for (int e = 0; e < 8; e++) acc[e] = fmaf(s[i0 + r], to_f(x[e]), acc[e]);
             }
+        }
     };
     T *kb = row<T>(p.kbar, b, j, h);
 #pragma unroll
