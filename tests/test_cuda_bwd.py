@@ -204,3 +204,39 @@ def test_backward_errors():
     with pytest.raises(NotImplementedError, match="1024"):
         lca.gqa_attention_backward(big, big, big, big, big, torch.zeros(1, 1, 8, device="cuda"),
                                    group_size=4, window=4)
+
+
+@pytest.mark.parametrize("case", [
+    ("gqa", 2, 300, 8, 2, 192, 128, 16, 40, None, "pool"),
+    ("gqa", 1, 257, 4, 4, 128, 128, 32, 20, 5, "anchor"),     # g = 32: every lane a score
+    ("gqa", 1, 99, 6, 3, 64, 64, 1, 9, None, "pool"),         # g = 1
+    ("mla", 1, 200, 4, 1, 576, 512, 16, 32, None, "latent"),  # d_score = Dc, three chunks
+    ("mla", 2, 150, 2, 1, 288, 256, 8, 16, 3, "full"),
+], ids=lambda c: "-".join(map(str, c)))
+def test_condensation_backward_warp_and_block_agree(case, monkeypatch):
+    """The condensation backward's per-group terms by the warp kernel (the default for 2-byte
+    types) and by the block kernel (LCA_CUDA_DISABLE=cond_warp) on the same inputs: the same
+    sums in another order, so the gradients agree to a few bf16 units in the last place (a
+    wrong mask of d_pool / d_score or a missing key would differ by > 0.1)."""
+    kind, B, L, H, Hkv, D, Dv, g, w, n, mode = case
+    gen = torch.Generator(device="cuda").manual_seed(zlib.crc32(repr(case).encode()))
+    if kind == "gqa":
+        q, k, v = (rand(gen, (B, L, H, D), "bfloat16"), rand(gen, (B, L, Hkv, D), "bfloat16"),
+                   rand(gen, (B, L, Hkv, Dv), "bfloat16"))
+        dout = rand(gen, (B, L, H, Dv), "bfloat16")
+        kw = dict(group_size=g, window=w, n_summary=n, key_mode=mode)
+        out, lse = lca.gqa_attention(q, k, v, return_lse=True, **kw)
+        run = lambda: lca.gqa_attention_backward(dout, q, k, v, out, lse, **kw)  # noqa: E731
+    else:
+        q, c, r = (rand(gen, (B, L, H, D), "bfloat16"), rand(gen, (B, L, Dv), "bfloat16"),
+                   rand(gen, (B, L, D - Dv), "bfloat16"))
+        dout = rand(gen, (B, L, H, Dv), "bfloat16")
+        kw = dict(group_size=g, window=w, n_summary=n, score=mode)
+        out, lse = lca.attention(q, c, r, return_lse=True, **kw)
+        run = lambda: lca.attention_backward(dout, q, c, r, out, lse, **kw)  # noqa: E731
+    warp = run()
+    monkeypatch.setenv("LCA_CUDA_DISABLE", "cond_warp")
+    block = run()
+    for a, b in zip(warp, block):
+        assert torch.isfinite(a.float()).all()
+        assert rel(to_np(a), to_np(b)) <= 1e-2

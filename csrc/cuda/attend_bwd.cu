@@ -222,6 +222,168 @@ __global__ void __launch_bounds__(kCondBwdThreads) bwd_condense_kernel(lca_param
     }
 }
 
+/* The same per-group terms, one warp per (group, kv head, batch) and 16-byte loads, as the
+ * forward's lca_condense_warp_kernel (condense.cu): lane l owns columns 8l .. 8l+7 of each
+ * 256-column chunk (KC chunks), the summary query and this entry's dkbar, dvbar stay in
+ * registers, every lane keeps the g values of dalpha; no shared memory, no block barrier.  For
+ * 2-byte types with D, Dv, d_score multiples of 8, g <= 32, 16-byte aligned rows
+ * (cond_bwd_warp_chunks checks); LCA_CUDA_DISABLE=cond_warp keeps the block kernel. */
+template <typename T> __device__ __forceinline__ void ld8(const T *src, float (&x)[8]) {
+    const uint4 u = *(const uint4 *)src;
+    const T *e = (const T *)&u;
+#pragma unroll
+    for (int i = 0; i < 8; i++) x[i] = to_f(e[i]);
+}
+
+template <typename T, int KC>
+__global__ void __launch_bounds__(256) bwd_condense_warp_kernel(lca_params p, BwdWork w) {
+    const int lane = threadIdx.x & 31;
+    const int64_t m = p.m, Hkv = p.Hkv;
+    const int64_t item = (int64_t)blockIdx.x * 8 + (threadIdx.x >> 5);
+    if (item >= m * Hkv * p.B) return;
+    const int64_t j = item % m, h = item / m % Hkv, b = item / (m * Hkv);
+    const int64_t g = p.g, hg = p.H / Hkv, ds = p.d_score, dpool = p.d_pool, D = p.D, Dv = p.Dv;
+    const int64_t t0 = j * g, e = (b * m + j) * Hkv + h;   /* this entry's index */
+    const float scale = (float)p.scale, inv = 1.0f / (float)(p.n * hg);
+
+    /* qbar, as the forward (rows (t, hh) t-major, 8 loads in flight), kept and written out */
+    float qb[KC][8];
+    const int nq = (int)(p.n * hg);
+#pragma unroll
+    for (int k = 0; k < KC; k++)
+#pragma unroll
+        for (int x = 0; x < 8; x++) qb[k][x] = 0;
+    for (int r0 = 0; r0 < nq; r0 += 8) {
+#pragma unroll
+        for (int k = 0; k < KC; k++) {
+            const int64_t c = 256 * k + 8 * lane;
+            if (c >= ds) continue;
+            uint4 u[8];
+#pragma unroll
+            for (int r = 0; r < 8; r++) {
+                const int kq = r0 + r, kt = hg == 1 ? kq : kq / (int)hg;
+                u[r] = kq < nq ? *(const uint4 *)(row<const T>(p.q, b, t0 + g - p.n + kt,
+                                                              h * hg + (kq - kt * (int)hg)) + c)
+                               : make_uint4(0, 0, 0, 0);
+            }
+#pragma unroll
+            for (int r = 0; r < 8; r++) {
+                const T *x = (const T *)&u[r];
+#pragma unroll
+                for (int y = 0; y < 8; y++) qb[k][y] += to_f(x[y]);
+            }
+        }
+    }
+    /* this entry's gradients, dkbar masked to the pooled columns */
+    float dk[KC][8], dv[KC][8];
+#pragma unroll
+    for (int k = 0; k < KC; k++) {
+        const int64_t c = 256 * k + 8 * lane;
+#pragma unroll
+        for (int y = 0; y < 8; y++) {
+            qb[k][y] *= inv;
+            dk[k][y] = c + y < dpool ? w.dkb[e * D + c + y] : 0.0f;
+            dv[k][y] = !p.v_in_k && c + y < Dv ? w.dvb[e * w.ldv + c + y] : 0.0f;
+        }
+        if (c < ds) {
+            *(float4 *)(w.qbar + e * D + c) = make_float4(qb[k][0], qb[k][1], qb[k][2], qb[k][3]);
+            *(float4 *)(w.qbar + e * D + c + 4) = make_float4(qb[k][4], qb[k][5], qb[k][6], qb[k][7]);
+        }
+    }
+
+    /* dalpha_i = dkbar[:d_pool] . k_i[:d_pool] + dvbar . v_i, 8 rows at a time */
+    float dal[32];
+#pragma unroll
+    for (int i0 = 0; i0 < 32; i0 += 8) {
+        float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        if (i0 < g) {
+#pragma unroll
+            for (int k = 0; k < KC; k++) {
+                const int64_t c = 256 * k + 8 * lane;
+                if (c < dpool) {
+                    uint4 u[8];
+#pragma unroll
+                    for (int r = 0; r < 8; r++)
+                        u[r] = i0 + r < g ? *(const uint4 *)(row<const T>(p.k, b, t0 + i0 + r, h) + c)
+                                          : make_uint4(0, 0, 0, 0);
+#pragma unroll
+                    for (int r = 0; r < 8; r++) {
+                        const T *x = (const T *)&u[r];
+#pragma unroll
+                        for (int y = 0; y < 8; y++) part[r] = fmaf(dk[k][y], to_f(x[y]), part[r]);
+                    }
+                }
+                if (!p.v_in_k && c < Dv) {
+                    uint4 u[8];
+#pragma unroll
+                    for (int r = 0; r < 8; r++)
+                        u[r] = i0 + r < g ? *(const uint4 *)(row<const T>(p.v, b, t0 + i0 + r, h) + c)
+                                          : make_uint4(0, 0, 0, 0);
+#pragma unroll
+                    for (int r = 0; r < 8; r++) {
+                        const T *x = (const T *)&u[r];
+#pragma unroll
+                        for (int y = 0; y < 8; y++) part[r] = fmaf(dv[k][y], to_f(x[y]), part[r]);
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < 8; r++) dal[i0 + r] = i0 + r < g ? warp_sum(part[r]) : 0.0f;
+    }
+
+    /* softmax backward: dscore_i = tau alpha_i (dalpha_i - alpha . dalpha); lane i writes i */
+    const float amine = lane < g ? w.alpha[e * g + lane] : 0.0f;
+    float adot = 0;
+#pragma unroll
+    for (int i = 0; i < 32; i++) adot = fmaf(__shfl_sync(0xffffffffu, amine, i), dal[i], adot);
+    float dsc[32], mine = 0;
+#pragma unroll
+    for (int i = 0; i < 32; i++) {
+        dsc[i] = scale * __shfl_sync(0xffffffffu, amine, i) * (dal[i] - adot);
+        if (i == lane) mine = dsc[i];
+    }
+    if (lane < g) w.dsc[e * g + lane] = mine;
+
+    /* dqbar / (n hg) = sum_i dscore_i k_i[:d_score] / (n hg) */
+#pragma unroll
+    for (int k = 0; k < KC; k++) {
+        const int64_t c = 256 * k + 8 * lane;
+        if (c >= ds) continue;
+        float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+#pragma unroll
+        for (int i0 = 0; i0 < 32; i0 += 8) {
+            if (i0 >= g) break;
+            uint4 u[8];
+#pragma unroll
+            for (int r = 0; r < 8; r++)
+                u[r] = i0 + r < g ? *(const uint4 *)(row<const T>(p.k, b, t0 + i0 + r, h) + c)
+                                  : make_uint4(0, 0, 0, 0);
+#pragma unroll
+            for (int r = 0; r < 8; r++) {
+                const T *x = (const T *)&u[r];
+#pragma unroll
+                for (int y = 0; y < 8; y++) acc[y] = fmaf(dsc[i0 + r], to_f(x[y]), acc[y]);
+            }
+        }
+        *(float4 *)(w.dqb + e * D + c) = make_float4(acc[0] * inv, acc[1] * inv, acc[2] * inv, acc[3] * inv);
+        *(float4 *)(w.dqb + e * D + c + 4) = make_float4(acc[4] * inv, acc[5] * inv, acc[6] * inv, acc[7] * inv);
+    }
+}
+
+/* Host: the warp kernel's column chunks for this call (0: the block kernel runs) */
+inline int cond_bwd_warp_chunks(const lca_params *p) {
+    if ((p->dtype != LCA_BF16 && p->dtype != LCA_F16) || p->g > 32 || kernel_disabled("cond_warp"))
+        return 0;
+    const int64_t Dv = p->v_in_k ? 8 : p->Dv;
+    if (p->D % 8 || Dv % 8 || p->d_score % 8 || p->D > 768 || Dv > 768) return 0;
+    const lca_view *vs[] = {&p->q, &p->k, &p->v};
+    if (!rows_aligned16(vs)) return 0;
+    if ((p->m * p->Hkv * p->B + 7) / 8 >= 2147483647) return 0;             /* grid */
+    const int64_t w = p->D > Dv ? p->D : Dv;
+    return (int)((w + 255) / 256);
+}
+
 /* 6. a contiguous float32 (B, L, Hn, W) gradient into a strided view in the input dtype, one
  * block per position (b, t), a warp per head row, lanes over the columns, with the
  * condensation's terms for the rows of the groups (t < m g):  MODE 0 (dq): + dqbar / (n hg) on
@@ -375,9 +537,17 @@ template <typename T> struct Bwd {
             if (!p->v_in_k) load<T>(p, *dvbar, w->dvb, p->Hkv, p->Dv, stream);
         }
         if (p->m > 0) {
-            const dim3 grid((unsigned)p->m, (unsigned)p->Hkv, (unsigned)p->B);
-            const size_t smem = sizeof(float) * (size_t)(p->D + 2 * p->g);
-            bwd_condense_kernel<T><<<grid, kCondBwdThreads, smem, stream>>>(*p, *w);
+            const unsigned warps = (unsigned)((p->m * p->Hkv * p->B + 7) / 8);
+            int kc = 0;
+            if constexpr (sizeof(T) == 2) kc = cond_bwd_warp_chunks(p);
+            if (kc == 1) bwd_condense_warp_kernel<T, 1><<<warps, 256, 0, stream>>>(*p, *w);
+            else if (kc == 2) bwd_condense_warp_kernel<T, 2><<<warps, 256, 0, stream>>>(*p, *w);
+            else if (kc == 3) bwd_condense_warp_kernel<T, 3><<<warps, 256, 0, stream>>>(*p, *w);
+            else {
+                const dim3 grid((unsigned)p->m, (unsigned)p->Hkv, (unsigned)p->B);
+                const size_t smem = sizeof(float) * (size_t)(p->D + 2 * p->g);
+                bwd_condense_kernel<T><<<grid, kCondBwdThreads, smem, stream>>>(*p, *w);
+            }
         }
         finish_grads(p, w, stream);
         return LCA_OK;
