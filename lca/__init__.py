@@ -427,7 +427,7 @@ def condense_backward(dlatent_bar, dkpos_bar, q, latent, kpos, *, group_size=16,
     """Gradient of condense()'s pooled entries alone: given dlatent_bar (B, m, Dc) and
     dkpos_bar (B, m, Dr), (dq, dlatent, dkpos) through the pooling weights, the anchor copy and
     the summary queries (anchor and alpha are not differentiated).  attention_backward is
-    attend_backward plus this.  (CUDA arrays: not yet run on a GPU.)"""
+    attend_backward plus this."""
     batched, fe, code, q, k, v = _mla_inputs(q, latent, kpos)
     cfg = _mla_cfg(q, dict(group_size=group_size, n_summary=n_summary,
                            softmax_scale=softmax_scale))
@@ -526,8 +526,7 @@ def gqa_condense(q, k, v, *, group_size=16, n_summary=None, softmax_scale=None,
 def gqa_condense_backward(dkbar, dvbar, q, k, v, *, group_size=16, n_summary=None,
                           softmax_scale=None, key_mode="anchor"):
     """Gradient of gqa_condense()'s kbar, vbar alone: (dq, dk, dv) given dkbar (B, m, Hkv, D)
-    and dvbar (B, m, Hkv, Dv).  gqa_attention_backward is gqa_attend_backward plus this.  (CUDA
-    arrays: not yet run on a GPU.)"""
+    and dvbar (B, m, Hkv, Dv).  gqa_attention_backward is gqa_attend_backward plus this."""
     batched, fe, code, q, k, v = _gqa_inputs(q, k, v)
     D = q.shape[3]
     cfg = _Cfg(q.shape[1], D, group_size=group_size, n_summary=n_summary,
@@ -556,7 +555,7 @@ def gqa_attend(q, k, v, kbar, vbar, *, group_size=16, window=1024, softmax_scale
 def gqa_attend_backward(dout, q, k, v, kbar, vbar, out, lse, *, group_size=16, window=1024,
                         softmax_scale=None, rep_bias=0.0):
     """Gradient of gqa_attend() with kbar, vbar as inputs of their own: (dq, dk, dv, dkbar,
-    dvbar).  out and lse are gqa_attend()'s.  (CUDA arrays: not yet run on a GPU.)"""
+    dvbar).  out and lse are gqa_attend()'s."""
     batched, fe, code, q, k, v = _gqa_inputs(q, k, v)
     B, L, H, D = q.shape
     cfg = _Cfg(L, D, group_size=group_size, window=window, softmax_scale=softmax_scale,
