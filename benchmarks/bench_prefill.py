@@ -10,7 +10,10 @@ absorbed Dc = 512 / Dr = 64, non-absorbed q/k 192, v 128; g = 16, w = 1024; B = 
   - dense causal attention, torch SDPA on its cuDNN backend.
 
 With --backward, forward+backward of the non-absorbed form too (LCA, FlexAttention, dense),
-backward counted as 2.5x the forward FLOPs.  FLOPs are counted on attended pairs only:
+backward counted as 2.5x the forward FLOPs; and the training path of the non-absorbed MLA
+layer, "mla_prefill fwd+bwd (lca.torch)": from q, latent, kpos, W_UK, W_UV, up-projections,
+condensation in latent space and their backward included, FLOPs counted as for the
+non-absorbed row.  FLOPs are counted on attended pairs only:
 absorbed 2*(Dc+Dr) + 2*Dc per pair and head, non-absorbed 2*192 + 2*128.  Times are CUDA-event
 medians.  The bf16 matrix-product ceiling is measured in the same run (a 8192^3 torch.matmul)
 and every TFLOP/s figure is also given as a share of it.  Appends the table to
@@ -122,6 +125,33 @@ def flex_lca(L, g=G, w=W, rep_bias=0.0):
     return run, keys, attend
 
 
+def mla_prefill_times(L, dout, reps, notes):
+    """(forward ms, forward+backward ms) of the non-absorbed MLA layer as a user trains it:
+    lca.mla_prefill (forward alone) and lca.torch.mla_prefill forward + backward from q (B, L,
+    H, 192), latent (B, L, 512), kpos (B, L, 64), W_UK (H, 512, 128), W_UV (H, 512, 128), all
+    bf16 and requiring grad.  The time includes the up-projections, the condensation and their
+    backward; FLOPs are still counted on the attended pairs only (3.5x the non-absorbed
+    forward's), so the row compares directly with the LCA non-absorbed fwd+bwd one, whose keys
+    and values come given."""
+    import lca.torch as lt
+    dev, bf = "cuda", torch.bfloat16
+    leaves = [(torch.randn(*shape, device=dev, dtype=bf) * scale).requires_grad_()
+              for shape, scale in (((1, L, H, DQK), 1.0), ((1, L, DC), 1.0), ((1, L, DR), 1.0),
+                                   ((H, DC, DQK - DR), DC ** -0.5), ((H, DC, DV), DC ** -0.5))]
+
+    def clear():
+        for x in leaves:
+            x.grad = None
+    try:
+        plain = [x.detach() for x in leaves]
+        t_f = median_ms(lambda: lca.mla_prefill(*plain), reps)
+        t_fb = median_ms(lambda: lt.mla_prefill(*leaves).backward(dout), reps, before=clear)
+    except NotImplementedError as e:
+        t_f = t_fb = float("nan")
+        notes.append(f"L={L}: mla_prefill forward+backward not run: {e}")
+    return t_f, t_fb
+
+
 def rel_err(a, b):
     a, b = a.double(), b.double()
     return float((a - b).norm() / b.norm())
@@ -142,7 +172,7 @@ def main():
     torch.manual_seed(0)
     peak = matmul_peak(a.reps)
     print(f"measured bf16 matmul ceiling (8192^3): {peak:.0f} TFLOP/s", flush=True)
-    fwd_rows, bwd_rows, notes, kernels = [], [], [], {}
+    fwd_rows, bwd_rows, mla_rows, notes, kernels = [], [], [], [], {}
     for L in a.lengths:
         pairs = attended_pairs(L) * H
         dense_pairs = L * (L + 1) / 2 * H
@@ -205,7 +235,11 @@ def main():
             bwd_rows.append((L, t_lca_fb, 3.5 * f_non / t_lca_fb / 1e9, t_flex_fb, t_dense_fb,
                              3.5 * f_dense / t_dense_fb / 1e9))
             print(bwd_rows[-1], flush=True)
-            del leaves, lt, dout
+            del leaves, lt
+            t_mla_f, t_mla_fb = mla_prefill_times(L, dout, a.reps, notes)
+            mla_rows.append((L, t_mla_f, t_mla_fb, 3.5 * f_non / t_mla_fb / 1e9, t_lca_fb))
+            print(mla_rows[-1], flush=True)
+            del dout
         del qn, kn, vn, qt, kt, vt
         torch.cuda.empty_cache()
 
@@ -226,6 +260,13 @@ def main():
         for L, tl, fl, tf, td, fd in bwd_rows:
             lines.append(f"| {L} | {tl:.2f} | {pct(fl)} | {ms(tf)} | {td:.2f} | {fd:.1f} "
                          f"| {td / tl:.2f}x | {vs(tf, tl)} |")
+    if mla_rows:
+        lines += ["", "| L | mla_prefill fwd (lca) ms | mla_prefill fwd+bwd (lca.torch) ms "
+                  "| TFLOP/s (% ceiling) | time / LCA non-absorbed fwd+bwd (keys given) |",
+                  "|" + "---|" * 5]
+        for L, tf, tfb, ffb, tl in mla_rows:
+            lines.append(f"| {L} | {ms(tf)} | {ms(tfb)} | {pct(ffb) if tfb == tfb else '—'} "
+                         f"| {vs(tfb, tl) if tl == tl else '—'} |")
     table = "\n".join(lines)
     print(table)
     for n_ in notes:

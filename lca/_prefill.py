@@ -99,7 +99,7 @@ def mla_prefill(q, latent, kpos, w_uk, w_uv, *, group_size=16, window=1024, n_su
     lca.attention(q_abs, latent, kpos) @ w_uv per head, q_abs = [w_uk[h] q_nope ; q_rope], with
     the summary query formed in latent space (see lca/_prefill.py).  NumPy arrays run on the CPU,
     PyTorch/CuPy CUDA arrays on the GPU; for gradients use lca.torch.mla_prefill."""
-    from . import _Cfg, _intake, _unbatch, condense, gqa_attend
+    from . import _Cfg, _intake, _unbatch, gqa_attend
     names = ["q", "latent", "kpos", "w_uk", "w_uv"]
     fe, _, (q, c, r, w_uk, w_uv) = _intake([q, latent, kpos, w_uk, w_uv], names)
     if q.ndim not in (3, 4):
@@ -128,26 +128,42 @@ def mla_prefill(q, latent, kpos, w_uk, w_uv, *, group_size=16, window=1024, n_su
     choice_param(score, "score", ("full", "latent"))
     cfg = _Cfg(L, Dq, group_size=group_size, window=window, n_summary=n_summary,
                softmax_scale=softmax_scale, rep_bias=rep_bias)
-    g, n, m = cfg.g, cfg.n, cfg.m
+    _, _, _, _, k, v, kb, vb = _parts(fe, q, c, r, w_uk, w_uv, cfg.g, cfg.n, cfg.scale, score)
+    # 3. the SPEC §3 attention over them, H kv heads
+    out, lse = gqa_attend(q, k, v, kb, vb, group_size=cfg.g, window=window,
+                          softmax_scale=cfg.scale, rep_bias=cfg.rep_bias, return_lse=True)
+    out, lse = _unbatch(batched, out, lse)
+    return (out, lse) if return_lse else out
 
+
+def _parts(fe, q, c, r, w_uk, w_uv, g, n, scale, score):
+    """Steps 1 and 2 on validated, batched inputs: (qs, qm, cb, rb, k, v, kb, vb).
+
+    qm (B, m, H, Dn+Dr)   the mean of the last n queries of each group (float32 at least)
+    qs (B, m*g, 1, Dc+Dr) the one-head query lca.condense got (the summary query at each
+                          group's last row, zeros elsewhere), in q's dtype; None when m = 0
+    cb, rb                the condensed entries (B, m, Dc), (B, m, Dr)
+    k, v, kb, vb          the up-projected exact and condensed entries (step 2)
+    lca.torch.mla_prefill's backward calls this too, so its recompute is the forward's, bit for
+    bit (the same anchors)."""
+    from . import condense
+    B, L, H, Dq = q.shape
+    Dc, Dn = c.shape[2], w_uk.shape[2]
+    m = L // g
     # 1. condense in latent space: the absorbed summary query, rebuilt from the mean over the
     # last n tokens per head; it reaches lca.condense as the last token of each group of a
     # one-head query (n_summary=1), so the engine's own pooling and anchor rule apply.
     if m:
         qm = _wide(fe, q[:, :m * g].reshape(B, m, g, H, Dq)[:, :, g - n:]).sum(2) / n
-        qs = _zeros(fe, (B, m * g, 1, Dc + Dr), q)
+        qs = _zeros(fe, (B, m * g, 1, Dc + Dq - Dn), q)
         qs[:, g - 1::g, 0, :Dc] = _matmul_heads_t(qm[..., :Dn], _wide(fe, w_uk), fe) / H
         qs[:, g - 1::g, 0, Dc:] = qm[..., Dn:].sum(2) / H
         cb, rb, _, _ = condense(qs, c[:, :m * g], r[:, :m * g], group_size=g, n_summary=1,
-                                softmax_scale=cfg.scale, score=score)
+                                softmax_scale=scale, score=score)
     else:
+        qm = qs = None
         cb, rb = c[:, :0], r[:, :0]
     # 2. up-project the exact and the condensed entries per head
     k, v = _up_project(fe, c, r, w_uk, w_uv)
     kb, vb = _up_project(fe, cb, rb, w_uk, w_uv)
-    # 3. the SPEC §3 attention over them, H kv heads
-    out, lse = gqa_attend(q, k, v, kb, vb, group_size=g, window=window, softmax_scale=cfg.scale,
-                          rep_bias=cfg.rep_bias, return_lse=True)
-    out, lse = _unbatch(batched, out, lse)
-    return (out, lse) if return_lse else out
-
+    return qs, qm, cb, rb, k, v, kb, vb

@@ -14,24 +14,30 @@ non-differentiable, so a loss that reaches only lse raises torch's usual "does n
 Each is a torch.library.custom_op (namespace "lca") with a fake (meta) implementation and a
 registered autograd formula, so torch.compile(fullgraph=True) keeps it as one opaque node:
     torch.ops.lca.attention / attention_backward / gqa_attention / gqa_attention_backward /
-    attend / attend_backward / gqa_attend / gqa_attend_backward / mla_prefill
+    attend / attend_backward / gqa_attend / gqa_attend_backward / mla_prefill /
+    mla_prefill_backward
 No copies on the way to the engine: CPU tensors (float32, float64) reach the C engine as NumPy
 views of their memory (strided views included; the engine copies only a view it cannot read,
 as it does for NumPy) and results come back through torch.from_numpy; CUDA tensors (float32,
 bfloat16, float16) go through lca's CUDA intake on the current stream.  Backward calls
-lca.attention_backward / lca.gqa_attention_backward, on whichever engine the tensors live.
+lca.attention_backward / lca.gqa_attention_backward (and so on), on whichever engine the
+tensors live.
 
 lse dtype: the input dtype on the CPU, float32 on CUDA (as lca returns it).
 
-mla_prefill's backward: the non-absorbed layer is the absorbed one followed by the per-head
-W_UV product (lca/_prefill.py), so its exact gradient is computed through that identity: the
-absorbed forward is recomputed (lca.attention on q_abs = [W_UK[h] q_nope ; q_rope], giving the
-latent output the attention backward needs), lca.attention_backward gives dq_abs, dlatent,
-dkpos (condensation paths included), and the W_UK / W_UV products are differentiated by hand.
-It costs an absorbed forward plus an absorbed backward (more FLOPs than a dedicated non-absorbed
-backward would need: that needs the attention backward over given condensed entries and the
-condensation backward alone — lca.gqa_attend_backward and lca.condense_backward, both
-engines; the CUDA path of those two is not yet run on a GPU).
+mla_prefill's backward runs the non-absorbed steps backwards (lca::mla_prefill_backward, one
+opaque op): the summary queries, the condensed entries and the up-projected keys and values are
+recomputed by the forward's own code (lca/_prefill.py _parts: the same anchors; saving the
+up-projected k, v would hold ~9x the bytes of the latent and kpos at the DeepSeek shape, and
+recomputing them is two products), lca.gqa_attend_backward over them gives dq, dk, dv and the
+condensed entries' dkbar, dvbar (H kv heads of 192/128 at the DeepSeek shape: the tensor-core
+kernels on the GPU), torch products take dk, dv, dkbar, dvbar back through W_UK, W_UV (and
+the positional part, shared by the heads, as a sum over heads) to the latent space, and
+lca.condense_backward gives the latent-space condensation's share, whose summary-query gradient
+goes back through W_UK and the mean over the group's last queries.  The out and lse of the
+forward are saved for it.  The gradient equals the one through the absorbed identity
+out = attention(q_abs, c, r) @ W_UV (the backward before this one, kept as
+_mla_prefill_grad_absorbed for the tests) to rounding.
 
 This module imports torch; `import lca` alone never does.
 """
@@ -42,6 +48,7 @@ import numpy as np
 import torch
 
 import lca as _lca
+from . import _prefill
 from ._arrays import choice_param, float_param, int_param
 
 __all__ = ["attention", "gqa_attention", "attend", "gqa_attend", "mla_prefill"]
@@ -367,32 +374,144 @@ def _(q, latent, kpos, w_uk, w_uv, group_size, window, n_summary, softmax_scale,
 
 def _mla_prefill_setup(ctx, inputs, output):
     ctx.kw = inputs[5:]
-    ctx.save_for_backward(*inputs[:5])
+    ctx.save_for_backward(*inputs[:5], *output)
     ctx.mark_non_differentiable(output[1])
 
 
+def _frontend(q):
+    """What lca/_prefill.py computes with for q's engine: NumPy (None) or q's CUDA frontend."""
+    return None if q.device.type == "cpu" else _lca._cuda.frontend(q)
+
+
+def _engine_call(fn, q, tensors, names, **kw):
+    """fn (an lca function) on the engine's view of the tensors; its results as tensors."""
+    return tuple(map(_torch, fn(*_engine(q, tensors, names), **kw)))
+
+
+def _heads_t(x, w):
+    """Σ_h x[..., h, :] @ w[h]ᵀ: x (..., H, E) contiguous, w (H, Dc, E) -> (..., Dc), as one
+    product."""
+    H, Dc, E = w.shape
+    return x.reshape(x.shape[:-2] + (H * E,)) @ w.permute(0, 2, 1).reshape(H * E, Dc)
+
+
+def _heads_w(x, dy):
+    """The gradient of w in y[..., h, :] = x @ w[h]: Σ over the leading dims of
+    x[...]ᵀ dy[..., h, :]; x (..., Dc), dy (..., H, E) contiguous -> (H, Dc, E), one product."""
+    Dc, (H, E) = x.shape[-1], dy.shape[-2:]
+    g = x.reshape(-1, Dc).t() @ dy.reshape(-1, H * E)
+    return g.reshape(Dc, H, E).permute(1, 0, 2)
+
+
+@torch.library.custom_op("lca::mla_prefill_backward", mutates_args=())
+def _mla_prefill_backward(dout: Tensor, q: Tensor, latent: Tensor, kpos: Tensor, w_uk: Tensor,
+                          w_uv: Tensor, out: Tensor, lse: Tensor, group_size: int, window: int,
+                          n_summary: Optional[int], softmax_scale: float, score: str,
+                          rep_bias: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The gradient of mla_prefill through its own (non-absorbed) steps, lca/_prefill.py:
+    1. recompute the summary queries, the condensed entries and the up-projected keys and
+       values (_prefill._parts: the forward's code, so the same anchors);
+    2. lca.gqa_attend_backward over them: dq, dk, dv, dkb, dvb (H kv heads, 192/128 at the
+       DeepSeek shape: the tensor-core kernels on the GPU);
+    3. back through the up-projections k = [c W_UK[h] ; r], v = c W_UV[h] (and the same for the
+       condensed entries): dlatent, dkpos, dW_UK, dW_UV, and dcb, drb;
+    4. lca.condense_backward of dcb, drb (the latent-space condensation, one-head query qs):
+       dqs and more dlatent, dkpos;
+    5. back through qs = [(1/H) Σ_h W_UK[h] qm_nope ; (1/H) Σ_h qm_rope], qm the mean of the
+       last n queries of the group: more dq and dW_UK.
+    Products in torch (one matmul each); the small sums of the parts in float32 at least."""
+    batched = q.ndim == 4
+    if not batched:
+        dout, q, latent, kpos, out, lse = (t[None] for t in (dout, q, latent, kpos, out, lse))
+    B, L, H, Dq = q.shape
+    Dc, Dn = latent.shape[-1], w_uk.shape[-1]
+    g = group_size
+    n = g if n_summary is None else n_summary
+    m = L // g
+    acc = torch.promote_types(q.dtype, torch.float32)
+    # 1. the forward's intermediates, as the engine computed them
+    fe = _frontend(q)
+    qs, qm, cb, rb, k, v, kb, vb = (
+        None if x is None else _torch(x)
+        for x in _prefill._parts(fe, *_engine(q, [q, latent, kpos, w_uk, w_uv],
+                                              ["q", "latent", "kpos", "w_uk", "w_uv"]),
+                                 g, n, softmax_scale, score))
+    # 2. the attention over the given condensed entries
+    dq, dk, dv, dkb, dvb = _engine_call(
+        _lca.gqa_attend_backward, q, [dout, q, k, v, kb, vb, out, lse],
+        ["dout", "q", "k", "v", "kbar", "vbar", "out", "lse"], group_size=g, window=window,
+        softmax_scale=softmax_scale, rep_bias=rep_bias)
+    del k, v, kb, vb                  # (the recomputed keys and values: freed here)
+    # 3. k_nope = c W_UK[h], k_rope = r (every head), v = c W_UV[h]; the same for cb, rb
+    dkn, dkbn = dk[..., :Dn].contiguous(), dkb[..., :Dn].contiguous()   # (the one copy)
+    dr = dk[..., Dn:].sum(-2, dtype=acc)
+    del dk
+    dc = _heads_t(dkn, w_uk).to(acc) + _heads_t(dv, w_uv)
+    dw_uk = _heads_w(latent, dkn).to(acc) + _heads_w(cb, dkbn)
+    dw_uv = _heads_w(latent, dv).to(acc) + _heads_w(cb, dvb)
+    del dkn, dv
+    if m:
+        dcb = _heads_t(dkbn, w_uk).to(acc) + _heads_t(dvb, w_uv)
+        drb = dkb[..., Dn:].sum(-2, dtype=acc)
+        # 4. the latent-space condensation (qs, latent, kpos -> cb, rb)
+        dqs, dc_s, dr_s = _engine_call(
+            _lca.condense_backward, q,
+            [dcb.to(q.dtype), drb.to(q.dtype), qs, latent[:, :m * g], kpos[:, :m * g]],
+            ["dlatent_bar", "dkpos_bar", "qs", "latent", "kpos"], group_size=g, n_summary=1,
+            softmax_scale=softmax_scale, score=score)
+        dc[:, :m * g] += dc_s
+        dr[:, :m * g] += dr_s
+        # 5. qs[group's last row] = [(1/H) Σ_h W_UK[h] qm_nope[h] ; (1/H) Σ_h qm_rope[h]]
+        dqs_c = dqs[:, g - 1::g, 0, :Dc].to(acc)                 # (B, m, Dc)
+        dqs_r = dqs[:, g - 1::g, 0, Dc:].to(acc)                 # (B, m, Dr)
+        dw_uk += _heads_w(dqs_c, qm[..., :Dn].to(acc)) / H
+        dqm = torch.cat([torch.einsum("bjc,hcn->bjhn", dqs_c, w_uk.to(acc)),
+                         dqs_r[:, :, None].expand(B, m, H, Dq - Dn)], -1) / (H * n)
+        # qm = mean of q over the group's last n rows
+        dq = dq.contiguous()
+        dq[:, :m * g].view(B, m, g, H, Dq)[:, :, g - n:] += dqm[:, :, None]
+    grads = (dq, dc.to(q.dtype), dr.to(q.dtype), dw_uk.to(w_uk.dtype), dw_uv.to(w_uv.dtype))
+    if not batched:
+        grads = (grads[0][0], grads[1][0], grads[2][0]) + grads[3:]
+    return _results(grads)
+
+
+@_mla_prefill_backward.register_fake
+def _(dout, q, latent, kpos, w_uk, w_uv, out, lse, group_size, window, n_summary,
+      softmax_scale, score, rep_bias):
+    return tuple(_empty(t.shape, t) for t in (q, latent, kpos, w_uk, w_uv))
+
+
 def _mla_prefill_grad(ctx, dout, dlse):
-    """Through the absorbed identity out[t,h] = attention(q_abs, c, r)[t,h] @ W_UV[h]."""
-    q, latent, kpos, w_uk, w_uv = ctx.saved_tensors
+    return tuple(_mla_prefill_backward(dout, *ctx.saved_tensors, *ctx.kw)) + \
+        (None,) * len(ctx.kw)
+
+
+_mla_prefill.register_autograd(_mla_prefill_grad, setup_context=_mla_prefill_setup)
+
+
+def _mla_prefill_grad_absorbed(dout, q, latent, kpos, w_uk, w_uv, kw):
+    """The same gradient through the absorbed identity out[t,h] = attention(q_abs, c, r)[t,h]
+    @ W_UV[h] (the backward before the non-absorbed one; kept for tests/test_mla_prefill.py to
+    compare with): the absorbed forward recomputed, lca.attention_backward on the 576/512
+    shape (on the GPU only the portable kernels run it), the W_UK / W_UV products by hand.
+    kw: the op's keywords (group_size, window, n_summary, softmax_scale, score, rep_bias)."""
     H, Dc, Dn = w_uk.shape
     qn = q[..., :Dn]
     # forward again, absorbed: q_abs[t,h] = [W_UK[h] q_nope[t,h] ; q_rope[t,h]]
     q_abs = torch.cat([torch.einsum("...hn,hcn->...hc", qn, w_uk), q[..., Dn:]], dim=-1)
-    out_lat, lse = _attention(q_abs, latent, kpos, *ctx.kw)
+    out_lat, lse = _attention(q_abs, latent, kpos, *kw)
     # out = out_lat @ W_UV[h]  ->  dout_lat, dW_UV
     dout_lat = torch.einsum("...hv,hcv->...hc", dout, w_uv)
     dw_uv = torch.einsum("nhc,nhv->hcv", out_lat.reshape(-1, H, Dc),
                          dout.reshape(-1, H, dout.shape[-1]))
     dq_abs, dlatent, dkpos = _attention_backward(dout_lat, q_abs, latent, kpos, out_lat, lse,
-                                                 *ctx.kw)
+                                                 *kw)
     # q_abs[..., :Dc] = W_UK[h] q_nope  ->  dq_nope, dW_UK
     dqc = dq_abs[..., :Dc]
     dq = torch.cat([torch.einsum("...hc,hcn->...hn", dqc, w_uk), dq_abs[..., Dc:]], dim=-1)
     dw_uk = torch.einsum("nhc,nhk->hck", dqc.reshape(-1, H, Dc), qn.reshape(-1, H, Dn))
-    return (dq, dlatent, dkpos, dw_uk, dw_uv) + (None,) * len(ctx.kw)
-
-
-_mla_prefill.register_autograd(_mla_prefill_grad, setup_context=_mla_prefill_setup)
+    return dq, dlatent, dkpos, dw_uk, dw_uv
 
 
 def mla_prefill(q, latent, kpos, w_uk, w_uv, *, group_size=16, window=1024, n_summary=None,
@@ -400,7 +519,7 @@ def mla_prefill(q, latent, kpos, w_uk, w_uv, *, group_size=16, window=1024, n_su
     """lca.mla_prefill with autograd: q (B, L, H, Dn+Dr) [q_nope ; q_rope], latent (B, L, Dc),
     kpos (B, L, Dr), w_uk (H, Dc, Dn), w_uv (H, Dc, Dv) -> out (B, L, H, Dv) [, lse (B, H, L),
     not differentiable].  softmax_scale defaults to 1/sqrt(Dn+Dr).  Gradients reach all five
-    inputs (see the module docstring for how)."""
+    inputs, through the non-absorbed steps (see the module docstring)."""
     names = ["q", "latent", "kpos", "w_uk", "w_uv"]
     _check_tensors([q, latent, kpos, w_uk, w_uv], names)
     g, w, n, scale, bias = _keywords(group_size, window, n_summary, softmax_scale, rep_bias)

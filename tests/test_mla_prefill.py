@@ -157,6 +157,106 @@ def test_torch_frontend_products_match_numpy(rng):
 
 
 # ---------------------------------------------------------------------------------------------
+# gradients: lca.torch.mla_prefill's backward runs the non-absorbed steps (attend backward over
+# the up-projected entries, the products' transposes, the latent-space condensation backward);
+# it must equal the absorbed-identity gradient it replaced (lca.torch._mla_prefill_grad_absorbed)
+
+GRAD_CASES = [  # B, L, H, Dc, Dr, Dn, Dv, keywords
+    (2, 37, 3, 11, 5, 7, 6, dict(group_size=4, window=5, rep_bias=0.3)),
+    (2, 29, 2, 9, 4, 6, 5, dict(group_size=3, window=0, score="latent", rep_bias=-0.4)),
+    (3, 41, 2, 16, 8, 8, 8, dict(group_size=5, window=7, n_summary=2, rep_bias=0.5)),
+    (2, 33, 4, 13, 6, 5, 3, dict(group_size=4, window=0, n_summary=3, score="full",
+                                 rep_bias=0.2, softmax_scale=0.6)),
+    (2, 23, 3, 10, 4, 6, 7, dict(group_size=4, window=23, score="latent", rep_bias=0.7)),
+    (2, 25, 2, 8, 4, 5, 6, dict(group_size=3, window=100, n_summary=1, rep_bias=0.4)),
+    (2, 31, 2, 7, 0, 4, 5, dict(group_size=4, window=6, n_summary=2, rep_bias=0.1)),   # Dr = 0
+    (2, 9, 2, 6, 2, 3, 4, dict(group_size=16, window=4, rep_bias=0.3)),                # m = 0
+    (2, 19, 2, 6, 3, 4, 5, dict(group_size=1, window=3, score="latent", rep_bias=0.3)),  # g = 1
+]
+GRAD_IDS = [f"B{c[0]}-L{c[1]}-H{c[2]}-" + "-".join(f"{k}{v}" for k, v in c[7].items())
+            for c in GRAD_CASES]
+
+
+def _torch_inputs(torch, rng, shape, dtype=np.float64):
+    return [torch.from_numpy(a).requires_grad_() for a in inputs(rng, *shape, dtype=dtype)]
+
+
+def _op_keywords(lt, q, kw):
+    """lca.torch.mla_prefill's keywords as the custom op takes them (positional)."""
+    g, w, n, scale, bias = lt._keywords(kw.get("group_size", 16), kw.get("window", 1024),
+                                        kw.get("n_summary"), kw.get("softmax_scale"),
+                                        kw.get("rep_bias", 0.0))
+    return (g, w, n, scale if scale is not None else 1 / np.sqrt(q.shape[-1]),
+            kw.get("score", "full"), bias)
+
+
+@pytest.mark.parametrize("case", GRAD_CASES, ids=GRAD_IDS)
+def test_torch_backward_equals_absorbed_identity(case, rng):
+    """float64 on the CPU: the non-absorbed backward against (a) the absorbed-identity one it
+    replaced and (b) plain torch autograd through the same non-absorbed steps (tests/torch_lca.py
+    mla_prefill_lca), both to 1e-12 relative."""
+    torch = pytest.importorskip("torch")
+    import lca.torch as lt
+    from torch_lca import mla_prefill_lca
+    *shape, kw = case
+    args = _torch_inputs(torch, rng, shape)
+    out = lt.mla_prefill(*args, **kw)
+    dout = torch.from_numpy(rng.standard_normal(tuple(out.shape)))
+    got = torch.autograd.grad(out, args, dout)
+    with torch.no_grad():
+        old = lt._mla_prefill_grad_absorbed(dout, *args, _op_keywords(lt, args[0], kw))
+    plain = torch.autograd.grad(mla_prefill_lca(*args, **kw)[0], args, dout)
+    for g, o, p, nm in zip(got, old, plain, ("dq", "dlatent", "dkpos", "dw_uk", "dw_uv")):
+        assert g.dtype == torch.float64 and g.shape == o.shape
+        assert_rel(g.numpy(), o.numpy(), 1e-12, f"{nm} vs absorbed identity")
+        assert_rel(g.numpy(), p.numpy(), 1e-12, f"{nm} vs plain torch")
+
+
+@pytest.mark.parametrize("case", [GRAD_CASES[1], GRAD_CASES[4], GRAD_CASES[7]],
+                         ids=[GRAD_IDS[i] for i in (1, 4, 7)])
+def test_torch_gradcheck(case, rng):
+    """Central finite differences (torch.autograd.gradcheck, float64), smaller widths."""
+    torch = pytest.importorskip("torch")
+    import lca.torch as lt
+    B, L, H, Dc, Dr, Dn, Dv, kw = case
+    args = _torch_inputs(torch, rng, (B, L, H, min(Dc, 5), min(Dr, 3), 3, 3))
+    assert torch.autograd.gradcheck(lambda *a: lt.mla_prefill(*a, **kw), args)
+
+
+def test_torch_backward_takes_the_non_absorbed_route(rng, monkeypatch):
+    """The backward calls the attend backward over given entries and the condensation backward
+    (each once), never the absorbed attention_backward; unbatched inputs give the batched
+    gradients; float32 within 1e-5 of float64."""
+    torch = pytest.importorskip("torch")
+    import lca.torch as lt
+    calls = []
+    for nm in ("attention_backward", "gqa_attend_backward", "condense_backward"):
+        real = getattr(lca, nm)
+        monkeypatch.setattr(lca, nm, lambda *a, _real=real, _nm=nm, **k: (calls.append(_nm),
+                                                                           _real(*a, **k))[1])
+    kw = dict(group_size=4, window=6, n_summary=3, rep_bias=0.2)
+    args = _torch_inputs(torch, rng, (2, 27, 3, 8, 4, 5, 6))
+    dout = torch.from_numpy(rng.standard_normal((2, 27, 3, 6)))
+    want = torch.autograd.grad(lt.mla_prefill(*args, **kw), args, dout)
+    assert calls == ["gqa_attend_backward", "condense_backward"], calls
+    # unbatched: row 1 alone; its dq, dlatent, dkpos are the batched call's row 1, its weight
+    # gradients those of the batched call on rows 1:2
+    one = [a.detach()[1].clone().requires_grad_() for a in args[:3]] + args[3:]
+    got = torch.autograd.grad(lt.mla_prefill(*one, **kw), one, dout[1])
+    two = [a.detach()[1:].clone().requires_grad_() for a in args[:3]] + args[3:]
+    want2 = torch.autograd.grad(lt.mla_prefill(*two, **kw), two, dout[1:])
+    for g, w, nm in zip(got, [w[1] for w in want[:3]] + list(want2[3:]),
+                        ("dq", "dlatent", "dkpos", "dw_uk", "dw_uv")):
+        assert g.shape == w.shape, nm
+        assert_rel(g.numpy(), w.numpy(), 1e-12, f"unbatched {nm}")
+    f32 = [a.detach().float().requires_grad_() for a in args]
+    got32 = torch.autograd.grad(lt.mla_prefill(*f32, **kw), f32, dout.float())
+    for g, w, nm in zip(got32, want, ("dq", "dlatent", "dkpos", "dw_uk", "dw_uv")):
+        assert g.dtype == torch.float32
+        assert_rel(g.numpy(), w.numpy(), 1e-5, f"float32 {nm}")
+
+
+# ---------------------------------------------------------------------------------------------
 # GPU (skipped without a CUDA device)
 
 GPU_CASES = [  # B, L, H, Dc, Dr, Dn, Dv, keywords
@@ -200,6 +300,45 @@ def test_gpu_torch(case, dtype, monkeypatch):
         naive = torch.einsum("blhc,hcv->blhv", mla_lca(q_abs, c, r, **kwn)[0], w_uv)
         bound = 2 * rel_err(naive.double().cpu().numpy(), want)
         assert err <= max(bound, 1e-3), f"{dtype} error {err:.2e} > 2x naive {bound:.2e}"
+
+
+GPU_GRAD_CASES = [  # B, L, H, Dc, Dr, Dn, Dv, keywords
+    (1, 300, 16, 512, 64, 128, 128, dict(group_size=16, window=64)),     # DeepSeek-V2-Lite
+    (2, 97, 4, 256, 32, 96, 64, dict(group_size=8, window=20, n_summary=3, score="latent",
+                                     rep_bias=0.5)),
+    (2, 61, 3, 40, 8, 24, 16, dict(group_size=4, window=0, n_summary=2, rep_bias=0.3)),
+    (2, 45, 4, 64, 16, 48, 32, dict(group_size=4, window=10**6, rep_bias=0.2)),  # window >= L
+    (2, 9, 2, 32, 0, 16, 8, dict(group_size=16, window=4)),             # L < g, Dr = 0
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not lca.HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("case", GPU_GRAD_CASES, ids=lambda c: "-".join(map(str, c[:7])))
+def test_gpu_torch_backward(case, dtype, monkeypatch):
+    """lca.torch.mla_prefill's backward on CUDA tensors (lca_cuda_attend_bwd over the
+    up-projected entries, lca_cuda_condense_bwd, torch products) against the float64 CPU
+    gradients of the same rounded inputs, SPEC §8 as tests/test_cuda_bwd.py holds it
+    (tests/torch_lca.py check_grads): float32 within 1e-5, bf16 / fp16 within twice the error
+    of the same non-absorbed computation by plain torch autograd at that precision."""
+    torch = pytest.importorskip("torch")
+    import lca.torch as lt
+    from torch_lca import check_grads, mla_prefill_lca, naive_grads, to_np
+    monkeypatch.setenv("LCA_POISON_OUTPUTS", "1")
+    *shape, kw = case
+    dt = getattr(torch, dtype)
+    rng = np.random.default_rng(zlib.crc32(repr(("bwd", case[:7], dtype)).encode()))
+    dev = [torch.from_numpy(a).to("cuda", dt).requires_grad_() for a in inputs(rng, *shape)]
+    out = lt.mla_prefill(*dev, **kw)
+    dout = torch.from_numpy(rng.standard_normal(tuple(out.shape))).to("cuda", dt)
+    got = torch.autograd.grad(out, dev, dout)
+    exact = [torch.from_numpy(to_np(a)).requires_grad_() for a in dev]
+    ref = [g.numpy() for g in torch.autograd.grad(lt.mla_prefill(*exact, **kw), exact,
+                                                  torch.from_numpy(to_np(dout)))]
+    naive = None if dtype == "float32" else naive_grads(mla_prefill_lca, dev, dout, kw)
+    check_grads(got, ref, naive, dtype, ["dq", "dlatent", "dkpos", "dw_uk", "dw_uv"],
+                f"mla_prefill backward {tuple(case[:7])}")
 
 
 @pytest.mark.gpu
@@ -248,3 +387,38 @@ def test_torch_route_end_to_end_on_cpu_tensors(rng, monkeypatch):
         want, want_lse = absorbed_reference(*host, kw)
         assert_rel(out.numpy(), want, 1e-5, "out")
         assert_rel(lse.numpy(), want_lse, 1e-5, "lse")
+
+
+def test_torch_backward_cuda_route_on_cpu_tensors(rng, monkeypatch):
+    """lca.torch.mla_prefill's backward as it runs on CUDA tensors (the torch frontend in
+    _prefill._parts, torch tensors into lca.condense / gqa_attend_backward / condense_backward),
+    run on CPU float32 tensors: lca.torch hands the tensors over as they are, the framework
+    check calls them CUDA arrays, and the engine calls go to the CPU engine through NumPy.
+    Catches torch-syntax slips without a GPU; the real CUDA run is test_gpu_torch_backward."""
+    torch = pytest.importorskip("torch")
+    import lca.torch as lt
+    from lca import _cuda
+    kw = dict(group_size=4, window=5, n_summary=3, score="latent", rep_bias=0.3)
+    args = _torch_inputs(torch, rng, (2, 37, 3, 10, 4, 6, 5), dtype=np.float32)
+    dout = torch.from_numpy(rng.standard_normal((2, 37, 3, 5)).astype(np.float32))
+    want = torch.autograd.grad(lt.mla_prefill(*args, **kw), args, dout)
+    monkeypatch.setattr(_cuda, "framework", lambda x: "torch" if isinstance(x, torch.Tensor)
+                        else None)
+    monkeypatch.setattr(lt, "_engine", lambda q, ts, names: [t.detach() for t in ts])
+    monkeypatch.setattr(lt, "_frontend", lambda q: _cuda._Torch(q))
+    real = {nm: getattr(lca, nm) for nm in ("condense", "gqa_attend", "gqa_attend_backward",
+                                            "condense_backward")}
+
+    def via_numpy(nm):
+        def call(*a, **k):
+            assert all(isinstance(x, torch.Tensor) for x in a), f"{nm}: non-torch input"
+            res = real[nm](*(x.numpy() for x in a), **k)
+            return tuple(torch.from_numpy(np.ascontiguousarray(r)) for r in res)
+        return call
+    for nm in real:
+        monkeypatch.setattr(lca, nm, via_numpy(nm))
+    got = torch.autograd.grad(lt.mla_prefill(*args, **kw), args, dout)
+    for g, w, nm in zip(got, want, ("dq", "dlatent", "dkpos", "dw_uk", "dw_uv")):
+        assert g.dtype == torch.float32
+        assert_rel(g.numpy(), w.numpy(), 1e-6, nm)
+

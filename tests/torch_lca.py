@@ -89,6 +89,35 @@ def mla_lca(q, latent, kpos, *, score="full", **kw):
                    d_score=q.shape[-1] if score == "full" else Dc, **kw)
 
 
+def mla_prefill_lca(q, latent, kpos, w_uk, w_uv, *, group_size=16, window=1024, n_summary=None,
+                    softmax_scale=None, score="full", rep_bias=0.0):
+    """lca.mla_prefill's non-absorbed steps (lca/_prefill.py) in plain torch: the summary query
+    in latent space (float32 at least, then rounded to q's dtype, as the library forms it), the
+    condensation of [c; r] with it, the per-head up-projections, SPEC §3 over them."""
+    B, L, H, Dq = q.shape
+    Dc, Dr, Dn = latent.shape[-1], kpos.shape[-1], w_uk.shape[-1]
+    g = group_size
+    n, m = n_summary or g, L // g
+    scale = softmax_scale if softmax_scale is not None else Dq ** -0.5
+    wide = torch.promote_types(q.dtype, torch.float32)
+    qm = q[:, :m * g].reshape(B, m, g, H, Dq)[:, :, g - n:].to(wide).mean(2)
+    qs = (torch.cat([torch.einsum("bmhn,hcn->bmc", qm[..., :Dn], w_uk.to(wide)),
+                     qm[..., Dn:].sum(2)], -1) / H).to(q.dtype)          # (B, m, Dc+Dr)
+    kg = torch.cat([latent, kpos], -1)[:, :m * g].reshape(B, m, g, Dc + Dr)
+    ds = Dc + Dr if score == "full" else Dc
+    alpha = torch.softmax(scale * torch.einsum("bmd,bmgd->bmg", qs[..., :ds], kg[..., :ds]), -1)
+    anchor = alpha.argmax(-1)
+    cb = torch.einsum("bmg,bmgd->bmd", alpha, kg[..., :Dc])
+    rb = torch.gather(kg[..., Dc:], 2, anchor[:, :, None, None].expand(B, m, 1, Dr))[:, :, 0]
+
+    def up(c, r):
+        k = torch.cat([torch.einsum("blc,hcn->blhn", c, w_uk),
+                       r[:, :, None].expand(-1, -1, H, -1)], -1)
+        return k, torch.einsum("blc,hcv->blhv", c, w_uv)
+    return gqa_attend_lca(q, *up(latent, kpos), *up(cb, rb), group_size=g, window=window,
+                          softmax_scale=scale, rep_bias=rep_bias)
+
+
 # helpers of the GPU tests
 
 def rel(a, b):
