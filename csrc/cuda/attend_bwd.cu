@@ -39,16 +39,7 @@ __global__ void __launch_bounds__(32 * kBwdWarps) bwd_delta_kernel(lca_params p,
     const int64_t hq = rowid % p.H, t = (rowid / p.H) % p.L, b = rowid / (p.H * p.L);
     const T *o = row<const T>(p.out, b, t, hq), *d = row<const T>(p.dout, b, t, hq);
     float acc = 0;
-    if (sizeof(T) == 2 && p.Dv % 8 == 0 && (uintptr_t)o % 16 == 0 && (uintptr_t)d % 16 == 0) {
-        for (int64_t c = 8 * lane; c < p.Dv; c += 256) {          /* 16 bytes a lane */
-            const uint4 uo = *(const uint4 *)(o + c), ud = *(const uint4 *)(d + c);
-            const T *eo = (const T *)&uo, *ed = (const T *)&ud;
-#pragma unroll
-            for (int k = 0; k < 8; k++) acc = fmaf(to_f(eo[k]), to_f(ed[k]), acc);
-        }
-    } else {
-        for (int64_t c = lane; c < p.Dv; c += 32) acc += to_f(o[c]) * to_f(d[c]);
-    }
+    for (int64_t c = lane; c < p.Dv; c += 32) acc += to_f(o[c]) * to_f(d[c]);
     acc = warp_sum(acc);
     if (lane == 0) delta[(b * p.H + hq) * p.L + t] = acc;
 }

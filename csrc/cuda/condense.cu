@@ -194,8 +194,7 @@ __global__ void __launch_bounds__(32 * kCondWarps) lca_condense_warp_kernel(lca_
     for (int i = 0; i < 32; i++)
         if (i < g) sum += s[i] = expf(s[i] - mx);
 #pragma unroll
-    for (int i = 0; i < 32; i++)
-        if (i < g) s[i] /= sum;
+    for (int i = 0; i < 32; i++) s[i] = i < g ? s[i] / sum : 0.0f;   /* 0 past g: pool's rows */
 
     /* kbar = [sum alpha_i k_i[:d_pool]; k_anchor[d_pool:]], vbar = sum alpha_i v_i */
     auto pool = [&](const lca_view &src, int64_t c, float (&acc)[8]) {   /* += sum alpha_i x_i */
