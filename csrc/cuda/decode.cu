@@ -430,15 +430,10 @@ int launch_dec_mma(const DecArgs &a, cudaStream_t st) {
     using S_ = DecMmaShape<D, DV, MT, VK>;
     const size_t smem = S_::template smem<T>();
     auto kernel = lca_dec_partial_mma_kernel<T, D, DV, MT, VK>;
-    static unsigned char done[64];                 /* the attribute, once per device */
-    int dev = 0;
-    cudaGetDevice(&dev);
-    if (dev >= 64 || !done[dev]) {
-        if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 (int)smem) != cudaSuccess)
-            return LCA_ERR_CUDA;
-        if (dev < 64) done[dev] = 1;
-    }
+    /* every launch: an attribute cached per device would be lost with a context reset */
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) !=
+        cudaSuccess)
+        return LCA_ERR_CUDA;
     const dim3 grid((unsigned)a.hchunks, (unsigned)a.nsplit, (unsigned)(a.p.B * a.p.Hkv));
     kernel<<<grid, S_::kThreads, smem, st>>>(a);
     return LCA_OK;

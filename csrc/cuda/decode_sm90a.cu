@@ -308,15 +308,10 @@ template <typename T, int D, int DV, int MT, int KT, bool BULK>
 int launch(const DecArgs &a, cudaStream_t st) {
     auto kernel = lca_dec_partial_bulk_kernel<T, D, DV, MT, KT, BULK>;
     constexpr size_t sm = smem<D, DV, MT, KT>();
-    static unsigned char done[64];                 /* the attribute, once per device */
-    int dev = 0;
-    cudaGetDevice(&dev);
-    if (dev >= 64 || !done[dev]) {
-        if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm) !=
-            cudaSuccess)
-            return LCA_ERR_CUDA;
-        if (dev < 64) done[dev] = 1;
-    }
+    /* every launch: an attribute cached per device would be lost with a context reset */
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm) !=
+        cudaSuccess)
+        return LCA_ERR_CUDA;
     const dim3 grid((unsigned)a.hchunks, (unsigned)a.nsplit, (unsigned)(a.p.B * a.p.Hkv));
     kernel<<<grid, kThreads, sm, st>>>(a);
     return LCA_OK;
