@@ -412,6 +412,8 @@ __global__ void __launch_bounds__(kWsThreads, 1) lca_dec_partial_ws_kernel(DecAr
             bulk_g2s(stage0 + (st * kDecKeys + lane) * LD, src, (uint32_t)(D * sizeof(T)),
                      &full[st]);
         }
+        /* stay until the last copy has landed (no copy outlives its issuing thread) */
+        if (ntiles > 0) mbar_wait(&full[(ntiles - 1) % NST], (uint32_t)(((ntiles - 1) / NST) & 1));
         return;
     }
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
@@ -453,7 +455,9 @@ __global__ void __launch_bounds__(kWsThreads, 1) lca_dec_partial_ws_kernel(DecAr
 
     for (int t = gi, j = 0; t < ntiles; t += 2, j++) {
         const int st = t % NST;
-        const int64_t k0 = i0 + (int64_t)t * kDecKeys;
+        const int64_t k0 = i0 + (int64_t)t * kDecKeys, nv = i1 - k0, nb = a.G - k0;
+        const int kv = nv < kDecKeys ? (int)nv : kDecKeys;          /* keys < kv: in range */
+        const int kb = nb <= 0 ? 0 : nb < kDecKeys ? (int)nb : kDecKeys;   /* < kb: condensed */
         mbar_wait(&full[st], (uint32_t)((t / NST) & 1));
         const T *Ks = stage0 + st * kDecKeys * LD;
 
@@ -504,11 +508,10 @@ __global__ void __launch_bounds__(kWsThreads, 1) lca_dec_partial_ws_kernel(DecAr
                     const int key = 16 * kk + 2 * tq + 8 * (e >> 1);
                     const float2 v2 = *(const float2 *)(Sb + (gq + 8 * i) * SR + key);
                     const float2 w2 = *(const float2 *)(Sb + (16 + gq + 8 * i) * SR + key);
-                    const int64_t gk = k0 + key;
-                    float v0 = (v2.x + w2.x) * scale + (gk < a.G ? bias : 0.0f);
-                    float v1 = (v2.y + w2.y) * scale + (gk + 1 < a.G ? bias : 0.0f);
-                    v0 = gk < i1 ? v0 : -INFINITY;
-                    v1 = gk + 1 < i1 ? v1 : -INFINITY;
+                    float v0 = (v2.x + w2.x) * scale + (key < kb ? bias : 0.0f);
+                    float v1 = (v2.y + w2.y) * scale + (key + 1 < kb ? bias : 0.0f);
+                    v0 = key < kv ? v0 : -INFINITY;
+                    v1 = key + 1 < kv ? v1 : -INFINITY;
                     x[i][kk][e] = v0, x[i][kk][e + 1] = v1;
                     bmax = fmaxf(bmax, fmaxf(v0, v1));
                 }
