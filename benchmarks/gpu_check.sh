@@ -4,8 +4,8 @@
 # back).  Benchmarks append to benchmarks/RESULTS.md, copied to $OUT at the end.
 #   bash benchmarks/gpu_check.sh [stage ...]     stages: tests prefill decode decvar flex mla
 #                                                variants ncu
-#   (decvar: the Hopper decode partial's variants ws and v3 side by side, 128K, H = 16 and 128;
-#    its tests: LCA_TESTS="tests/test_cache.py -k gpu")
+#   (decvar: the Hopper decode partial's variants ws, ws4 and v3 side by side, 128K, H = 16
+#    and 128; their tests: LCA_TESTS="tests/test_cache.py -k gpu")
 #   LCA_TESTS="tests/..."  the test files (default: every file with GPU tests; LCA_TESTS=tests
 #                          for the whole suite)
 set -uo pipefail
@@ -36,7 +36,7 @@ for st in "${@:-tests prefill}"; do
                --reps 3 --backward --no-flex ;;
     decode)  stage decode 90 python3 benchmarks/bench_decode.py --reps 20 ;;
     decvar)  stage decvar 90 python3 benchmarks/bench_decode.py --reps 20 --no-dense --profile \
-               --rows 131072:64:16,131072:64:128,131072:16:16,131072:1:16 --variants ws v3 ;;
+               --rows 131072:64:16,131072:64:128,131072:16:16,131072:1:16 --variants ws ws4 v3 ;;
     flex)    stage flex 150 python3 benchmarks/bench_prefill.py --lengths 131072 --reps 3 \
                --backward ;;
     mla)     stage mla 60 python3 benchmarks/bench_mla.py --lengths 32768 131072 --reps 3 ;;

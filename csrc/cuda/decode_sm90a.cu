@@ -339,9 +339,11 @@ int launch(const DecArgs &a, cudaStream_t st) {
  * columns [wi Dv / 4, (wi + 1) Dv / 4). */
 constexpr int kWsThreads = 384;       /* warpgroup 0: producer; 1, 2: consumer groups 0, 1 */
 
-template <int D, int DV> struct WsShape {
+template <int D, int DV, int U> struct WsShape {
     static constexpr int NST = 5;                                /* stages (32-key tiles) */
-    static constexpr int LD = D + kDecPad;                       /* elements per shared row */
+    static constexpr int LD = D + kDecPad;                       /* elements per Q row */
+    static constexpr int USTR = U * D + kDecPad;                 /* elements per copy unit */
+    static constexpr int STG = kDecKeys / U * USTR;              /* elements per stage */
     static constexpr int KSW = D / 32;                           /* k-steps per warp (half D) */
     static constexpr int NACC = KSW % 2 == 0 ? 2 : KSW % 3 == 0 ? 3 : 1;
     static constexpr int WCOL = DV / 4, NTV = WCOL / 8;          /* value columns, n-tiles */
@@ -349,10 +351,17 @@ template <int D, int DV> struct WsShape {
     static constexpr size_t kBar = 128;                          /* full[NST], empty[NST] */
     static constexpr size_t kQ = (size_t)16 * LD * 2;
     static constexpr size_t kS = (size_t)2 * 2 * 2 * 16 * SR * 4;  /* group, parity, half */
-    static constexpr size_t kStage = (size_t)kDecKeys * LD * 2;
+    static constexpr size_t kStage = (size_t)STG * 2;
     static constexpr size_t kSmem = kBar + kQ + kS + NST * kStage;
     static constexpr size_t kMerge = (size_t)(NTV + 1) * 128 * 16;  /* group 1's state */
-    static_assert(D % 32 == 0 && KSW % NACC == 0 && NTV % 2 == 0, "shape");
+    static_assert(D % 32 == 0 && KSW % NACC == 0 && NTV % 2 == 0 && (U == 1 || U == 4), "shape");
+    /* column c of S (and row c of P V's k) is key key(c) of the tile, at element off(k) of the
+     * stage.  U = 4: n-tile c >> 3 holds keys 4 i + (c >> 3), one from each unit, so the 8 rows
+     * of an ldmatrix lie in 8 units (unit stride = 1 mod 8 16-byte words: no bank conflict). */
+    static __device__ __forceinline__ int key(int c) {
+        return U == 1 ? c : 4 * (c & 7) + (c >> 3);
+    }
+    static __device__ __forceinline__ int off(int k) { return k / U * USTR + k % U * D; }
     static_assert(2 * NST * 8 <= kBar && kQ % 16 == 0 && kS % 16 == 0 && kStage % 16 == 0 &&
                   kMerge <= NST * kStage, "layout");
 };
@@ -361,11 +370,11 @@ __device__ __forceinline__ void named_sync(int id, int threads) {
     asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
-template <typename T, int D, int DV>
+template <typename T, int D, int DV, int U>
 __global__ void __launch_bounds__(kWsThreads, 1) lca_dec_partial_ws_kernel(DecArgs a) {
-    using S_ = WsShape<D, DV>;
+    using S_ = WsShape<D, DV, U>;
     constexpr int NST = S_::NST, LD = S_::LD, SR = S_::SR, KSW = S_::KSW, NACC = S_::NACC;
-    constexpr int WCOL = S_::WCOL, NTV = S_::NTV;
+    constexpr int WCOL = S_::WCOL, NTV = S_::NTV, USTR = S_::USTR, STG = S_::STG;
     extern __shared__ __align__(128) unsigned char dsm[];
     uint64_t *full = (uint64_t *)dsm, *empty = full + NST;
     T *Qs = (T *)(dsm + S_::kBar);
@@ -390,27 +399,46 @@ __global__ void __launch_bounds__(kWsThreads, 1) lca_dec_partial_ws_kernel(DecAr
     if (warp < 4) {
         asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
         if (warp != 0) return;
-        /* Tile t: lane r copies row r = entry k0 + r (condensed row k while k < G, else ring
-         * slot (e0 + k - G) mod R; k - G < R, so one wrap at most); rows past the range's end
-         * repeat its last row. */
+        /* Row r of tile t: entry k = k0 + r, condensed row k while k < G, else ring slot
+         * (e0 + k - G) mod R (k - G < R, so one wrap at most); rows past the range's end repeat
+         * its last row.  U = 1: lane r copies row r.  U = 4: lane u < 8 copies rows 4u .. 4u + 3
+         * into unit u, in one copy when they are consecutive in memory (condensed or ring rows
+         * of stride D, no wrap, no range end inside), else row by row. */
         const T *kb0 = row<const T>(p.kbar, b, 0, h), *kr0 = row<const T>(p.kr, b, 0, h);
         const int64_t R = p.R, e0r = a.e0 % R;
+        auto src_row = [&](int64_t k) {
+            k = k < i1 ? k : i1 - 1;
+            if (k < a.G) return kb0 + k * p.kbar.st;
+            const int64_t sl = e0r + (k - a.G);
+            return kr0 + (sl >= R ? sl - R : sl) * p.kr.st;
+        };
         for (int t = 0; t < ntiles; t++) {
             const int st = t % NST;
             if (t >= NST) mbar_wait(&empty[st], (uint32_t)((t / NST + 1) & 1));
-            int64_t k = i0 + (int64_t)t * kDecKeys + lane;
-            k = k < i1 ? k : i1 - 1;
-            const T *src;
-            if (k < a.G) {
-                src = kb0 + k * p.kbar.st;
-            } else {
-                int64_t sl = e0r + (k - a.G);
-                src = kr0 + (sl >= R ? sl - R : sl) * p.kr.st;
-            }
+            const int64_t k0 = i0 + (int64_t)t * kDecKeys;
+            T *dst = stage0 + st * STG;
             if (lane == 0) mbar_expect_tx(&full[st], (uint32_t)(kDecKeys * D * sizeof(T)));
             __syncwarp();
-            bulk_g2s(stage0 + (st * kDecKeys + lane) * LD, src, (uint32_t)(D * sizeof(T)),
-                     &full[st]);
+            if constexpr (U == 1) {
+                bulk_g2s(dst + lane * USTR, src_row(k0 + lane), (uint32_t)(D * sizeof(T)),
+                         &full[st]);
+            } else if (lane < kDecKeys / U) {
+                const T *sr[U];
+                bool one = true;
+#pragma unroll
+                for (int j = 0; j < U; j++) {
+                    sr[j] = src_row(k0 + U * lane + j);
+                    one = one && sr[j] == sr[0] + j * D;
+                }
+                if (one) {
+                    bulk_g2s(dst + lane * USTR, sr[0], (uint32_t)(U * D * sizeof(T)), &full[st]);
+                } else {
+#pragma unroll
+                    for (int j = 0; j < U; j++)
+                        bulk_g2s(dst + lane * USTR + j * D, sr[j], (uint32_t)(D * sizeof(T)),
+                                 &full[st]);
+                }
+            }
         }
         /* stay until the last copy has landed (no copy outlives its issuing thread) */
         if (ntiles > 0) mbar_wait(&full[(ntiles - 1) % NST], (uint32_t)(((ntiles - 1) / NST) & 1));
@@ -450,8 +478,10 @@ __global__ void __launch_bounds__(kWsThreads, 1) lca_dec_partial_ws_kernel(DecAr
     for (int n = 0; n < NTV; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0;
     const float scale = (float)p.scale, bias = (float)p.rep_bias;
     /* B fragments of S (K as stored, [key][d]): matrix lane >> 3 of the ldmatrix is n-tile
-     * lane >> 4, columns +8 for odd matrices */
-    const int krow = kn * 16 + (lane >> 4) * 8 + (lane & 7), kcol = ((lane >> 3) & 1) * 8;
+     * lane >> 4, columns +8 for odd matrices; P V: row (k) kk * 16 + (lane & 15) */
+    const int krow = S_::off(S_::key(kn * 16 + (lane >> 4) * 8 + (lane & 7)));
+    const int kcol = ((lane >> 3) & 1) * 8;
+    const int vrow0 = S_::off(S_::key(lane & 15)), vrow1 = S_::off(S_::key(16 + (lane & 15)));
 
     for (int t = gi, j = 0; t < ntiles; t += 2, j++) {
         const int st = t % NST;
@@ -459,7 +489,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) lca_dec_partial_ws_kernel(DecAr
         const int kv = nv < kDecKeys ? (int)nv : kDecKeys;          /* keys < kv: in range */
         const int kb = nb <= 0 ? 0 : nb < kDecKeys ? (int)nb : kDecKeys;   /* < kb: condensed */
         mbar_wait(&full[st], (uint32_t)((t / NST) & 1));
-        const T *Ks = stage0 + st * kDecKeys * LD;
+        const T *Ks = stage0 + st * STG;
 
         /* S partial: 16 rows x keys [16 kn, 16 kn + 16), k-steps of half kh */
         float acc[2][NACC][4];
@@ -473,7 +503,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) lca_dec_partial_ws_kernel(DecAr
 #pragma unroll
             for (int u = 0; u < NACC; u++) {
                 uint32_t bf[4];
-                ldmatrix_x4(bf, Ks + krow * LD + (kh * KSW + k2 + u) * 16 + kcol);
+                ldmatrix_x4(bf, Ks + krow + (kh * KSW + k2 + u) * 16 + kcol);
                 mma16816<T>(acc[0][u], qf[k2 + u], bf[0], bf[1]);
                 mma16816<T>(acc[1][u], qf[k2 + u], bf[2], bf[3]);
             }
@@ -505,13 +535,14 @@ __global__ void __launch_bounds__(kWsThreads, 1) lca_dec_partial_ws_kernel(DecAr
             for (int kk = 0; kk < 2; kk++)
 #pragma unroll
                 for (int e = 0; e < 4; e += 2) {
-                    const int key = 16 * kk + 2 * tq + 8 * (e >> 1);
-                    const float2 v2 = *(const float2 *)(Sb + (gq + 8 * i) * SR + key);
-                    const float2 w2 = *(const float2 *)(Sb + (16 + gq + 8 * i) * SR + key);
-                    float v0 = (v2.x + w2.x) * scale + (key < kb ? bias : 0.0f);
-                    float v1 = (v2.y + w2.y) * scale + (key + 1 < kb ? bias : 0.0f);
-                    v0 = key < kv ? v0 : -INFINITY;
-                    v1 = key + 1 < kv ? v1 : -INFINITY;
+                    const int c = 16 * kk + 2 * tq + 8 * (e >> 1);   /* column of S */
+                    const int key0 = S_::key(c), key1 = S_::key(c + 1);
+                    const float2 v2 = *(const float2 *)(Sb + (gq + 8 * i) * SR + c);
+                    const float2 w2 = *(const float2 *)(Sb + (16 + gq + 8 * i) * SR + c);
+                    float v0 = (v2.x + w2.x) * scale + (key0 < kb ? bias : 0.0f);
+                    float v1 = (v2.y + w2.y) * scale + (key1 < kb ? bias : 0.0f);
+                    v0 = key0 < kv ? v0 : -INFINITY;
+                    v1 = key1 < kv ? v1 : -INFINITY;
                     x[i][kk][e] = v0, x[i][kk][e + 1] = v1;
                     bmax = fmaxf(bmax, fmaxf(v0, v1));
                 }
@@ -543,7 +574,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) lca_dec_partial_ws_kernel(DecAr
 #pragma unroll
             for (int n = 0; n < NTV; n += 2) {
                 uint32_t bf[4];
-                ldmatrix_x4_trans(bf, Ks + (kk * 16 + (lane & 15)) * LD + wi * WCOL + n * 8 +
+                ldmatrix_x4_trans(bf, Ks + (kk ? vrow1 : vrow0) + wi * WCOL + n * 8 +
                                           (lane >> 4) * 8);
                 mma16816<T>(o[n], af, bf[0], bf[1]);
                 mma16816<T>(o[n + 1], af, bf[2], bf[3]);
@@ -601,9 +632,9 @@ __global__ void __launch_bounds__(kWsThreads, 1) lca_dec_partial_ws_kernel(DecAr
     }
 }
 
-template <typename T, int D, int DV> int launch_ws(const DecArgs &a, cudaStream_t st) {
-    auto kernel = lca_dec_partial_ws_kernel<T, D, DV>;
-    constexpr size_t sm = WsShape<D, DV>::kSmem;
+template <typename T, int D, int DV, int U> int launch_ws(const DecArgs &a, cudaStream_t st) {
+    auto kernel = lca_dec_partial_ws_kernel<T, D, DV, U>;
+    constexpr size_t sm = WsShape<D, DV, U>::kSmem;
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm) !=
         cudaSuccess)
         return LCA_ERR_CUDA;
@@ -620,8 +651,12 @@ template <typename T, int D, int DV> int launch_ws(const DecArgs &a, cudaStream_
  *   "kt2cp"  both                                   (16-head blocks)
  *   "ws"     the warp-specialised kernel, and 16-head blocks for every H / Hkv (at H = 128 the
  *            8 blocks of a (b, split) read the same tiles, the first from memory, the rest
- *            mostly from L2: a comparison against v3's 64-head blocks) */
-enum Variant { kDefault, kV3, kKt2, kCp, kKt2Cp, kWs };
+ *            mostly from L2: a comparison against v3's 64-head blocks)
+ *   "ws4"    ws with a tile's rows copied 4 at a time where they are consecutive in memory
+ *            (8 bulk copies a tile of condensed rows instead of 32; keys permuted within the
+ *            tile so that the unpadded 4-row units read without bank conflicts); like ws,
+ *            16-head blocks for every H / Hkv */
+enum Variant { kDefault, kV3, kKt2, kCp, kKt2Cp, kWs, kWs4 };
 static Variant variant() {
     const char *v = getenv("LCA_DECODE_VARIANT");
     if (!v) return kDefault;
@@ -630,6 +665,7 @@ static Variant variant() {
     if (!strcmp(v, "cp")) return kCp;
     if (!strcmp(v, "kt2cp")) return kKt2Cp;
     if (!strcmp(v, "ws")) return kWs;
+    if (!strcmp(v, "ws4")) return kWs4;
     return kDefault;
 }
 
@@ -639,7 +675,8 @@ template <typename T, int D, int DV> int launch_one(const DecArgs &a, cudaStream
     case kKt2: return launch<T, D, DV, 1, 2, true>(a, st);
     case kCp: return launch<T, D, DV, 1, 1, false>(a, st);
     case kKt2Cp: return launch<T, D, DV, 1, 2, false>(a, st);
-    default: return launch_ws<T, D, DV>(a, st);
+    case kWs4: return launch_ws<T, D, DV, 4>(a, st);
+    default: return launch_ws<T, D, DV, 1>(a, st);
     }
 }
 
@@ -657,8 +694,10 @@ template <typename T> int launch_mt(const DecArgs &a, int mt, cudaStream_t st) {
 /* shared memory of the 16-head-block variants (the largest, so that routing does not depend
  * on the variant) */
 template <int D, int DV> constexpr size_t smem_mt1() {
-    constexpr size_t a = smem<D, DV, 1>(), b = smem<D, DV, 1, 2>(), c = WsShape<D, DV>::kSmem;
-    return a > b ? (a > c ? a : c) : (b > c ? b : c);
+    constexpr size_t a = smem<D, DV, 1>(), b = smem<D, DV, 1, 2>();
+    constexpr size_t c = WsShape<D, DV, 1>::kSmem, d = WsShape<D, DV, 4>::kSmem;
+    constexpr size_t ab = a > b ? a : b, cd = c > d ? c : d;
+    return ab > cd ? ab : cd;
 }
 
 }  // namespace dec90
@@ -673,7 +712,8 @@ extern "C" int lca_cuda_dec_bulk_supported(const lca_decode_params *p, int devic
     const lca_view *vs[] = {&p->kbar, &p->kr};
     if (!lca::rows_aligned16(vs)) return 0;
     const int64_t hg = p->H / p->Hkv;
-    const int mt = variant() == kWs || hg <= 16 ? 1 : hg <= 32 ? 2 : 4;
+    const Variant v = variant();
+    const int mt = v == kWs || v == kWs4 || hg <= 16 ? 1 : hg <= 32 ? 2 : 4;
     const size_t need =
         p->D == 576 ? (mt == 1 ? smem_mt1<576, 512>() : mt == 2 ? smem<576, 512, 2>()
                                                                 : smem<576, 512, 4>())
