@@ -24,7 +24,8 @@
  * float32 use a CUDA-core path (one warp per query head and split).  Accumulation in float32.
  * On a compute 9.0 device the absorbed-MLA shapes go instead to decode_sm90a.cu (key tiles by
  * bulk copies on mbarriers, 16/32/64 heads a block, one block per SM, splits chosen to fill the
- * SMs once); LCA_CUDA_DISABLE=dec_bulk keeps them here.  _C.cuda_last_decode_kernel() names
+ * SMs once; 16-head blocks warp-specialised, LCA_DECODE_VARIANT picks among its variants);
+ * LCA_CUDA_DISABLE=dec_bulk keeps them here.  _C.cuda_last_decode_kernel() names
  * the partial kernel the last step ran ("bulk", "mma", "simt"). */
 #include <type_traits>
 
