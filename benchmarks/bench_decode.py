@@ -16,10 +16,15 @@ and the device time of the same step captured in a CUDA graph and replayed.  Tim
 CUDA-event medians.  Prints one table; appends it to benchmarks/RESULTS.md.
 
     python3 benchmarks/bench_decode.py [--quick | --rows T:B:H,...] [--reps 30] [--no-append]
-                                       [--no-dense] [--profile]
+                                       [--no-dense] [--profile] [--variants ws ws4 v3 ...]
 Routing knobs for comparisons (csrc/cuda/decode.cu): LCA_CUDA_DISABLE=dec_bulk (decode.cu's
 mma.sync partial instead of the Hopper one), LCA_DECODE_NSPLIT=n (the Hopper kernel's split
-count), LCA_DECODE_VARIANT=kt2|cp|kt2cp (its 16-head-block alternatives).
+count), LCA_DECODE_VARIANT=ws|ws4|v3|kt2|cp|kt2cp (the Hopper kernel's variants: ws the
+warp-specialised one, the default for 16-head blocks; ws4 the same with 4-row copies; v3 the
+one before them; the list in csrc/cuda/decode_sm90a.cu).  --variants times each named
+variant on the same cache in the same run (LCA_DECODE_VARIANT set before each; "default"
+leaves it unset) and prints them side by side: one table row per (row, variant), the dense
+baseline measured once per row.
 """
 import argparse
 import datetime
@@ -114,6 +119,9 @@ def main():
     ap.add_argument("--profile", action="store_true",
                     help="also print each row's kernels and their device time per step "
                          "(torch.profiler over 10 steps)")
+    ap.add_argument("--variants", nargs="+", default=None,
+                    help="LCA_DECODE_VARIANT values to time side by side on each row (e.g. "
+                         "ws v3); 'default' = unset")
     a = ap.parse_args()
     assert lca.HAS_CUDA, "needs a CUDA device"
     grid = [(T, B, H) for T in (32768, 131072) for H in (16, 128) for B in (1, 16, 64)]
@@ -122,6 +130,7 @@ def main():
     if a.rows:
         grid = [tuple(int(x) for x in r.split(":")) for r in a.rows.split(",")]
     scale = 1.0 / math.sqrt(DC + DR)
+    variants = a.variants or [None]              # None: LCA_DECODE_VARIANT as the caller set it
     rows = []
     for T, B, H in grid:
         cache = filled_cache(B, H, T)
@@ -132,14 +141,22 @@ def main():
         def reset():
             cache._length = T
 
-        t_call = median_ms(lambda: cache.step(q, c, r), a.reps, warmup=3, before=reset)
-        if a.profile:
-            profile_step(cache, q, c, r, T)
-        t_gpu = graph_ms(cache, q, c, r, T, a.reps)
-        t_lca = t_gpu if t_gpu is not None else t_call
         lca_bytes = visible(T) * (DC + DR) * 2 * B
         held = lca.cache_entries(T + 1, G, W) * (DC + DR) * 2 * B
-        kernel = lca._C.cuda_last_decode_kernel()
+        timed = []                               # (variant, call ms, GPU ms, kernel)
+        for v in variants:
+            if v == "default":
+                os.environ.pop("LCA_DECODE_VARIANT", None)
+            elif v is not None:
+                os.environ["LCA_DECODE_VARIANT"] = v
+            t_call = median_ms(lambda: cache.step(q, c, r), a.reps, warmup=3, before=reset)
+            if a.profile:
+                shown = v or os.environ.get("LCA_DECODE_VARIANT", "")
+                print(f"  T={T} B={B} H={H} variant {shown}:", flush=True)
+                profile_step(cache, q, c, r, T)
+            t_gpu = graph_ms(cache, q, c, r, T, a.reps)
+            timed.append((v, t_call, t_gpu if t_gpu is not None else t_call,
+                          lca._C.cuda_last_decode_kernel()))
         del cache
         full_bytes = (T + 1) * (DC + DR) * 2 * B
         if a.no_dense:
@@ -149,20 +166,25 @@ def main():
             t_dense = median_ms(lambda: dense_step(q, kv, scale), a.reps, warmup=3)
             del kv
         torch.cuda.empty_cache()
-        rows.append((T, B, H, t_call, t_lca, lca_bytes / t_lca / 1e6,
-                     lca_bytes / 1e9 / COPY_TBS, t_dense, full_bytes / t_dense / 1e6, held,
-                     full_bytes))
-        print(f"  T={T} B={B} H={H}: LCA call {t_call:.4f} ms, GPU {t_lca:.4f} ms "
-              f"({lca_bytes / t_lca / 1e6:.0f} GB/s, "
-              f"{100 * lca_bytes / t_lca / 1e6 / (COPY_TBS * 1000):.1f}%), dense "
-              f"{t_dense:.4f} ms; kernel {kernel}", flush=True)
+        side = []
+        for v, t_call, t_lca, kernel in timed:
+            rows.append((T, B, H, v, t_call, t_lca, lca_bytes / t_lca / 1e6,
+                         lca_bytes / 1e9 / COPY_TBS, t_dense, full_bytes / t_dense / 1e6, held,
+                         full_bytes))
+            side.append(f"{(v or 'as set') + ': ' if a.variants else ''}call {t_call:.4f} ms, "
+                        f"GPU {t_lca:.4f} ms ({lca_bytes / t_lca / 1e6:.0f} GB/s, "
+                        f"{100 * lca_bytes / t_lca / 1e6 / (COPY_TBS * 1000):.1f}%, {kernel})")
+        print(f"  T={T} B={B} H={H}: LCA " + " | ".join(side) + f"; dense {t_dense:.4f} ms",
+              flush=True)
 
-    head = ("| context | B | H | LCA step ms (call) | LCA GPU ms | LCA GB/s | % of 4.27 TB/s "
-            "| floor ms | dense torch ms | dense GB/s | speedup (call) | speedup (GPU) "
-            "| LCA cache MB | full cache MB | smaller |")
-    lines = [head, "|" + "---|" * 15]
-    for T, B, H, tc, tl, gl, fl, td, gd, held, full in rows:
-        lines.append(f"| {T // 1024}K | {B} | {H} | {tc:.4f} | {tl:.4f} | {gl:.0f} | "
+    vcol = "| variant " if a.variants else ""
+    head = ("| context | B | H " + vcol + "| LCA step ms (call) | LCA GPU ms | LCA GB/s "
+            "| % of 4.27 TB/s | floor ms | dense torch ms | dense GB/s | speedup (call) "
+            "| speedup (GPU) | LCA cache MB | full cache MB | smaller |")
+    lines = [head, "|" + "---|" * (15 + bool(a.variants))]
+    for T, B, H, v, tc, tl, gl, fl, td, gd, held, full in rows:
+        vc = f" {v} |" if a.variants else ""
+        lines.append(f"| {T // 1024}K | {B} | {H} |{vc} {tc:.4f} | {tl:.4f} | {gl:.0f} | "
                      f"{100 * gl / (COPY_TBS * 1000):.1f}% | {fl:.4f} | {td:.4f} | {gd:.0f} | "
                      f"{td / tc:.1f}x | {td / tl:.1f}x | {held / 1e6:.1f} | {full / 1e6:.1f} | "
                      f"{100 * (1 - held / full):.1f}% |")

@@ -2,7 +2,10 @@
 # One device call: build lca there (its Python differs from ours), then stages in priority
 # order, each under its own time limit, each logging to $OUT/<stage>.log (at most 8 files come
 # back).  Benchmarks append to benchmarks/RESULTS.md, copied to $OUT at the end.
-#   bash benchmarks/gpu_check.sh [stage ...]     stages: tests prefill decode flex mla variants bwd ncu
+#   bash benchmarks/gpu_check.sh [stage ...]     stages: tests prefill decode decvar flex mla
+#                                                variants bwd ncu
+#   (decvar: the Hopper decode partial's variants ws, ws4 and v3 side by side, 128K, H = 16
+#    and 128; their tests: LCA_TESTS="tests/test_cache.py -k gpu")
 #   LCA_TESTS="tests/..."  the test files (default: every file with GPU tests; LCA_TESTS=tests
 #                          for the whole suite)
 set -uo pipefail
@@ -32,6 +35,8 @@ for st in "${@:-tests prefill}"; do
     prefill) stage prefill 150 python3 benchmarks/bench_prefill.py --lengths 8192 32768 65536 131072 \
                --reps 3 --backward --no-flex ;;
     decode)  stage decode 90 python3 benchmarks/bench_decode.py --reps 20 ;;
+    decvar)  stage decvar 90 python3 benchmarks/bench_decode.py --reps 20 --no-dense --profile \
+               --rows 131072:64:16,131072:64:128,131072:16:16,131072:1:16 --variants ws ws4 v3 ;;
     flex)    stage flex 150 python3 benchmarks/bench_prefill.py --lengths 131072 --reps 3 \
                --backward ;;
     bwd)     stage bwd 150 env PYTHONPATH=. bash -c "python3 benchmarks/bench_backward.py --L 32768 131072 --reps 5 \
@@ -41,7 +46,7 @@ for st in "${@:-tests prefill}"; do
                 tests/test_cuda_gqa_wgmma.py -k tuning_variants
               stage variants 60 python3 benchmarks/bench_gqa_variants.py ;;
     ncu)     stage ncu 200 ncu --clock-control none \
-               -k regex:'gqa_wgmma|dkdv_kernel|dq_kernel|dec_partial_bulk' -c 4 \
+               -k regex:'gqa_wgmma|dkdv_kernel|dq_kernel|dec_partial' -c 4 \
                --section SpeedOfLight --section ComputeWorkloadAnalysis \
                --section MemoryWorkloadAnalysis --section SchedulerStats --section WarpStateStats \
                --section Occupancy --section LaunchStats --section InstructionStats \

@@ -2,7 +2,7 @@
 non-absorbed forward (gqa_wgmma), its backward (dk/dv and dq), and the decode partial at
 H = 16, B = 64.  Run under ncu, e.g. (gpu_check.sh's `ncu` stage):
 
-    ncu --clock-control none -k regex:'gqa_wgmma|dkdv|dq_kernel|dec_partial_bulk' -c 4 \
+    ncu --clock-control none -k regex:'gqa_wgmma|dkdv|dq_kernel|dec_partial' -c 4 \
         --section SpeedOfLight ... python3 benchmarks/ncu_kernels.py [--L 32768]
 
 Each is called once; ncu replays the profiled launch for its sections."""

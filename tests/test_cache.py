@@ -438,19 +438,32 @@ def decode_route(dtype, D, Dv, v_in_k, disabled=""):
 
 GPU_MLA = [  # B, L, H, Dc, Dr, g, w, n, score, rep_bias, P
     (2, 90, 16, 512, 64, 4, 9, 3, "full", 0.0, 13),
+    (2, 75, 16, 512, 64, 4, 9, None, "full", 0.2, 0),
     (1, 70, 128, 512, 64, 8, 16, None, "full", 0.3, 0),
     (3, 60, 16, 256, 32, 4, 0, None, "latent", 0.0, 9),
     (1, 50, 5, 64, 16, 2, 3, 1, "full", -0.4, 7),
 ]
 
 
+# The Hopper kernel's variants (csrc/cuda/decode_sm90a.cu, LCA_DECODE_VARIANT): "ws" the
+# warp-specialised kernel (the default for 16-head blocks; forced, it takes 16-head blocks at
+# any H: H = 128 is 8 blocks), "ws4" the same with 4-row copies and keys permuted in a tile,
+# "v3" the one-tile-an-iteration kernel (16/32/64-head blocks).  Only the bf16/fp16 MLA
+# 576/512 and 288/256 steps run it; elsewhere the others would repeat "ws".
+DEC_VARIANTS = ["ws", "ws4", "v3"]
+
+
 @gpu
+@pytest.mark.parametrize("variant", DEC_VARIANTS)
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 @pytest.mark.parametrize("case", GPU_MLA, ids=lambda c: "-".join(map(str, c)))
-def test_gpu_mla_decode(case, dtype, monkeypatch):
+def test_gpu_mla_decode(case, dtype, variant, monkeypatch):
     torch = _torch()
     monkeypatch.setenv("LCA_POISON_OUTPUTS", "1")
     B, L, H, Dc, Dr, g, w, n, score, bias, P = case
+    if variant != DEC_VARIANTS[0] and decode_route(dtype, Dc + Dr, Dc, True) != "bulk":
+        pytest.skip("the variant only changes the Hopper absorbed-MLA kernel")
+    monkeypatch.setenv("LCA_DECODE_VARIANT", variant)
     gen = torch.Generator(device="cuda").manual_seed(zlib.crc32(repr((case, dtype)).encode()))
     dt = getattr(torch, dtype)
     q = torch.randn(B, L, H, Dc + Dr, generator=gen, device="cuda").to(dt)
@@ -494,10 +507,13 @@ GPU_MLA_LONG = [  # B, L, H, Dc, Dr, g, w, n, score, rep_bias, P, nsplit
 
 
 # kernel: "bulk" the Hopper kernel as routed, "mma" decode.cu's (LCA_CUDA_DISABLE=dec_bulk),
-# and for 16-head blocks the Hopper kernel's variants (LCA_DECODE_VARIANT: two tiles an
-# iteration, cp.async loads, both)
+# "ws" / "ws4" the warp-specialised Hopper kernel (row / 4-row copies) in 16-head blocks at
+# every H, and for 16-head blocks the other Hopper variants (LCA_DECODE_VARIANT: "v3" one tile
+# an iteration, two tiles an iteration, cp.async loads, both)
+HOPPER_VARIANTS = ("ws", "ws4", "v3", "kt2", "cp", "kt2cp")
 LONG_RUNS = [(c, k) for c in GPU_MLA_LONG
-             for k in ["bulk", "mma"] + (["kt2", "cp", "kt2cp"] if c[2] <= 16 else [])]
+             for k in ["bulk", "mma", "ws", "ws4"]
+             + (["v3", "kt2", "cp", "kt2cp"] if c[2] <= 16 else [])]
 
 
 @gpu
@@ -509,7 +525,7 @@ def test_gpu_mla_decode_long(case, kernel, dtype, monkeypatch):
     monkeypatch.setenv("LCA_POISON_OUTPUTS", "1")
     disable = "dec_bulk" if kernel == "mma" else ""
     monkeypatch.setenv("LCA_CUDA_DISABLE", disable)
-    monkeypatch.setenv("LCA_DECODE_VARIANT", kernel if kernel in ("kt2", "cp", "kt2cp") else "")
+    monkeypatch.setenv("LCA_DECODE_VARIANT", kernel if kernel in HOPPER_VARIANTS else "")
     B, L, H, Dc, Dr, g, w, n, score, bias, P, nsplit = case
     if nsplit is None:
         monkeypatch.delenv("LCA_DECODE_NSPLIT", raising=False)

@@ -24,7 +24,8 @@
  * float32 use a CUDA-core path (one warp per query head and split).  Accumulation in float32.
  * On a compute 9.0 device the absorbed-MLA shapes go instead to decode_sm90a.cu (key tiles by
  * bulk copies on mbarriers, 16/32/64 heads a block, one block per SM, splits chosen to fill the
- * SMs once); LCA_CUDA_DISABLE=dec_bulk keeps them here.  _C.cuda_last_decode_kernel() names
+ * SMs once; 16-head blocks warp-specialised, LCA_DECODE_VARIANT picks among its variants);
+ * LCA_CUDA_DISABLE=dec_bulk keeps them here.  _C.cuda_last_decode_kernel() names
  * the partial kernel the last step ran ("bulk", "mma", "simt"). */
 #include <type_traits>
 
@@ -430,15 +431,10 @@ int launch_dec_mma(const DecArgs &a, cudaStream_t st) {
     using S_ = DecMmaShape<D, DV, MT, VK>;
     const size_t smem = S_::template smem<T>();
     auto kernel = lca_dec_partial_mma_kernel<T, D, DV, MT, VK>;
-    static unsigned char done[64];                 /* the attribute, once per device */
-    int dev = 0;
-    cudaGetDevice(&dev);
-    if (dev >= 64 || !done[dev]) {
-        if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 (int)smem) != cudaSuccess)
-            return LCA_ERR_CUDA;
-        if (dev < 64) done[dev] = 1;
-    }
+    /* every launch: an attribute cached per device would be lost with a context reset */
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) !=
+        cudaSuccess)
+        return LCA_ERR_CUDA;
     const dim3 grid((unsigned)a.hchunks, (unsigned)a.nsplit, (unsigned)(a.p.B * a.p.Hkv));
     kernel<<<grid, S_::kThreads, smem, st>>>(a);
     return LCA_OK;

@@ -18,9 +18,15 @@
  * MT = 2: key n-tile c; MT = 4: key n-tiles 2c, 2c + 1.  O += P V: value columns
  * [c Dv / NCG, (c + 1) Dv / NCG) of the m-tile's 16 rows.  Rows past the range's end are
  * loaded as copies of its last row (finite data) and masked to -inf in the softmax.
- * Two alternatives for 16-head blocks stay selectable for benchmarks (LCA_DECODE_VARIANT; all
- * tested): two tiles an iteration (KT = 2) and cp.async loads on the same mbarriers (BULK =
- * false) — both measured slower on the H200 (benchmarks/NOTES.md, Decode). */
+ * That is v3 (lca_dec_partial_bulk_kernel), the kernel for 32- and 64-head blocks.  16-head
+ * blocks (H / Hkv <= 16: H = 16 MLA) run by default the warp-specialised kernel further down
+ * (lca_dec_partial_ws_kernel, "ws"): a producer warp alone issues the copies, on empty/full
+ * mbarriers, and two consumer groups of 4 warps take alternate tiles with their own online
+ * softmax, merged at the end — no block-wide barrier in the loop.  v3 and two alternatives
+ * for 16-head blocks stay selectable for benchmarks (LCA_DECODE_VARIANT, listed above
+ * variant(); all tested): two tiles an iteration (KT = 2) and cp.async loads on the same
+ * mbarriers (BULK = false), both measured slower than v3 on the H200 (benchmarks/NOTES.md,
+ * Decode). */
 #include "decode.cuh"
 #include "hopper.cuh"
 
@@ -308,37 +314,369 @@ template <typename T, int D, int DV, int MT, int KT, bool BULK>
 int launch(const DecArgs &a, cudaStream_t st) {
     auto kernel = lca_dec_partial_bulk_kernel<T, D, DV, MT, KT, BULK>;
     constexpr size_t sm = smem<D, DV, MT, KT>();
-    static unsigned char done[64];                 /* the attribute, once per device */
-    int dev = 0;
-    cudaGetDevice(&dev);
-    if (dev >= 64 || !done[dev]) {
-        if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm) !=
-            cudaSuccess)
-            return LCA_ERR_CUDA;
-        if (dev < 64) done[dev] = 1;
-    }
+    /* every launch: an attribute cached per device would be lost with a context reset */
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm) !=
+        cudaSuccess)
+        return LCA_ERR_CUDA;
     const dim3 grid((unsigned)a.hchunks, (unsigned)a.nsplit, (unsigned)(a.p.B * a.p.Hkv));
     kernel<<<grid, kThreads, sm, st>>>(a);
     return LCA_OK;
 }
 
-/* LCA_DECODE_VARIANT (benchmarks; 16-head blocks only): "kt2" two tiles an iteration, "cp"
- * cp.async instead of bulk copies, "kt2cp" both; anything else the default. */
-static int variant() {
+/* ---------------------------------------------------------------------------------------------
+ * "ws" (v4): warp-specialised 16-head blocks.  Three warpgroups: the producer (warp 0 issues
+ * every copy; setmaxnreg gives its registers to the others) and two consumer groups (4 warps
+ * each, up to 232 registers a thread: the Q fragments stay in registers).  The producer
+ * streams tile t into stage t % NST as soon as the stage is free (an `empty` mbarrier per
+ * stage, 4 arrivals: one per warp of the group that read it), so NST - 2 tiles are in flight
+ * while each group computes one, and no copy waits for a block-wide barrier.
+ * Group gi takes tiles gi, gi + 2, ... with its own online softmax (m, l, O): the two groups
+ * never wait for each other inside the loop (one named barrier a tile within a group, for S),
+ * so one group's S = Q K^T runs beside the other's softmax and P V.  At the end group 1 hands
+ * its (m, l, O) to group 0 through shared memory and group 0 writes the merged partial.
+ * Warp wi of a group: S over keys [16 (wi & 1), + 16) and half wi >> 1 of D (its Q fragments in
+ * registers for the whole range; the two halves are summed when S is read); O += P V over value
+ * columns [wi Dv / 4, (wi + 1) Dv / 4). */
+constexpr int kWsThreads = 384;       /* warpgroup 0: producer; 1, 2: consumer groups 0, 1 */
+
+template <int D, int DV, int U> struct WsShape {
+    static constexpr int NST = 5;                                /* stages (32-key tiles) */
+    static constexpr int LD = D + kDecPad;                       /* elements per Q row */
+    static constexpr int USTR = U * D + kDecPad;                 /* elements per copy unit */
+    static constexpr int STG = kDecKeys / U * USTR;              /* elements per stage */
+    static constexpr int KSW = D / 32;                           /* k-steps per warp (half D) */
+    static constexpr int NACC = KSW % 2 == 0 ? 2 : KSW % 3 == 0 ? 3 : 1;
+    static constexpr int WCOL = DV / 4, NTV = WCOL / 8;          /* value columns, n-tiles */
+    static constexpr int SR = kDecKeys + 8;                      /* floats per S row */
+    static constexpr size_t kBar = 128;                          /* full[NST], empty[NST] */
+    static constexpr size_t kQ = (size_t)16 * LD * 2;
+    static constexpr size_t kS = (size_t)2 * 2 * 2 * 16 * SR * 4;  /* group, parity, half */
+    static constexpr size_t kStage = (size_t)STG * 2;
+    static constexpr size_t kSmem = kBar + kQ + kS + NST * kStage;
+    static constexpr size_t kMerge = (size_t)(NTV + 1) * 128 * 16;  /* group 1's state */
+    static_assert(D % 32 == 0 && KSW % NACC == 0 && NTV % 2 == 0 && (U == 1 || U == 4), "shape");
+    /* column c of S (and row c of P V's k) is key key(c) of the tile, at element off(k) of the
+     * stage.  U = 4: n-tile c >> 3 holds keys 4 i + (c >> 3), one from each unit, so the 8 rows
+     * of an ldmatrix lie in 8 units (unit stride = 1 mod 8 16-byte words: no bank conflict). */
+    static __device__ __forceinline__ int key(int c) {
+        return U == 1 ? c : 4 * (c & 7) + (c >> 3);
+    }
+    static __device__ __forceinline__ int off(int k) { return k / U * USTR + k % U * D; }
+    static_assert(2 * NST * 8 <= kBar && kQ % 16 == 0 && kS % 16 == 0 && kStage % 16 == 0 &&
+                  kMerge <= NST * kStage, "layout");
+};
+
+__device__ __forceinline__ void named_sync(int id, int threads) {
+    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+template <typename T, int D, int DV, int U>
+__global__ void __launch_bounds__(kWsThreads, 1) lca_dec_partial_ws_kernel(DecArgs a) {
+    using S_ = WsShape<D, DV, U>;
+    constexpr int NST = S_::NST, LD = S_::LD, SR = S_::SR, KSW = S_::KSW, NACC = S_::NACC;
+    constexpr int WCOL = S_::WCOL, NTV = S_::NTV, USTR = S_::USTR, STG = S_::STG;
+    extern __shared__ __align__(128) unsigned char dsm[];
+    uint64_t *full = (uint64_t *)dsm, *empty = full + NST;
+    T *Qs = (T *)(dsm + S_::kBar);
+    float *Ss = (float *)(dsm + S_::kBar + S_::kQ);
+    T *stage0 = (T *)(dsm + S_::kBar + S_::kQ + S_::kS);
+    const lca_decode_params &p = a.p;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int64_t hg = p.H / p.Hkv, b = blockIdx.z / p.Hkv, h = blockIdx.z % p.Hkv;
+    const int64_t r0 = (int64_t)blockIdx.x * 16;             /* first head of the chunk */
+    const int s = blockIdx.y;
+    const int64_t i0 = (int64_t)s * a.per, i1 = i0 + a.per < a.N ? i0 + a.per : a.N;
+    const int ntiles = (int)((i1 - i0 + kDecKeys - 1) / kDecKeys);
+
+    if (threadIdx.x == 0) {
+#pragma unroll
+        for (int i = 0; i < NST; i++) mbar_init(&full[i], 1), mbar_init(&empty[i], 4);
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    }
+    __syncthreads();                 /* the last block-wide barrier: the roles split here */
+
+    if (warp < 4) {
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+        if (warp != 0) return;
+        /* Row r of tile t: entry k = k0 + r, condensed row k while k < G, else ring slot
+         * (e0 + k - G) mod R (k - G < R, so one wrap at most); rows past the range's end repeat
+         * its last row.  U = 1: lane r copies row r.  U = 4: lane u < 8 copies rows 4u .. 4u + 3
+         * into unit u, in one copy when they are consecutive in memory (condensed or ring rows
+         * of stride D, no wrap, no range end inside), else row by row. */
+        const T *kb0 = row<const T>(p.kbar, b, 0, h), *kr0 = row<const T>(p.kr, b, 0, h);
+        const int64_t R = p.R, e0r = a.e0 % R;
+        auto src_row = [&](int64_t k) {
+            k = k < i1 ? k : i1 - 1;
+            if (k < a.G) return kb0 + k * p.kbar.st;
+            const int64_t sl = e0r + (k - a.G);
+            return kr0 + (sl >= R ? sl - R : sl) * p.kr.st;
+        };
+        for (int t = 0; t < ntiles; t++) {
+            const int st = t % NST;
+            if (t >= NST) mbar_wait(&empty[st], (uint32_t)((t / NST + 1) & 1));
+            const int64_t k0 = i0 + (int64_t)t * kDecKeys;
+            T *dst = stage0 + st * STG;
+            if (lane == 0) mbar_expect_tx(&full[st], (uint32_t)(kDecKeys * D * sizeof(T)));
+            __syncwarp();
+            if constexpr (U == 1) {
+                bulk_g2s(dst + lane * USTR, src_row(k0 + lane), (uint32_t)(D * sizeof(T)),
+                         &full[st]);
+            } else if (lane < kDecKeys / U) {
+                const T *sr[U];
+                bool one = true;
+#pragma unroll
+                for (int j = 0; j < U; j++) {
+                    sr[j] = src_row(k0 + U * lane + j);
+                    one = one && sr[j] == sr[0] + j * D;
+                }
+                if (one) {
+                    bulk_g2s(dst + lane * USTR, sr[0], (uint32_t)(U * D * sizeof(T)), &full[st]);
+                } else {
+#pragma unroll
+                    for (int j = 0; j < U; j++)
+                        bulk_g2s(dst + lane * USTR + j * D, sr[j], (uint32_t)(D * sizeof(T)),
+                                 &full[st]);
+                }
+            }
+        }
+        /* stay until the last copy has landed (no copy outlives its issuing thread) */
+        if (ntiles > 0) mbar_wait(&full[(ntiles - 1) % NST], (uint32_t)(((ntiles - 1) / NST) & 1));
+        return;
+    }
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+
+    const int gi = (warp >> 2) - 1, wi = warp & 3, gt = threadIdx.x & 127;
+    const int gq = lane >> 2, tq = lane & 3;
+    const int kn = wi & 1, kh = wi >> 1;                     /* keys 16 kn.., half kh of D */
+
+    /* Q: the chunk's 16 heads (rows past hg are zero), unscaled; tau is applied to S */
+    for (int i = threadIdx.x - 128; i < 16 * (D / 8); i += 256) {
+        const int r = i / (D / 8), c = (i % (D / 8)) * 8;
+        uint4 v = make_uint4(0, 0, 0, 0);
+        if (r0 + r < hg) {
+            const T *src = row<const T>(p.q, b, 0, h * hg + r0 + r) + c;
+            if (((uintptr_t)src & 15) == 0) {
+                v = *(const uint4 *)src;
+            } else {
+                T tmp[8];
+#pragma unroll
+                for (int e = 0; e < 8; e++) tmp[e] = src[e];
+                v = *(uint4 *)tmp;
+            }
+        }
+        *(uint4 *)(Qs + r * LD + c) = v;
+    }
+    named_sync(1, 256);
+    uint32_t qf[KSW][4];
+#pragma unroll
+    for (int k = 0; k < KSW; k++)
+        ldmatrix_x4(qf[k], Qs + (lane & 15) * LD + (kh * KSW + k) * 16 + (lane >> 4) * 8);
+
+    float o[NTV][4], m[2] = {-INFINITY, -INFINITY}, l[2] = {0, 0};
+#pragma unroll
+    for (int n = 0; n < NTV; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0;
+    const float scale = (float)p.scale, bias = (float)p.rep_bias;
+    /* B fragments of S (K as stored, [key][d]): matrix lane >> 3 of the ldmatrix is n-tile
+     * lane >> 4, columns +8 for odd matrices; P V: row (k) kk * 16 + (lane & 15) */
+    const int krow = S_::off(S_::key(kn * 16 + (lane >> 4) * 8 + (lane & 7)));
+    const int kcol = ((lane >> 3) & 1) * 8;
+    const int vrow0 = S_::off(S_::key(lane & 15)), vrow1 = S_::off(S_::key(16 + (lane & 15)));
+
+    for (int t = gi, j = 0; t < ntiles; t += 2, j++) {
+        const int st = t % NST;
+        const int64_t k0 = i0 + (int64_t)t * kDecKeys, nv = i1 - k0, nb = a.G - k0;
+        const int kv = nv < kDecKeys ? (int)nv : kDecKeys;          /* keys < kv: in range */
+        const int kb = nb <= 0 ? 0 : nb < kDecKeys ? (int)nb : kDecKeys;   /* < kb: condensed */
+        mbar_wait(&full[st], (uint32_t)((t / NST) & 1));
+        const T *Ks = stage0 + st * STG;
+
+        /* S partial: 16 rows x keys [16 kn, 16 kn + 16), k-steps of half kh */
+        float acc[2][NACC][4];
+#pragma unroll
+        for (int nn = 0; nn < 2; nn++)
+#pragma unroll
+            for (int u = 0; u < NACC; u++)
+                acc[nn][u][0] = acc[nn][u][1] = acc[nn][u][2] = acc[nn][u][3] = 0;
+#pragma unroll
+        for (int k2 = 0; k2 < KSW; k2 += NACC)
+#pragma unroll
+            for (int u = 0; u < NACC; u++) {
+                uint32_t bf[4];
+                ldmatrix_x4(bf, Ks + krow + (kh * KSW + k2 + u) * 16 + kcol);
+                mma16816<T>(acc[0][u], qf[k2 + u], bf[0], bf[1]);
+                mma16816<T>(acc[1][u], qf[k2 + u], bf[2], bf[3]);
+            }
+        float *Sb = Ss + (gi * 2 + (j & 1)) * 2 * 16 * SR;   /* this group's buffer j & 1 */
+#pragma unroll
+        for (int nn = 0; nn < 2; nn++) {
+            float sc[4];
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                sc[e] = acc[nn][0][e];
+#pragma unroll
+                for (int u = 1; u < NACC; u++) sc[e] += acc[nn][u][e];
+            }
+            float *Sw = Sb + kh * 16 * SR + kn * 16 + nn * 8 + 2 * tq;
+            *(float2 *)(Sw + gq * SR) = make_float2(sc[0], sc[1]);
+            *(float2 *)(Sw + (gq + 8) * SR) = make_float2(sc[2], sc[3]);
+        }
+        /* S complete for the group; with S double-buffered, also: every warp of the group is
+         * done reading the buffer the next tile writes */
+        named_sync(2 + gi, 128);
+
+        /* online softmax (every warp of the group computes the same numbers) and P as A
+         * fragments: x[i][kk][e], row gq + 8 i, key 16 kk + {2tq, 2tq+1, 2tq+8, 2tq+9}[e] */
+        float x[2][2][4];
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            float bmax = -INFINITY;
+#pragma unroll
+            for (int kk = 0; kk < 2; kk++)
+#pragma unroll
+                for (int e = 0; e < 4; e += 2) {
+                    const int c = 16 * kk + 2 * tq + 8 * (e >> 1);   /* column of S */
+                    const int key0 = S_::key(c), key1 = S_::key(c + 1);
+                    const float2 v2 = *(const float2 *)(Sb + (gq + 8 * i) * SR + c);
+                    const float2 w2 = *(const float2 *)(Sb + (16 + gq + 8 * i) * SR + c);
+                    float v0 = (v2.x + w2.x) * scale + (key0 < kb ? bias : 0.0f);
+                    float v1 = (v2.y + w2.y) * scale + (key1 < kb ? bias : 0.0f);
+                    v0 = key0 < kv ? v0 : -INFINITY;
+                    v1 = key1 < kv ? v1 : -INFINITY;
+                    x[i][kk][e] = v0, x[i][kk][e + 1] = v1;
+                    bmax = fmaxf(bmax, fmaxf(v0, v1));
+                }
+            bmax = fmaxf(bmax, __shfl_xor_sync(0xffffffffu, bmax, 1));
+            bmax = fmaxf(bmax, __shfl_xor_sync(0xffffffffu, bmax, 2));
+            const float mnew = fmaxf(m[i], bmax);
+            const float base = mnew == -INFINITY ? 0.0f : mnew;
+            const float corr = __expf(m[i] - base);
+            m[i] = mnew;
+            l[i] *= corr;
+#pragma unroll
+            for (int n = 0; n < NTV; n++) o[n][2 * i] *= corr, o[n][2 * i + 1] *= corr;
+#pragma unroll
+            for (int kk = 0; kk < 2; kk++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    x[i][kk][e] = __expf(x[i][kk][e] - base);
+                    l[i] += x[i][kk][e];
+                }
+        }
+
+        /* O[:, this warp's columns] += P V (V: the first DV columns of the key tile) */
+#pragma unroll
+        for (int kk = 0; kk < 2; kk++) {
+            const uint32_t af[4] = {pack2<T>(x[0][kk][0], x[0][kk][1]),
+                                    pack2<T>(x[1][kk][0], x[1][kk][1]),
+                                    pack2<T>(x[0][kk][2], x[0][kk][3]),
+                                    pack2<T>(x[1][kk][2], x[1][kk][3])};
+#pragma unroll
+            for (int n = 0; n < NTV; n += 2) {
+                uint32_t bf[4];
+                ldmatrix_x4_trans(bf, Ks + (kk ? vrow1 : vrow0) + wi * WCOL + n * 8 +
+                                          (lane >> 4) * 8);
+                mma16816<T>(o[n], af, bf[0], bf[1]);
+                mma16816<T>(o[n + 1], af, bf[2], bf[3]);
+            }
+        }
+        __syncwarp();                /* the warp's reads of the stage are done: free it */
+        if (lane == 0) mbar_arrive(&empty[st]);
+    }
+
+    /* merge: group 1's state through the (now idle) stages into group 0 (the same lane of
+     * the same warp of the group holds the same rows and columns) */
+    float4 *X = (float4 *)stage0;
+    named_sync(1, 256);              /* every tile consumed: no copy writes the stages */
+    if (gi == 1) {
+#pragma unroll
+        for (int n = 0; n < NTV; n++)
+            X[n * 128 + gt] = make_float4(o[n][0], o[n][1], o[n][2], o[n][3]);
+        X[NTV * 128 + gt] = make_float4(m[0], m[1], l[0], l[1]);
+    }
+    named_sync(1, 256);
+    if (gi == 1) return;
+    const float4 ml = X[NTV * 128 + gt];
+    float c0[2], c1[2];
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        const float m1 = i ? ml.y : ml.x, l1 = i ? ml.w : ml.z;
+        const float mnew = fmaxf(m[i], m1);
+        const float base = mnew == -INFINITY ? 0.0f : mnew;
+        c0[i] = __expf(m[i] - base), c1[i] = __expf(m1 - base);
+        m[i] = mnew;
+        l[i] = l[i] * c0[i] + l1 * c1[i];
+    }
+#pragma unroll
+    for (int n = 0; n < NTV; n++) {
+        const float4 v = X[n * 128 + gt];
+        o[n][0] = o[n][0] * c0[0] + v.x * c1[0];
+        o[n][1] = o[n][1] * c0[0] + v.y * c1[0];
+        o[n][2] = o[n][2] * c0[1] + v.z * c1[1];
+        o[n][3] = o[n][3] * c0[1] + v.w * c1[1];
+    }
+
+    /* the unnormalised partial row, its max and sum */
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
+        l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
+        const int64_t hr = r0 + gq + 8 * i;
+        if (hr >= hg) continue;
+        float *dst = partial(a, b, h * hg + hr, s);
+#pragma unroll
+        for (int n = 0; n < NTV; n++)
+            *(float2 *)(dst + wi * WCOL + n * 8 + 2 * tq) =
+                make_float2(o[n][2 * i], o[n][2 * i + 1]);
+        if (wi == 0 && tq == 0) dst[DV] = m[i], dst[DV + 1] = l[i];
+    }
+}
+
+template <typename T, int D, int DV, int U> int launch_ws(const DecArgs &a, cudaStream_t st) {
+    auto kernel = lca_dec_partial_ws_kernel<T, D, DV, U>;
+    constexpr size_t sm = WsShape<D, DV, U>::kSmem;
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm) !=
+        cudaSuccess)
+        return LCA_ERR_CUDA;
+    const dim3 grid((unsigned)a.hchunks, (unsigned)a.nsplit, (unsigned)(a.p.B * a.p.Hkv));
+    kernel<<<grid, kWsThreads, sm, st>>>(a);
+    return LCA_OK;
+}
+
+/* LCA_DECODE_VARIANT (benchmarks and tests; read at every step):
+ *   unset or anything else  the default: "ws" for 16-head blocks (H / Hkv <= 16), v3 otherwise
+ *   "v3"     lca_dec_partial_bulk_kernel, one tile an iteration (the default before ws)
+ *   "kt2"    v3 with two tiles an iteration         (16-head blocks)
+ *   "cp"     v3 with cp.async loads                 (16-head blocks)
+ *   "kt2cp"  both                                   (16-head blocks)
+ *   "ws"     the warp-specialised kernel, and 16-head blocks for every H / Hkv (at H = 128 the
+ *            8 blocks of a (b, split) read the same tiles, the first from memory, the rest
+ *            mostly from L2: a comparison against v3's 64-head blocks)
+ *   "ws4"    ws with a tile's rows copied 4 at a time where they are consecutive in memory
+ *            (8 bulk copies a tile of condensed rows instead of 32; keys permuted within the
+ *            tile so that the unpadded 4-row units read without bank conflicts); like ws,
+ *            16-head blocks for every H / Hkv */
+enum Variant { kDefault, kV3, kKt2, kCp, kKt2Cp, kWs, kWs4 };
+static Variant variant() {
     const char *v = getenv("LCA_DECODE_VARIANT");
-    if (!v) return 0;
-    if (!strcmp(v, "kt2")) return 1;
-    if (!strcmp(v, "cp")) return 2;
-    if (!strcmp(v, "kt2cp")) return 3;
-    return 0;
+    if (!v) return kDefault;
+    if (!strcmp(v, "v3")) return kV3;
+    if (!strcmp(v, "kt2")) return kKt2;
+    if (!strcmp(v, "cp")) return kCp;
+    if (!strcmp(v, "kt2cp")) return kKt2Cp;
+    if (!strcmp(v, "ws")) return kWs;
+    if (!strcmp(v, "ws4")) return kWs4;
+    return kDefault;
 }
 
 template <typename T, int D, int DV> int launch_one(const DecArgs &a, cudaStream_t st) {
     switch (variant()) {
-    case 1: return launch<T, D, DV, 1, 2, true>(a, st);
-    case 2: return launch<T, D, DV, 1, 1, false>(a, st);
-    case 3: return launch<T, D, DV, 1, 2, false>(a, st);
-    default: return launch<T, D, DV, 1, 1, true>(a, st);
+    case kV3: return launch<T, D, DV, 1, 1, true>(a, st);
+    case kKt2: return launch<T, D, DV, 1, 2, true>(a, st);
+    case kCp: return launch<T, D, DV, 1, 1, false>(a, st);
+    case kKt2Cp: return launch<T, D, DV, 1, 2, false>(a, st);
+    case kWs4: return launch_ws<T, D, DV, 4>(a, st);
+    default: return launch_ws<T, D, DV, 1>(a, st);
     }
 }
 
@@ -353,6 +691,15 @@ template <typename T> int launch_mt(const DecArgs &a, int mt, cudaStream_t st) {
     return launch<T, 288, 256, 4, 1, true>(a, st);
 }
 
+/* shared memory of the 16-head-block variants (the largest, so that routing does not depend
+ * on the variant) */
+template <int D, int DV> constexpr size_t smem_mt1() {
+    constexpr size_t a = smem<D, DV, 1>(), b = smem<D, DV, 1, 2>();
+    constexpr size_t c = WsShape<D, DV, 1>::kSmem, d = WsShape<D, DV, 4>::kSmem;
+    constexpr size_t ab = a > b ? a : b, cd = c > d ? c : d;
+    return ab > cd ? ab : cd;
+}
+
 }  // namespace dec90
 }  // namespace lca
 
@@ -365,15 +712,13 @@ extern "C" int lca_cuda_dec_bulk_supported(const lca_decode_params *p, int devic
     const lca_view *vs[] = {&p->kbar, &p->kr};
     if (!lca::rows_aligned16(vs)) return 0;
     const int64_t hg = p->H / p->Hkv;
-    const int mt = hg <= 16 ? 1 : hg <= 32 ? 2 : 4;
-    size_t need = p->D == 576 ? (mt == 1 ? smem<576, 512, 1>() : mt == 2 ? smem<576, 512, 2>()
-                                                                        : smem<576, 512, 4>())
-                              : (mt == 1 ? smem<288, 256, 1>() : mt == 2 ? smem<288, 256, 2>()
-                                                                        : smem<288, 256, 4>());
-    if (mt == 1) {
-        const size_t kt2 = p->D == 576 ? smem<576, 512, 1, 2>() : smem<288, 256, 1, 2>();
-        need = need > kt2 ? need : kt2;
-    }
+    const Variant v = variant();
+    const int mt = v == kWs || v == kWs4 || hg <= 16 ? 1 : hg <= 32 ? 2 : 4;
+    const size_t need =
+        p->D == 576 ? (mt == 1 ? smem_mt1<576, 512>() : mt == 2 ? smem<576, 512, 2>()
+                                                                : smem<576, 512, 4>())
+                    : (mt == 1 ? smem_mt1<288, 256>() : mt == 2 ? smem<288, 256, 2>()
+                                                                : smem<288, 256, 4>());
     if (!lca::device_fits(device, need, true)) return 0;
     return mt;
 }
