@@ -99,6 +99,30 @@ def test_dq_wgmma(case, D, dtype, monkeypatch):
         check_grads(res, ref, naive, dtype, ["dq", "dk", "dv"], f"{case} D={D} {route}")
 
 
+@pytest.mark.parametrize("D, variant", [(128, 0), (128, 1), (128, 2), (192, 0)])
+def test_dq_wgmma_variants(D, variant, monkeypatch):
+    """The variants LCA_DQ90_VARIANT selects (Q and/or dO from shared memory instead of
+    registers; the default is 3 at D = 128, 2 at D = 192) compute the same dq."""
+    if not hopper():
+        pytest.skip("the variants exist only in the sm_90a kernel")
+    dtype = "bfloat16"
+    case = (2, 1000, 8, 2, 8, 300, 5, "pool", -0.5)
+    B, L, H, Hkv, g, w, n, km, bias = case
+    gen = gen_for("dq-wgmma-variant", D, variant)
+    q, k, v = rand(gen, (B, L, H, D), dtype), rand(gen, (B, L, Hkv, D), dtype), \
+        rand(gen, (B, L, Hkv, 128), dtype)
+    dout = rand(gen, (B, L, H, 128), dtype)
+    kw = dict(group_size=g, window=w, n_summary=n, key_mode=km, rep_bias=bias)
+    out, lse = lca.gqa_attention(q, k, v, return_lse=True, **kw)
+    base = lca.gqa_attention_backward(dout, q, k, v, out, lse, **kw)
+    monkeypatch.setenv("LCA_DQ90_VARIANT", str(variant))
+    got = lca.gqa_attention_backward(dout, q, k, v, out, lse, **kw)
+    assert _C.cuda_last_bwd_dq_kernel() == "wgmma"
+    assert torch.isfinite(got[0].float()).all()
+    diff = rel(to_np(got[0]), to_np(base[0]))
+    assert diff <= 4 * UNIT[dtype], f"variant {variant}: dq differs by {diff:.2e}"
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("D", [192, 128])
 def test_dq_wgmma_given_entries(D, dtype, monkeypatch):

@@ -35,6 +35,7 @@
  * 64 rows of 128 bytes, 16-byte chunk c of row r at chunk c ^ (r & 7), 1 KB aligned): Q 128 x D,
  * dO 128 x 128, kStages x (K 64 x D, V 64 x 128), the mbarriers: 3 stages (201 KB) at D = 192,
  * 5 (225 KB) at D = 128.  One block per SM; row tiles run heaviest first across all heads. */
+#include <stdlib.h>
 #include <string.h>
 
 #include <algorithm>
@@ -72,6 +73,9 @@ __device__ __forceinline__ int sw(int r, int c) {
 
 /* n rows of width W from src(r) into a 64-row swizzled tile with 128 threads (cp.async, 16
  * bytes a thread; rows n .. 63 zeroed by plain stores). */
+/* G_t of SPEC §3 in 32 bits */
+__device__ __forceinline__ int ncond(int t, int g, int w) { return t + 1 < w ? 0 : (t + 1 - w) / g; }
+
 template <typename T, int W, typename F>
 __device__ __forceinline__ void load_tile(T *tile, int n, int tid, F src) {
     constexpr int V = W / 8;
@@ -84,9 +88,15 @@ __device__ __forceinline__ void load_tile(T *tile, int n, int tid, F src) {
     }
 }
 
-template <typename T, int D>
+/* VAR: bit 0 — Q from registers (S = Q K^T with A from registers: only K is read from shared
+ * memory by each product; D = 128 only, the 192-wide accumulator leaves no room), bit 1 — dO
+ * from registers likewise for dP = dO V^T.  An m64n64k16 product with both operands in shared
+ * memory reads 4 KB in the 32 cycles it takes: the SM's whole shared-memory bandwidth. */
+template <typename T, int D, int VAR>
 __global__ void __launch_bounds__(kThreads, 1)
     lca_bwd_dq_wgmma_kernel(lca_params p, BwdWork w, const __grid_constant__ TmaMaps tm) {
+    constexpr bool kQRegs = VAR & 1, kORegs = VAR & 2;
+    static_assert(!kQRegs || D == 128, "Q in registers: D = 128 only");
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
     using Ly = Layout<D>;
     constexpr int kStages = Ly::kStages;
@@ -97,24 +107,23 @@ __global__ void __launch_bounds__(kThreads, 1)
     uint64_t *full = (uint64_t *)(St + kStages * Ly::kStage);
     uint64_t *empty = full + kStages;
 
+    /* positions, rows and keys in 32 bits (the host checks L hg < 2^31, g and w < 2^31) */
     const int wg = threadIdx.x >> 7, tid = threadIdx.x & 127;
-    const int64_t hg = p.H / p.Hkv, L = p.L, nrows = L * hg;
+    const int hg = (int)(p.H / p.Hkv), g = (int)p.g, wn = (int)p.w, nrows = (int)p.L * hg;
     /* blockIdx.x = row tile x (batch, kv head), the (batch, kv head) fastest and the tiles of
        the last positions (the longest rows) first, as dq_kernel */
-    const int64_t ntiles = (nrows + kRows - 1) / kRows;
+    const int ntiles = (nrows + kRows - 1) / kRows;
     const uint32_t nbh = (uint32_t)(p.B * p.Hkv), tile = blockIdx.x / nbh,
                    bh = blockIdx.x - tile * nbh;
-    const int64_t b = bh / (uint32_t)p.Hkv, h = bh - (uint32_t)b * (uint32_t)p.Hkv;
-    const int64_t R0 = (ntiles - 1 - (int64_t)tile) * kRows;
-    const int64_t t_first = R0 / hg;
-    const int64_t t_last = (R0 + kRows - 1 < nrows ? R0 + kRows - 1 : nrows - 1) / hg;
-    const int64_t Gmax = num_condensed(t_last, p.g, p.w);
-    const int64_t e0 = num_condensed(t_first, p.g, p.w) * p.g;
-    const int64_t ncb = (Gmax + kKeys - 1) / kKeys;
-    const int64_t nblocks = ncb + (t_last + 1 - e0 + kKeys - 1) / kKeys;       /* >= 1 */
-    auto block_start = [&](int64_t blk) {
-        return blk < ncb ? blk * kKeys : e0 + (blk - ncb) * kKeys;
-    };
+    const int b = (int)(bh / (uint32_t)p.Hkv), h = (int)(bh - (uint32_t)b * (uint32_t)p.Hkv);
+    const int R0 = (ntiles - 1 - (int)tile) * kRows;
+    const int t_first = R0 / hg;
+    const int t_last = (R0 + kRows - 1 < nrows ? R0 + kRows - 1 : nrows - 1) / hg;
+    const int Gmax = ncond(t_last, g, wn);
+    const int e0 = ncond(t_first, g, wn) * g;
+    const int ncb = (Gmax + kKeys - 1) / kKeys;
+    const int nblocks = ncb + (t_last + 1 - e0 + kKeys - 1) / kKeys;       /* >= 1 */
+    auto block_start = [&](int blk) { return blk < ncb ? blk * kKeys : e0 + (blk - ncb) * kKeys; };
 
     if (threadIdx.x == 0) {
         for (int s = 0; s < kStages; s++) {
@@ -130,20 +139,20 @@ __global__ void __launch_bounds__(kThreads, 1)
            have released the block kStages before; the others leave their registers */
         asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
         if (tid == 0) {
-            for (int64_t blk = 0; blk < nblocks; blk++) {
-                const int st = (int)(blk % kStages);
+            for (int blk = 0; blk < nblocks; blk++) {
+                const int st = blk % kStages;
                 if (blk >= kStages) mbar_wait(&empty[st], (uint32_t)((blk / kStages - 1) & 1));
                 const bool cond = blk < ncb;
-                const int key0 = (int)block_start(blk);
+                const int key0 = block_start(blk);
                 const CUtensorMap *mk = cond ? &tm.kbar : &tm.k, *mv = cond ? &tm.vbar : &tm.v;
                 T *Ks = St + st * Ly::kStage, *Vs = Ks + Ly::kK;
                 mbar_expect_tx(&full[st], 2u * Ly::kStage);
 #pragma unroll
                 for (int cb = 0; cb < D / 64; cb++)
-                    tma_load(Ks + cb * kKeys * 64, mk, cb * 64, (int)h, key0, (int)b, &full[st]);
+                    tma_load(Ks + cb * kKeys * 64, mk, cb * 64, h, key0, b, &full[st]);
 #pragma unroll
                 for (int cb = 0; cb < kDV / 64; cb++)
-                    tma_load(Vs + cb * kKeys * 64, mv, cb * 64, (int)h, key0, (int)b, &full[st]);
+                    tma_load(Vs + cb * kKeys * 64, mv, cb * 64, h, key0, b, &full[st]);
             }
         }
         return;
@@ -152,16 +161,16 @@ __global__ void __launch_bounds__(kThreads, 1)
     /* consumer warpgroup cw: rows Rw .. Rw+63 */
     asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n" ::: "memory");
     const int cw = wg - 1, warp = tid >> 5, lane = tid & 31, gq = lane >> 2, tq = lane & 3;
-    const int64_t Rw = R0 + cw * 64;
+    const int Rw = R0 + cw * 64;
     T *Qw = Qs + cw * 64 * D, *Ow = Os + cw * 64 * kDV;
     {
-        const int nq = (int)(nrows - Rw < 0 ? 0 : (nrows - Rw < 64 ? nrows - Rw : 64));
+        const int nq = nrows - Rw < 0 ? 0 : (nrows - Rw < 64 ? nrows - Rw : 64);
         load_tile<T, D>(Qw, nq, tid, [&](int r) {
-            const int64_t R = Rw + r;
+            const int R = Rw + r;
             return row<const T>(p.q, b, R / hg, h * hg + R % hg);
         });
         load_tile<T, kDV>(Ow, nq, tid, [&](int r) {
-            const int64_t R = Rw + r;
+            const int R = Rw + r;
             return row<const T>(p.dout, b, R / hg, h * hg + R % hg);
         });
         cp_async_commit();
@@ -172,25 +181,24 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     /* this thread's two rows (gq and gq + 8 of its warp's 16): position, what they see, the
        log-sum-exp in log2 units and delta; a dead row (past the last) sees nothing */
-    int64_t tr[2], Gr[2];
+    int tr[2], Gr[2];
     bool live[2];
     float lse2[2], dl[2];
 #pragma unroll
     for (int i = 0; i < 2; i++) {
-        const int64_t R = Rw + warp * 16 + gq + 8 * i;
+        const int R = Rw + warp * 16 + gq + 8 * i;
         live[i] = R < nrows;
         tr[i] = live[i] ? R / hg : t_last;
-        Gr[i] = num_condensed(tr[i], p.g, p.w);
+        Gr[i] = ncond(tr[i], g, wn);
         const int64_t hq = h * hg + (live[i] ? R % hg : 0);
         lse2[i] = live[i] ? ((const float *)p.lse.p)[b * p.lse.sb + hq * p.lse.st + tr[i]] * kLog2e
                           : 0.0f;
-        dl[i] = live[i] ? w.delta[(b * p.H + hq) * L + tr[i]] : 0.0f;
+        dl[i] = live[i] ? w.delta[(b * p.H + hq) * p.L + tr[i]] : 0.0f;
     }
     /* what every row of the warpgroup sees (used only when all 64 rows are live) */
     const bool w_all_live = Rw + 64 <= nrows;
-    const int64_t w_first = Rw / hg, w_last = (Rw + 63) / hg;
-    const int64_t w_Gmin = num_condensed(w_first, p.g, p.w);
-    const int64_t w_ehi = num_condensed(w_last, p.g, p.w) * p.g;
+    const int w_first = Rw / hg, w_last = (Rw + 63) / hg;
+    const int w_Gmin = ncond(w_first, g, wn), w_ehi = ncond(w_last, g, wn) * g;
     const float sl2 = (float)p.scale * kLog2e, bl2 = (float)p.rep_bias * kLog2e;
 
     float acc[D / 8][4];                                    /* dQ, 64 x D */
@@ -199,24 +207,47 @@ __global__ void __launch_bounds__(kThreads, 1)
     float s[kKeys / 8][4], dp[kKeys / 8][4];                /* S then dS; dP */
     uint32_t pa[kKeys / 16][4];                             /* dS as A fragments */
 
-    /* S = Q K^T and dP = dO V^T, both operands K-major from shared memory */
-    auto sdp = [&](int64_t blk) {
-        const T *Ks = St + (int)(blk % kStages) * Ly::kStage, *Vs = Ks + Ly::kK;
+    /* Q and dO as m16n8k16 A fragments of this warp's 16 rows (kQRegs, kORegs): 16-byte chunks
+       2 ks and 2 ks + 1 of rows gq and gq + 8 */
+    uint32_t qf[kQRegs ? D / 16 : 1][4], of[kORegs ? kDV / 16 : 1][4];
+    auto frags = [&](auto &f, const T *tile, int nks) {
+#pragma unroll
+        for (int ks = 0; ks < nks; ks++) {
+            const int r = warp * 16 + gq, c = ks * 2;
+            f[ks][0] = *(const uint32_t *)(tile + sw(r, c) + 2 * tq);
+            f[ks][1] = *(const uint32_t *)(tile + sw(r + 8, c) + 2 * tq);
+            f[ks][2] = *(const uint32_t *)(tile + sw(r, c + 1) + 2 * tq);
+            f[ks][3] = *(const uint32_t *)(tile + sw(r + 8, c + 1) + 2 * tq);
+        }
+    };
+    if constexpr (kQRegs) frags(qf, Qw, D / 16);
+    if constexpr (kORegs) frags(of, Ow, kDV / 16);
+
+    /* S = Q K^T and dP = dO V^T, K and V K-major from shared memory, Q and dO from there or
+       from registers */
+    auto sdp = [&](int blk) {
+        const T *Ks = St + (blk % kStages) * Ly::kStage, *Vs = Ks + Ly::kK;
 #pragma unroll
         for (int ks = 0; ks < D / 16; ks++) {
             const int off = (ks >> 2) * 64 * 64 + (ks & 3) * 16;   /* column block, offset */
-            wgmma_ss<64, T>(s, gdesc(Qw + off, 16, 1024), gdesc(Ks + off, 16, 1024), ks > 0);
+            if constexpr (kQRegs)
+                wgmma_rs<64, T, 0>(s, qf[ks], gdesc(Ks + off, 16, 1024), ks > 0);
+            else
+                wgmma_ss<64, T>(s, gdesc(Qw + off, 16, 1024), gdesc(Ks + off, 16, 1024), ks > 0);
         }
 #pragma unroll
         for (int ks = 0; ks < kDV / 16; ks++) {
             const int off = (ks >> 2) * 64 * 64 + (ks & 3) * 16;
-            wgmma_ss<64, T>(dp, gdesc(Ow + off, 16, 1024), gdesc(Vs + off, 16, 1024), ks > 0);
+            if constexpr (kORegs)
+                wgmma_rs<64, T, 0>(dp, of[ks], gdesc(Vs + off, 16, 1024), ks > 0);
+            else
+                wgmma_ss<64, T>(dp, gdesc(Ow + off, 16, 1024), gdesc(Vs + off, 16, 1024), ks > 0);
         }
     };
     /* dQ += dS K: K N-major (transposed B), as the forward's P V reads V: LBO = the next 64
        output columns (64 x 128 bytes on), SBO = the next 8 keys (1 KB on) */
-    auto dsk = [&](int64_t blk) {
-        const T *Ks = St + (int)(blk % kStages) * Ly::kStage;
+    auto dsk = [&](int blk) {
+        const T *Ks = St + (blk % kStages) * Ly::kStage;
 #pragma unroll
         for (int kk = 0; kk < kKeys / 16; kk++)
             wgmma_rs<D, T, 1>(acc, pa[kk], gdesc(Ks + kk * 16 * 64, kKeys * 64 * 2, 1024), 1);
@@ -224,10 +255,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     /* dS = P (dP - delta) into s; masks only where some row of the warpgroup sees part of the
        block; a masked entry (and every entry of a dead row) is 0 by a select, so a non-finite
        score or dP there (Inf keys past a row's end) never leaks in */
-    auto dsoft = [&](int64_t blk) {
+    auto dsoft = [&](int blk) {
         const bool cond = blk < ncb;
-        const int64_t key0 = block_start(blk);
-        const int64_t kend = cond ? w_Gmin : w_first + 1;  /* all rows see [.., kend) */
+        const int key0 = block_start(blk);
+        const int kend = cond ? w_Gmin : w_first + 1;      /* all rows see [.., kend) */
         const bool fullv = w_all_live && key0 + kKeys <= kend && (cond || key0 >= w_ehi);
         const float bias = cond ? bl2 : 0.0f;
 #pragma unroll
@@ -242,8 +273,8 @@ __global__ void __launch_bounds__(kThreads, 1)
                         s[n][2 * i + e] = pr * (dp[n][2 * i + e] - dl[i]);
                     }
             } else {
-                const int64_t lo = cond ? 0 : Gr[i] * p.g, hi = cond ? Gr[i] : tr[i] + 1;
-                auto clamp = [&](int64_t x) { return (int)(x < 0 ? 0 : x > kKeys ? kKeys : x); };
+                const int lo = cond ? 0 : Gr[i] * g, hi = cond ? Gr[i] : tr[i] + 1;
+                auto clamp = [&](int x) { return x < 0 ? 0 : x > kKeys ? kKeys : x; };
                 const int lo_r = clamp(lo - key0), hi_r = live[i] ? clamp(hi - key0) : 0;
 #pragma unroll
                 for (int n = 0; n < kKeys / 8; n++)
@@ -266,17 +297,17 @@ __global__ void __launch_bounds__(kThreads, 1)
             pa[kk][3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
         }
     };
-    auto wait_full = [&](int64_t blk) {
+    auto wait_full = [&](int blk) {
         mbar_wait(&full[blk % kStages], (uint32_t)((blk / kStages) & 1));
         /* zero the K and V rows past the block's end (the box brings later tokens, or condensed
            rows no row of the tile sees, possibly non-finite): the two consumers zero half each
            and meet at named barrier 5 before either's products read the stage (the block's
            size is the same for both) */
         const bool cond = blk < ncb;
-        const int64_t key0 = block_start(blk), kend = cond ? Gmax : t_last + 1;
-        const int nk = (int)(kend - key0 < kKeys ? kend - key0 : kKeys);
+        const int key0 = block_start(blk), kend = cond ? Gmax : t_last + 1;
+        const int nk = kend - key0 < kKeys ? kend - key0 : kKeys;
         if (nk < kKeys) {
-            T *Ks = St + (int)(blk % kStages) * Ly::kStage, *Vs = Ks + Ly::kK;
+            T *Ks = St + (blk % kStages) * Ly::kStage, *Vs = Ks + Ly::kK;
             constexpr int kC = D / 8, kCV = kDV / 8;       /* 16-byte chunks a row */
             for (int i = nk * kC + cw * 128 + tid; i < kKeys * kC; i += 256) {
                 const int r = i / kC, c = i % kC;
@@ -290,7 +321,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             asm volatile("bar.sync 5, 256;\n" ::: "memory");
         }
     };
-    auto release = [&](int64_t blk) {
+    auto release = [&](int blk) {
         __syncwarp();
         if (lane == 0) mbar_arrive(&empty[blk % kStages]);
     };
@@ -306,7 +337,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     wg_reg_fence(dp);
     dsoft(0);
     pack();
-    for (int64_t blk = 1; blk < nblocks; blk++) {
+    for (int blk = 1; blk < nblocks; blk++) {
         wait_full(blk);
         wg_reg_fence(acc);
         wg_reg_fence(pa);
@@ -341,8 +372,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
     for (int i = 0; i < 2; i++) {
         if (!live[i]) continue;
-        const int64_t R = Rw + warp * 16 + gq + 8 * i, hq = h * hg + R % hg;
-        float *dst = w.dq + ((b * L + tr[i]) * p.H + hq) * D;
+        const int R = Rw + warp * 16 + gq + 8 * i;
+        const int64_t hq = h * hg + R % hg;
+        float *dst = w.dq + (((int64_t)b * p.L + tr[i]) * p.H + hq) * D;
 #pragma unroll
         for (int n = 0; n < D / 8; n++)
             *(float2 *)(dst + n * 8 + 2 * tq) =
@@ -355,7 +387,8 @@ inline int64_t tiles(const lca_params *p) {
     return (p->L * (p->H / p->Hkv) + kRows - 1) / kRows;
 }
 
-template <typename T, int D> int launch(const lca_params *p, const BwdWork *w, cudaStream_t stream) {
+template <typename T, int D, int VAR>
+int launch(const lca_params *p, const BwdWork *w, cudaStream_t stream) {
     /* condensed rows past the last one any query sees arrive as zeros (a caller's kbar may
        hold more rows, never initialised) */
     const int64_t mc = std::min(p->m, lca_num_condensed(p->L - 1, p->g, p->w));
@@ -371,7 +404,7 @@ template <typename T, int D> int launch(const lca_params *p, const BwdWork *w, c
         tm.vbar = tm.v;
     }
     if (!ok) return LCA_BWD_NOT_HANDLED;               /* the caller runs dq_kernel */
-    auto kernel = lca_bwd_dq_wgmma_kernel<T, D>;
+    auto kernel = lca_bwd_dq_wgmma_kernel<T, D, VAR>;
     const size_t smem = Layout<D>::kBytes;
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) !=
         cudaSuccess)
@@ -392,17 +425,39 @@ extern "C" int lca_cuda_bwd_dq_wgmma_supported(const lca_params *p, int device) 
     if (!((p->D == 192 || p->D == 128) && p->Dv == kDV) || p->v_in_k) return 0;
     const lca_view *vs[] = {&p->q, &p->k, &p->v, &p->kbar, &p->vbar, &p->dout};
     if (!lca::rows_aligned16(vs)) return 0;
-    if (p->L * (p->H / p->Hkv) >= 2147483647 || tiles(p) * p->B * p->Hkv > 2147483647) return 0;
+    if (p->L * (p->H / p->Hkv) >= 2147483647 - kRows || p->g >= 2147483647 ||
+        p->w >= 2147483647 || tiles(p) * p->B * p->Hkv > 2147483647)
+        return 0;                                    /* 32-bit rows and keys; grid.x */
     const size_t need = p->D == 192 ? Layout<192>::kBytes : Layout<128>::kBytes;
     return lca::device_fits(device, need, true);
+}
+
+/* LCA_DQ90_VARIANT (a tuning knob; the kernel's VAR: 0 .. 3 at D = 128, 0 or 2 at D = 192,
+ * any other value the default) overrides the default variant: dO from registers, and Q too
+ * at D = 128. */
+template <typename T, int D> static int launch_var(const lca_params *p, const lca::BwdWork *w,
+                                                   cudaStream_t s) {
+    using namespace lca::dq90;
+    const char *env = getenv("LCA_DQ90_VARIANT");
+    const int var = env && *env ? atoi(env) : -1;
+    if constexpr (D == 128) {
+        switch (var) {
+        case 0: return launch<T, D, 0>(p, w, s);
+        case 1: return launch<T, D, 1>(p, w, s);
+        case 2: return launch<T, D, 2>(p, w, s);
+        default: return launch<T, D, 3>(p, w, s);
+        }
+    } else {
+        return var == 0 ? launch<T, D, 0>(p, w, s) : launch<T, D, 2>(p, w, s);
+    }
 }
 
 /* LCA_OK once launched; LCA_BWD_NOT_HANDLED (nothing launched) when the driver cannot build the
  * tensor maps; LCA_ERR_CUDA when the kernel's shared memory cannot be set. */
 extern "C" int lca_cuda_bwd_dq_wgmma(const lca_params *p, const lca::BwdWork *w, void *stream) {
-    using namespace lca::dq90;
     cudaStream_t s = (cudaStream_t)stream;
     const bool bf = p->dtype == LCA_BF16;
-    if (p->D == 192) return bf ? launch<__nv_bfloat16, 192>(p, w, s) : launch<__half, 192>(p, w, s);
-    return bf ? launch<__nv_bfloat16, 128>(p, w, s) : launch<__half, 128>(p, w, s);
+    if (p->D == 192)
+        return bf ? launch_var<__nv_bfloat16, 192>(p, w, s) : launch_var<__half, 192>(p, w, s);
+    return bf ? launch_var<__nv_bfloat16, 128>(p, w, s) : launch_var<__half, 128>(p, w, s);
 }
