@@ -11,7 +11,11 @@ LCA_CUDA_DISABLE=wgmma (attend_bwd_mma.cu's mma.sync dq_kernel), and holds
       taken in a different order make one of those two roundings fall the other way — one unit
       in the last place of that element, 2u relative (u = 2^-8 for bf16, 2^-11 for fp16) — so
       the relative Frobenius difference stays below 2u plus the (random-signed, averaging) effect
-      of flipped dS roundings; 4u is the bound.  A wrong mask, descriptor or row gives O(1).
+      of flipped dS roundings; 4u is the bound.  A wrong descriptor or row gives O(1); a mask
+      off by one key changes the rows it touches by about 1 / sqrt(keys seen), which the
+      Frobenius norm over all rows can dilute, so each row is held too: its difference at most
+      16u of its own norm (rows whose norm is below a quarter of the rms row norm — dq nearly
+      cancelling, e.g. a row that sees one key — against that floor instead).
   (b) every gradient of each route to the float64 CPU engine on the same rounded inputs with
       the SPEC §8 rule (tests/torch_lca.py check_grads: at most twice the error of the same
       gradients by plain PyTorch autograd at that precision).
@@ -21,6 +25,7 @@ allocator would hand back the previous route's values.
 """
 import zlib
 
+import numpy as np
 import pytest
 
 import lca
@@ -50,6 +55,18 @@ def hopper():
 
 def gen_for(*key):
     return torch.Generator(device="cuda").manual_seed(zlib.crc32(repr(key).encode()))
+
+
+def check_routes(got, alt, dtype):
+    """dq of the wgmma route (got) against the mma.sync route's (alt): see (a) above."""
+    a, b = to_np(got), to_np(alt)
+    diff = rel(a, b)
+    assert diff <= 4 * UNIT[dtype], f"dq: wgmma and mma.sync differ by {diff:.2e}"
+    num, den = np.linalg.norm(a - b, axis=-1), np.linalg.norm(b, axis=-1)
+    if den.size:
+        floor = 0.25 * np.sqrt(np.mean(den ** 2))
+        worst = (num / np.maximum(den, max(floor, 1e-30))).max()
+        assert worst <= 16 * UNIT[dtype], f"dq: a row differs by {worst:.2e} of its norm"
 
 
 def both_routes(monkeypatch, fn):
@@ -89,8 +106,7 @@ def test_dq_wgmma(case, D, dtype, monkeypatch):
     out, lse = lca.gqa_attention(q, k, v, return_lse=True, **kw)
     got, alt = both_routes(monkeypatch,
                            lambda: lca.gqa_attention_backward(dout, q, k, v, out, lse, **kw))
-    diff = rel(to_np(got[0]), to_np(alt[0]))
-    assert diff <= 4 * UNIT[dtype], f"dq: wgmma and mma.sync differ by {diff:.2e}"
+    check_routes(got[0], alt[0], dtype)
     args64 = [to_np(x) for x in (q, k, v)]
     out64, lse64 = lca.gqa_attention(*args64, return_lse=True, **kw)
     ref = lca.gqa_attention_backward(to_np(dout), *args64, out64, lse64, **kw)
@@ -119,8 +135,7 @@ def test_dq_wgmma_variants(D, variant, monkeypatch):
     got = lca.gqa_attention_backward(dout, q, k, v, out, lse, **kw)
     assert _C.cuda_last_bwd_dq_kernel() == "wgmma"
     assert torch.isfinite(got[0].float()).all()
-    diff = rel(to_np(got[0]), to_np(base[0]))
-    assert diff <= 4 * UNIT[dtype], f"variant {variant}: dq differs by {diff:.2e}"
+    check_routes(got[0], base[0], dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -140,8 +155,7 @@ def test_dq_wgmma_given_entries(D, dtype, monkeypatch):
     out, lse = lca.gqa_attend(*args, return_lse=True, **kw)
     got, alt = both_routes(monkeypatch,
                            lambda: lca.gqa_attend_backward(dout, *args, out, lse, **kw))
-    diff = rel(to_np(got[0]), to_np(alt[0]))
-    assert diff <= 4 * UNIT[dtype], f"dq: wgmma and mma.sync differ by {diff:.2e}"
+    check_routes(got[0], alt[0], dtype)
     args64 = [to_np(x) for x in args]
     out64, lse64 = lca.gqa_attend(*args64, return_lse=True, **kw)
     ref = lca.gqa_attend_backward(to_np(dout), *args64, out64, lse64, **kw)
@@ -205,7 +219,7 @@ def test_strided_views(dtype, monkeypatch):
     out, lse = lca.gqa_attention(q, k, v, return_lse=True, **kw)
     got, alt = both_routes(monkeypatch,
                            lambda: lca.gqa_attention_backward(dout, q, k, v, out, lse, **kw))
-    assert rel(to_np(got[0]), to_np(alt[0])) <= 4 * UNIT[dtype]
+    check_routes(got[0], alt[0], dtype)
     contig = lca.gqa_attention_backward(dout.contiguous(), q.contiguous(), k.contiguous(),
                                         v.contiguous(), out, lse, **kw)
     assert torch.equal(got[0], contig[0])

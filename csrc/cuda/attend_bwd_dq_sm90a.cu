@@ -15,9 +15,10 @@
  *     boxes) and V (2) into a ring of kStages stages, completing on the stage's `full`
  *     mbarrier; it refills a stage once both consumers have released it on `empty`;
  *   - warpgroups 1 and 2, the consumers, 64 rows each, with their Q (64 x D) and dO (64 x 128)
- *     tiles loaded once into shared memory.  Per key block j:
- *         S_j = Q K_j^T    (D/16 wgmma m64n64k16, both operands from shared memory)
- *         dP_j = dO V_j^T  (8 wgmma m64n64k16)
+ *     tiles loaded once into shared memory, and into registers as A fragments (dO always by
+ *     default, Q at D = 128: see VAR).  Per key block j:
+ *         S_j = Q K_j^T    (D/16 wgmma m64n64k16, K K-major from shared memory)
+ *         dP_j = dO V_j^T  (8 wgmma m64n64k16, V likewise)
  *         dQ += dS_{j-1} K_{j-1}  (4 wgmma m64nDk16, dS from registers, K read N-major)
  *     are issued together; dS_j = P_j (dP_j - delta) is formed (float32, masks only on blocks
  *     that some row of the warpgroup sees in part; a masked entry is 0 by a select, never by a
