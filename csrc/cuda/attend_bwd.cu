@@ -16,8 +16,8 @@
  *      the way the group's terms: dq through qbar, dk through the scores, the pooling (alpha
  *      dkbar, alpha dvbar) and the anchor copy (kbar[d_pool:] = k_anchor[d_pool:]).
  * Steps 3 and 4 run on tensor cores for the shapes attend_bwd_mma.cu covers (step 3 on a
- * compute 9.0 device by attend_bwd_dq_sm90a.cu's wgmma kernel for 192/128 and 128/128).  Every output
- * element is written by exactly one thread, sums run in a fixed order: the result is
+ * compute 9.0 device by attend_bwd_dq_sm90a.cu's wgmma kernel for 192/128 and 128/128).  Every
+ * output element is written by exactly one thread, sums run in a fixed order: the result is
  * bit-for-bit deterministic (no atomics).  Accumulation in float32. */
 #include <algorithm>
 

@@ -57,7 +57,8 @@ template <int D> struct Layout {
     static constexpr int kK = kKeys * D, kStage = kK + kKeys * kDV;
     static constexpr int kStages =
         (int)((kSmemLimit - 1024 - 2 * (size_t)(kQ + kO) - 16 * 8) / (2 * (size_t)kStage));
-    static constexpr size_t kBytes = 2 * (size_t)(kQ + kO + kStages * kStage) + 2 * kStages * 8 + 1024;
+    static constexpr size_t kBytes =
+        2 * (size_t)(kQ + kO + kStages * kStage) + 2 * kStages * 8 + 1024;
     static_assert(kStages >= 2 && kBytes <= kSmemLimit, "K/V ring");
 };
 
@@ -75,7 +76,9 @@ __device__ __forceinline__ int sw(int r, int c) {
 /* n rows of width W from src(r) into a 64-row swizzled tile with 128 threads (cp.async, 16
  * bytes a thread; rows n .. 63 zeroed by plain stores). */
 /* G_t of SPEC §3 in 32 bits */
-__device__ __forceinline__ int ncond(int t, int g, int w) { return t + 1 < w ? 0 : (t + 1 - w) / g; }
+__device__ __forceinline__ int ncond(int t, int g, int w) {
+    return t + 1 < w ? 0 : (t + 1 - w) / g;
+}
 
 template <typename T, int W, typename F>
 __device__ __forceinline__ void load_tile(T *tile, int n, int tid, F src) {
