@@ -88,6 +88,7 @@ class BuildExt(build_ext):
                 objects = list(pool.map(self.nvcc_compile, cuda_sources))
             for e in self.extensions:
                 e.extra_objects += objects
+                e.depends += objects     # relink when an object is newer than the module
                 e.define_macros.append(("LCA_WITH_CUDA", "1"))
                 e.library_dirs.append(os.path.join(home, "lib64"))
                 e.libraries += ["cudart_static", "dl", "rt", "pthread", "stdc++"]

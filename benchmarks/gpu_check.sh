@@ -19,7 +19,8 @@ python3 -c "import lca; print('HAS_CUDA', lca.HAS_CUDA)"
 
 GPU_TESTS="tests/test_cuda.py tests/test_cuda_mla.py tests/test_cuda_bwd.py tests/test_cache.py
   tests/test_torch.py tests/test_mla_prefill.py tests/test_cuda_gqa_wgmma.py tests/test_interop.py
-  tests/test_attend_grad.py tests/test_cuda_attend_grad.py tests/test_cuda_bwd_dkdv.py"
+  tests/test_attend_grad.py tests/test_cuda_attend_grad.py tests/test_cuda_bwd_dkdv.py
+  tests/test_cuda_bwd_wgmma.py"
 
 stage() {   # name, seconds, command...
   local name=$1 secs=$2; shift 2

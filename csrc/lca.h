@@ -146,6 +146,8 @@ int lca_cuda_condense_bwd(const lca_params *p, const lca_view *dkbar, const lca_
 /* The kernel the last lca_cuda_attend_fwd call launched: "mla_wgmma", "mla", "wide", "mma",
  * "simt" ("": none). */
 const char *lca_cuda_last_attend_kernel(void);
+/* The dq kernel the last CUDA backward call launched: "wgmma", "mma", "simt" ("": none). */
+const char *lca_cuda_last_bwd_dq_kernel(void);
 
 #ifdef __cplusplus
 }

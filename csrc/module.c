@@ -800,6 +800,10 @@ static PyObject *py_cuda_last_attend_kernel(PyObject *self, PyObject *noargs) {
     return PyUnicode_FromString(lca_cuda_last_attend_kernel());
 }
 
+static PyObject *py_cuda_last_bwd_dq_kernel(PyObject *self, PyObject *noargs) {
+    return PyUnicode_FromString(lca_cuda_last_bwd_dq_kernel());
+}
+
 static PyObject *py_cuda_last_decode_kernel(PyObject *self, PyObject *noargs) {
     return PyUnicode_FromString(lca_cuda_last_decode_kernel());
 }
@@ -831,6 +835,8 @@ static PyMethodDef methods[] = {
     {"cuda_last_attend_kernel", py_cuda_last_attend_kernel, METH_NOARGS,
      "The kernel the last cuda_attend launched: 'mla_wgmma', 'gqa_wgmma', 'mla', 'wide', 'mma' or "
      "'simt' ('' before any)."},
+    {"cuda_last_bwd_dq_kernel", py_cuda_last_bwd_dq_kernel, METH_NOARGS,
+     "The dq kernel the last CUDA backward launched: 'wgmma', 'mma' or 'simt' ('' before any)."},
     {"cuda_last_decode_kernel", py_cuda_last_decode_kernel, METH_NOARGS,
      "The partial kernel the last cuda_decode_step launched: 'bulk', 'mma' or 'simt' ('' before "
      "any)."},

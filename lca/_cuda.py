@@ -4,7 +4,9 @@ Each framework is imported only when an array of it arrives.  An array becomes a
 (pointer, shape, strides in elements) for lca._C; outputs are allocated by the caller's own
 framework on the caller's device, and kernels run on its current stream with no device-wide
 synchronisation.  LCA_POISON_OUTPUTS=1 fills outputs with NaN before launch (the GPU tests set
-it, so an element a kernel fails to write cannot pass).
+it, so an element a kernel fails to write cannot pass); LCA_POISON_WORKSPACE=1 fills the
+backward's scratch with 0xFF bytes (float32 NaN), so a gradient row a kernel leaves unwritten
+cannot pass on stale values the caching allocator hands back.
 """
 import os
 
@@ -68,6 +70,9 @@ class _Torch:
 
     def workspace(self, nbytes):
         """Scratch bytes from the caching allocator, usable in stream order on this stream."""
+        if os.environ.get("LCA_POISON_WORKSPACE") == "1":
+            return self.torch.full((max(nbytes, 1),), 0xFF, dtype=self.torch.uint8,
+                                   device=self.device)
         return self.torch.empty((max(nbytes, 1),), dtype=self.torch.uint8, device=self.device)
 
     def ptr(self, a):
@@ -120,6 +125,8 @@ class _Cupy:
 
     def workspace(self, nbytes):
         with self.device:
+            if os.environ.get("LCA_POISON_WORKSPACE") == "1":
+                return self.cp.full((max(nbytes, 1),), 0xFF, dtype=self.cp.uint8)
             return self.cp.empty((max(nbytes, 1),), dtype=self.cp.uint8)
 
     def ptr(self, a):

@@ -15,8 +15,9 @@
  *   6. the float32 sums converted to the input dtype into the caller's dq, dk, dv, adding on
  *      the way the group's terms: dq through qbar, dk through the scores, the pooling (alpha
  *      dkbar, alpha dvbar) and the anchor copy (kbar[d_pool:] = k_anchor[d_pool:]).
- * Steps 3 and 4 run on tensor cores for the shapes attend_bwd_mma.cu covers.  Every output
- * element is written by exactly one thread, sums run in a fixed order: the result is
+ * Steps 3 and 4 run on tensor cores for the shapes attend_bwd_mma.cu covers (step 3 on a
+ * compute 9.0 device by attend_bwd_dq_sm90a.cu's wgmma kernel for 192/128 and 128/128).  Every
+ * output element is written by exactly one thread, sums run in a fixed order: the result is
  * bit-for-bit deterministic (no atomics).  Accumulation in float32. */
 #include <algorithm>
 
@@ -481,17 +482,24 @@ void launch_simt(const lca_params *p, const BwdWork *w, cudaStream_t stream) {
  * (lca_cuda_condense_bwd: step 5 and the terms of step 6 on zero base gradients). */
 enum Part { kWhole, kAttend, kCondense };
 
+/* The dq kernel the last backward call launched (lca_cuda_last_bwd_dq_kernel): evidence for the
+ * tests that a call took the fast path. */
+static const char *last_bwd_dq_kernel = "";
+
 template <typename T> struct Bwd {
-    static int run(const lca_params *p, const BwdWork *w, Part part, int mma, int device,
-                   const lca_view *dkbar, const lca_view *dvbar, cudaStream_t stream) {
+    static int run(const lca_params *p, const BwdWork *w, Part part, int mma,
+                   const lca_view *dkbar, const lca_view *dvbar, int device,
+                   cudaStream_t stream) {
         if (part != kCondense && p->L > 0) {
             const int64_t rows = p->B * p->L * p->H;
             bwd_delta_kernel<T><<<(unsigned)((rows + kBwdWarps - 1) / kBwdWarps), 32 * kBwdWarps,
                                   0, stream>>>(*p, w->delta);
             if (mma) {
-                const int s = lca_cuda_bwd_mma(p, w, stream, device);
+                const int s = lca_cuda_bwd_mma(p, w, device, stream);
                 if (s != LCA_OK) return s;
+                last_bwd_dq_kernel = lca_cuda_bwd_mma_dq_kernel();
             } else {
+                last_bwd_dq_kernel = "simt";
                 const int64_t width = p->D > p->Dv ? p->D : p->Dv;
                 if (width <= 128) launch_simt<4, T>(p, w, stream);
                 else if (width <= 256) launch_simt<8, T>(p, w, stream);
@@ -583,6 +591,8 @@ int64_t carve(const lca_params *p, char *base, BwdWork *w) {
 
 }  // namespace lca
 
+extern "C" const char *lca_cuda_last_bwd_dq_kernel(void) { return lca::last_bwd_dq_kernel; }
+
 extern "C" int64_t lca_cuda_bwd_workspace(const lca_params *p) {
     lca::BwdWork w;
     return lca::carve(p, nullptr, &w);
@@ -646,9 +656,9 @@ int backward(const lca_params *p0, Part part, const lca_view *dkbar, const lca_v
                     lca_cuda_bwd_mma_supported(&p, device);
     int st;
     switch (p.dtype) {
-    case LCA_F32: st = Bwd<float>::run(&p, &w, part, mma, device, dkbar, dvbar, s); break;
-    case LCA_F16: st = Bwd<__half>::run(&p, &w, part, mma, device, dkbar, dvbar, s); break;
-    case LCA_BF16: st = Bwd<__nv_bfloat16>::run(&p, &w, part, mma, device, dkbar, dvbar, s); break;
+    case LCA_F32: st = Bwd<float>::run(&p, &w, part, mma, dkbar, dvbar, device, s); break;
+    case LCA_F16: st = Bwd<__half>::run(&p, &w, part, mma, dkbar, dvbar, device, s); break;
+    case LCA_BF16: st = Bwd<__nv_bfloat16>::run(&p, &w, part, mma, dkbar, dvbar, device, s); break;
     default:
         snprintf(err, (size_t)errlen, "%s: unsupported dtype", what);
         return LCA_ERR_UNSUPPORTED;

@@ -382,8 +382,8 @@ inline int64_t nblocks(const lca_params *p) {
     return (p->m + kKeys - 1) / kKeys + (p->L + kKeys - 1) / kKeys;
 }
 
-/* LCA_OK, or 1 when a tensor map cannot express the views (the caller then runs the mma.sync
- * kernel), or LCA_ERR_CUDA */
+/* LCA_OK, or LCA_BWD_NOT_HANDLED when a tensor map cannot express the views (the caller then
+ * runs the mma.sync kernel), or LCA_ERR_CUDA */
 template <typename T, int D> int launch(const lca_params *p, const BwdWork *w, cudaStream_t stream) {
     Maps tm;
     memset(&tm, 0, sizeof tm);
@@ -399,7 +399,7 @@ template <typename T, int D> int launch(const lca_params *p, const BwdWork *w, c
         tm.kbar = tm.k;
         tm.vbar = tm.v;
     }
-    if (!ok) return 1;
+    if (!ok) return LCA_BWD_NOT_HANDLED;
     auto kernel = lca_bwd_dkdv_wgmma_kernel<T, D>;
     const size_t smem = Layout<D>::kBytes;
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) !=

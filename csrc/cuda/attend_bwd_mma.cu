@@ -15,7 +15,9 @@
  * see them, Q/dO tiles double-buffered:  S^T = K Q^T,  dP^T = V dO^T,  dV += P^T dO,
  *                 dK += dS^T Q.
  * Each output row belongs to one warp of one block and is summed in row order: deterministic.
- * dq is written whole; dk/dv are per key, so no atomics.  Not yet: wgmma, TMA. */
+ * dq is written whole; dk/dv are per key, so no atomics.  On a compute 9.0 device dq runs
+ * instead on attend_bwd_dq_sm90a.cu's wgmma/TMA kernel for (D, Dv) in {(128, 128), (192, 128)}
+ * (LCA_CUDA_DISABLE=wgmma: dq_kernel here). */
 #include <algorithm>
 
 #include "bwd.cuh"
@@ -432,8 +434,11 @@ inline int64_t dkdv_blocks(const lca_params *p) {
     return (p->m + kKKeys - 1) / kKKeys + (p->L + kKKeys - 1) / kKKeys;
 }
 
+/* which dq kernel the last launch ran (lca_cuda_bwd_mma_dq_kernel) */
+static const char *last_dq_kernel = "";
+
 template <typename T, int D, int DV>
-int launch(const lca_params *p, const BwdWork *w, cudaStream_t stream, int device) {
+int launch(const lca_params *p, const BwdWork *w, int device, cudaStream_t stream) {
     const size_t sq = dq_smem<T, D, DV>(), sk = dkdv_smem<T, D, DV>();
     auto kq = dq_kernel<T, D, DV>;
     auto kk = dkdv_kernel<T, D, DV>;
@@ -441,15 +446,19 @@ int launch(const lca_params *p, const BwdWork *w, cudaStream_t stream, int devic
         cudaFuncSetAttribute(kk, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sk) != cudaSuccess)
         return LCA_ERR_CUDA;
     const int64_t nbh = p->B * p->Hkv;
-    kq<<<(unsigned)(dq_tiles(p) * nbh), 32 * kQWarps, sq, stream>>>(*p, *w);
+    int dq = LCA_BWD_NOT_HANDLED, dkdv = LCA_BWD_NOT_HANDLED;
 #ifndef LCA_NO_SM90A
-    /* on compute 9.0 the wgmma dk/dv kernel (1: its tensor maps cannot express the views) */
-    if (!kernel_disabled("wgmma") && lca_cuda_bwd_dkdv_wgmma_supported(p, device)) {
-        const int s = lca_cuda_bwd_dkdv_wgmma(p, w, stream);
-        if (s != 1) return s;
-    }
+    /* on compute 9.0 the wgmma kernels (attend_bwd_dq_sm90a.cu, attend_bwd_dkdv_sm90a.cu) */
+    if (!kernel_disabled("wgmma") && lca_cuda_bwd_dq_wgmma_supported(p, device))
+        dq = lca_cuda_bwd_dq_wgmma(p, w, stream);
+    if (dq != LCA_BWD_NOT_HANDLED && dq != LCA_OK) return dq;
+    if (!kernel_disabled("wgmma") && lca_cuda_bwd_dkdv_wgmma_supported(p, device))
+        dkdv = lca_cuda_bwd_dkdv_wgmma(p, w, stream);
+    if (dkdv != LCA_BWD_NOT_HANDLED && dkdv != LCA_OK) return dkdv;
 #endif
-    kk<<<(unsigned)(dkdv_blocks(p) * nbh), 32 * kKWarps, sk, stream>>>(*p, *w);
+    last_dq_kernel = dq == LCA_OK ? "wgmma" : "mma";
+    if (dq != LCA_OK) kq<<<(unsigned)(dq_tiles(p) * nbh), 32 * kQWarps, sq, stream>>>(*p, *w);
+    if (dkdv != LCA_OK) kk<<<(unsigned)(dkdv_blocks(p) * nbh), 32 * kKWarps, sk, stream>>>(*p, *w);
     return LCA_OK;
 }
 
@@ -476,17 +485,18 @@ extern "C" int lca_cuda_bwd_mma_supported(const lca_params *p, int device) {
     return lca::device_fits(device, need, false);
 }
 
-extern "C" int lca_cuda_bwd_mma(const lca_params *p, const lca::BwdWork *w, void *stream,
-                                int device) {
+extern "C" int lca_cuda_bwd_mma(const lca_params *p, const lca::BwdWork *w, int device,
+                                void *stream) {
     using namespace lca::bwdmma;
     cudaStream_t s = (cudaStream_t)stream;
     const bool bf = p->dtype == LCA_BF16;
     if (p->D == 64)
-        return bf ? launch<__nv_bfloat16, 64, 64>(p, w, s, device)
-                  : launch<__half, 64, 64>(p, w, s, device);
+        return bf ? launch<__nv_bfloat16, 64, 64>(p, w, device, s) : launch<__half, 64, 64>(p, w, device, s);
     if (p->D == 128)
-        return bf ? launch<__nv_bfloat16, 128, 128>(p, w, s, device)
-                  : launch<__half, 128, 128>(p, w, s, device);
-    return bf ? launch<__nv_bfloat16, 192, 128>(p, w, s, device)
-              : launch<__half, 192, 128>(p, w, s, device);
+        return bf ? launch<__nv_bfloat16, 128, 128>(p, w, device, s)
+                  : launch<__half, 128, 128>(p, w, device, s);
+    return bf ? launch<__nv_bfloat16, 192, 128>(p, w, device, s)
+              : launch<__half, 192, 128>(p, w, device, s);
 }
+
+extern "C" const char *lca_cuda_bwd_mma_dq_kernel(void) { return lca::bwdmma::last_dq_kernel; }

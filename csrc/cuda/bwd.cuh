@@ -1,6 +1,6 @@
-/* bwd.cuh — what the two backward files share: the float32 scratch the backward works in
- * (carved out of one workspace the caller allocates; see lca_cuda_bwd_workspace) and the
- * tensor-core entry points of attend_bwd_mma.cu. */
+/* bwd.cuh — what the backward files share: the float32 scratch the backward works in (carved
+ * out of one workspace the caller allocates; see lca_cuda_bwd_workspace) and the tensor-core
+ * entry points of attend_bwd_mma.cu and the Hopper kernels. */
 #pragma once
 #include "common.cuh"
 
@@ -25,13 +25,26 @@ struct BwdWork {
 
 }  // namespace lca
 
-/* attend_bwd_mma.cu: tensor-core dq and dk/dv kernels, and the calls they cover (on compute
- * 9.0 the wgmma kernels below replace them where they apply). */
-extern "C" int lca_cuda_bwd_mma_supported(const lca_params *p, int device);
-extern "C" int lca_cuda_bwd_mma(const lca_params *p, const lca::BwdWork *w, void *stream,
-                                int device);
+/* A Hopper launcher's status when it launched nothing and the caller should run its
+ * mma.sync kernel instead (e.g. the driver refused a tensor map); distinct from every
+ * lca_status. */
+#define LCA_BWD_NOT_HANDLED (-1)
 
-/* attend_bwd_dkdv_sm90a.cu (sm_90a only; absent with LCA_NO_SM90A): the wgmma dk/dv kernel;
- * returns 1 when its tensor maps cannot express the views (the caller runs the mma.sync one). */
+/* attend_bwd_mma.cu: tensor-core dq and dk/dv kernels, and the calls they cover (on a compute
+ * 9.0 device dq goes to attend_bwd_dq_sm90a.cu). */
+extern "C" int lca_cuda_bwd_mma_supported(const lca_params *p, int device);
+extern "C" int lca_cuda_bwd_mma(const lca_params *p, const lca::BwdWork *w, int device,
+                                void *stream);
+/* The dq kernel the last lca_cuda_bwd_mma call launched: "wgmma" or "mma". */
+extern "C" const char *lca_cuda_bwd_mma_dq_kernel(void);
+
+/* attend_bwd_dq_sm90a.cu (sm_90a only; absent when setup.py defines LCA_NO_SM90A): the wgmma
+ * dq kernel for (D, Dv) = (192, 128) and (128, 128).  lca_cuda_bwd_dq_wgmma returns LCA_OK,
+ * LCA_BWD_NOT_HANDLED or an error. */
+extern "C" int lca_cuda_bwd_dq_wgmma_supported(const lca_params *p, int device);
+extern "C" int lca_cuda_bwd_dq_wgmma(const lca_params *p, const lca::BwdWork *w, void *stream);
+
+/* attend_bwd_dkdv_sm90a.cu (likewise): the wgmma dk/dv kernel for the same shapes when H / Hkv
+ * divides 64; LCA_OK, LCA_BWD_NOT_HANDLED or an error. */
 extern "C" int lca_cuda_bwd_dkdv_wgmma_supported(const lca_params *p, int device);
 extern "C" int lca_cuda_bwd_dkdv_wgmma(const lca_params *p, const lca::BwdWork *w, void *stream);
