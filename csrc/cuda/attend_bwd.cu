@@ -537,12 +537,14 @@ template <typename T> struct Bwd {
         }
         if (p->m > 0) {
             const unsigned warps = (unsigned)((p->m * p->Hkv * p->B + 7) / 8);
-            int kc = 0;
-            if constexpr (sizeof(T) == 2) kc = cond_bwd_warp_chunks(p);
-            if (kc == 1) bwd_condense_warp_kernel<T, 1><<<warps, 256, 0, stream>>>(*p, *w);
-            else if (kc == 2) bwd_condense_warp_kernel<T, 2><<<warps, 256, 0, stream>>>(*p, *w);
-            else if (kc == 3) bwd_condense_warp_kernel<T, 3><<<warps, 256, 0, stream>>>(*p, *w);
-            else {
+            int kc = 0;                    /* the warp kernel's chunks (2-byte types only) */
+            if constexpr (sizeof(T) == 2) {
+                kc = cond_bwd_warp_chunks(p);
+                if (kc == 1) bwd_condense_warp_kernel<T, 1><<<warps, 256, 0, stream>>>(*p, *w);
+                else if (kc == 2) bwd_condense_warp_kernel<T, 2><<<warps, 256, 0, stream>>>(*p, *w);
+                else if (kc == 3) bwd_condense_warp_kernel<T, 3><<<warps, 256, 0, stream>>>(*p, *w);
+            }
+            if (kc == 0) {
                 const dim3 grid((unsigned)p->m, (unsigned)p->Hkv, (unsigned)p->B);
                 const size_t smem = sizeof(float) * (size_t)(p->D + 2 * p->g);
                 bwd_condense_kernel<T><<<grid, kCondBwdThreads, smem, stream>>>(*p, *w);
