@@ -278,8 +278,9 @@ __global__ void __launch_bounds__(256) bwd_condense_warp_kernel(lca_params p, Bw
             dv[k][y] = !p.v_in_k && c + y < Dv ? w.dvb[e * w.ldv + c + y] : 0.0f;
         }
         if (c < ds) {
-            *(float4 *)(w.qbar + e * D + c) = make_float4(qb[k][0], qb[k][1], qb[k][2], qb[k][3]);
-            *(float4 *)(w.qbar + e * D + c + 4) = make_float4(qb[k][4], qb[k][5], qb[k][6], qb[k][7]);
+            float *qd = w.qbar + e * D + c;
+            *(float4 *)qd = make_float4(qb[k][0], qb[k][1], qb[k][2], qb[k][3]);
+            *(float4 *)(qd + 4) = make_float4(qb[k][4], qb[k][5], qb[k][6], qb[k][7]);
         }
     }
 
@@ -296,8 +297,9 @@ __global__ void __launch_bounds__(256) bwd_condense_warp_kernel(lca_params p, Bw
                     uint4 u[8];
 #pragma unroll
                     for (int r = 0; r < 8; r++)
-                        u[r] = i0 + r < g ? *(const uint4 *)(row<const T>(p.k, b, t0 + i0 + r, h) + c)
-                                          : make_uint4(0, 0, 0, 0);
+                        u[r] = i0 + r < g
+                                   ? *(const uint4 *)(row<const T>(p.k, b, t0 + i0 + r, h) + c)
+                                   : make_uint4(0, 0, 0, 0);
 #pragma unroll
                     for (int r = 0; r < 8; r++) {
                         const T *x = (const T *)&u[r];
@@ -309,8 +311,9 @@ __global__ void __launch_bounds__(256) bwd_condense_warp_kernel(lca_params p, Bw
                     uint4 u[8];
 #pragma unroll
                     for (int r = 0; r < 8; r++)
-                        u[r] = i0 + r < g ? *(const uint4 *)(row<const T>(p.v, b, t0 + i0 + r, h) + c)
-                                          : make_uint4(0, 0, 0, 0);
+                        u[r] = i0 + r < g
+                                   ? *(const uint4 *)(row<const T>(p.v, b, t0 + i0 + r, h) + c)
+                                   : make_uint4(0, 0, 0, 0);
 #pragma unroll
                     for (int r = 0; r < 8; r++) {
                         const T *x = (const T *)&u[r];
@@ -358,8 +361,9 @@ __global__ void __launch_bounds__(256) bwd_condense_warp_kernel(lca_params p, Bw
                 for (int y = 0; y < 8; y++) acc[y] = fmaf(dsc[i0 + r], to_f(x[y]), acc[y]);
             }
         }
-        *(float4 *)(w.dqb + e * D + c) = make_float4(acc[0] * inv, acc[1] * inv, acc[2] * inv, acc[3] * inv);
-        *(float4 *)(w.dqb + e * D + c + 4) = make_float4(acc[4] * inv, acc[5] * inv, acc[6] * inv, acc[7] * inv);
+        float *dd = w.dqb + e * D + c;
+        *(float4 *)dd = make_float4(acc[0] * inv, acc[1] * inv, acc[2] * inv, acc[3] * inv);
+        *(float4 *)(dd + 4) = make_float4(acc[4] * inv, acc[5] * inv, acc[6] * inv, acc[7] * inv);
     }
 }
 

@@ -2,8 +2,10 @@
  * one block of 128 keys (condensed entries or exact tokens of one (batch, kv head)), on
  * Hopper's warpgroup tensor cores (wgmma, sm_90a only) for bf16/fp16 with (D, Dv) in
  * {(192, 128), (128, 128)}.  It computes what attend_bwd_mma.cu's dkdv_kernel computes (the
- * same products, float32 accumulation, each key's sums in row-tile order: deterministic), and
- * runs instead of it on a compute 9.0 device (LCA_CUDA_DISABLE=wgmma selects it back).
+ * same products, float32 accumulation, each key's sums in row-tile order: deterministic; at
+ * D = 192 dS^T is formed from P^T as rounded to the input type, see below), and runs instead of
+ * it on a compute 9.0 device (LCA_CUDA_DISABLE=wgmma selects it back).  H200, SPEC §9 shape at
+ * 128K: 28.1–30.8 ms (445–488 TFLOP/s on its 1280 FLOP a pair and head; mma.sync: ~60 ms).
  *
  * A block: 384 threads in three warpgroups, specialised.
  *   - warpgroup 0, the producer: lane 0 of its first warp loads the block's K (128 x D) and
@@ -21,7 +23,10 @@
  *         dV  += P^T dO    4 wgmma m64n128k16, P^T from registers, dO read N-major
  *         dK  += dS^T Q    4 wgmma m64nDk16, dS^T from registers, Q read N-major
  *     The two consumers run unsynchronised, so one's exponentials run under the other's
- *     products.
+ *     products.  At D = 128 S^T and dP^T are issued together; at D = 192 the dK (96) and dV
+ *     (64) accumulators leave room for one of them at a time (240 registers), so S^T is waited
+ *     for and P^T packed before dP^T is issued beside dV, and dS^T takes P^T from the packed
+ *     values.
  * Masks are applied only on row tiles some row of which sees part of the block.  A partial
  * last row tile has its rows past the range zeroed (the TMA box brings later rows, which may
  * hold non-finite values no product may see).
@@ -77,7 +82,8 @@ template <> __device__ __forceinline__ float2 unpack2<__half>(uint32_t v) {
 
 /* A fragments (m16n8k16, this warp's 16 keys x 16 rows kk) of the rows of x */
 template <typename T>
-__device__ __forceinline__ void pack_frags(uint32_t (&a)[kRows / 16][4], const float (&x)[kRows / 8][4]) {
+__device__ __forceinline__ void pack_frags(uint32_t (&a)[kRows / 16][4],
+                                           const float (&x)[kRows / 8][4]) {
 #pragma unroll
     for (int kk = 0; kk < kRows / 16; kk++) {
         a[kk][0] = pack2<T>(x[2 * kk][0], x[2 * kk][1]);
@@ -384,7 +390,8 @@ inline int64_t nblocks(const lca_params *p) {
 
 /* LCA_OK, or LCA_BWD_NOT_HANDLED when a tensor map cannot express the views (the caller then
  * runs the mma.sync kernel), or LCA_ERR_CUDA */
-template <typename T, int D> int launch(const lca_params *p, const BwdWork *w, cudaStream_t stream) {
+template <typename T, int D>
+int launch(const lca_params *p, const BwdWork *w, cudaStream_t stream) {
     Maps tm;
     memset(&tm, 0, sizeof tm);
     const int64_t hg = p->H / p->Hkv;
