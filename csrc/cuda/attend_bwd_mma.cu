@@ -15,9 +15,10 @@
  * see them, Q/dO tiles double-buffered:  S^T = K Q^T,  dP^T = V dO^T,  dV += P^T dO,
  *                 dK += dS^T Q.
  * Each output row belongs to one warp of one block and is summed in row order: deterministic.
- * dq is written whole; dk/dv are per key, so no atomics.  On a compute 9.0 device dq runs
- * instead on attend_bwd_dq_sm90a.cu's wgmma/TMA kernel for (D, Dv) in {(128, 128), (192, 128)}
- * (LCA_CUDA_DISABLE=wgmma: dq_kernel here). */
+ * dq is written whole; dk/dv are per key, so no atomics.  On a compute 9.0 device, for (D, Dv)
+ * in {(128, 128), (192, 128)}, the wgmma/TMA kernels of attend_bwd_dq_sm90a.cu and
+ * attend_bwd_dkdv_sm90a.cu run instead (the latter when H / Hkv divides 64; each falls back to
+ * its twin here when a tensor map cannot express the views; LCA_CUDA_DISABLE=wgmma: both here). */
 #include <algorithm>
 
 #include "bwd.cuh"

@@ -31,7 +31,7 @@ struct BwdWork {
 #define LCA_BWD_NOT_HANDLED (-1)
 
 /* attend_bwd_mma.cu: tensor-core dq and dk/dv kernels, and the calls they cover (on a compute
- * 9.0 device dq goes to attend_bwd_dq_sm90a.cu). */
+ * 9.0 device the two wgmma kernels below run instead where they apply). */
 extern "C" int lca_cuda_bwd_mma_supported(const lca_params *p, int device);
 extern "C" int lca_cuda_bwd_mma(const lca_params *p, const lca::BwdWork *w, int device,
                                 void *stream);
