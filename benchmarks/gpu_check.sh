@@ -47,7 +47,7 @@ for st in "${@:-tests prefill}"; do
                 tests/test_cuda_gqa_wgmma.py -k tuning_variants
               stage variants 60 python3 benchmarks/bench_gqa_variants.py ;;
     ncu)     stage ncu 200 ncu --clock-control none \
-               -k regex:'gqa_wgmma|dkdv_kernel|dq_kernel|dec_partial' -c 4 \
+               -k regex:'gqa_wgmma|dkdv|bwd_dq|dq_kernel|dec_partial' -c 4 \
                --section SpeedOfLight --section ComputeWorkloadAnalysis \
                --section MemoryWorkloadAnalysis --section SchedulerStats --section WarpStateStats \
                --section Occupancy --section LaunchStats --section InstructionStats \
