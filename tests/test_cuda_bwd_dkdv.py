@@ -12,7 +12,6 @@ place.  1e-2 relative is ~3 bf16 ulps, two orders of magnitude below a wrong mas
 row tile or a swapped operand (each > 0.1)."""
 import zlib
 
-import numpy as np
 import pytest
 
 import lca
