@@ -66,11 +66,6 @@ struct Maps {
     CUtensorMap k, v, kbar, vbar, q, dout;
 };
 
-/* G_t of SPEC §3 in 32-bit arithmetic (t, w, g < 2^31). */
-__device__ __forceinline__ int ncond32(int t, int g, int w) {
-    return t + 1 < w ? 0 : (int)((uint32_t)(t + 1 - w) / (uint32_t)g);
-}
-
 /* the two values pack2 packed */
 template <typename T> __device__ __forceinline__ float2 unpack2(uint32_t v);
 template <> __device__ __forceinline__ float2 unpack2<__nv_bfloat16>(uint32_t v) {

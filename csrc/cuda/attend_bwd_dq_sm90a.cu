@@ -68,28 +68,10 @@ struct TmaMaps {
     CUtensorMap k, v, kbar, vbar;
 };
 
-/* element offset of 16-byte chunk c (of 8 elements) of row r in a 64-row swizzled tile */
-__device__ __forceinline__ int sw(int r, int c) {
-    return (c >> 3) * (64 * 64) + r * 64 + (((c & 7) ^ (r & 7)) << 3);
-}
-
-/* n rows of width W from src(r) into a 64-row swizzled tile with 128 threads (cp.async, 16
- * bytes a thread; rows n .. 63 zeroed by plain stores). */
-/* G_t of SPEC §3 in 32 bits */
+/* G_t of SPEC §3 in 32 bits (signed: the kernel measured on the H200 divides so; bwd.cuh's
+ * ncond32 is the unsigned twin) */
 __device__ __forceinline__ int ncond(int t, int g, int w) {
     return t + 1 < w ? 0 : (t + 1 - w) / g;
-}
-
-template <typename T, int W, typename F>
-__device__ __forceinline__ void load_tile(T *tile, int n, int tid, F src) {
-    constexpr int V = W / 8;
-#pragma unroll 4
-    for (int i = tid; i < 64 * V; i += 128) {
-        const int r = i / V, c = i % V;
-        T *dst = tile + sw(r, c);
-        if (r < n) cp_async16(dst, src(r) + 8 * c);
-        else *(uint4 *)dst = make_uint4(0, 0, 0, 0);
-    }
 }
 
 /* VAR: bit 0 — Q from registers (S = Q K^T with A from registers: only K is read from shared

@@ -38,11 +38,6 @@ __device__ __forceinline__ void split_row(int64_t R, uint32_t hg, int64_t &t, in
     t = tu, i = Ru - tu * hg;
 }
 
-/* G_t of SPEC §3 in 32-bit arithmetic (t, w, g < 2^31). */
-__device__ __forceinline__ int ncond32(int t, int g, int w) {
-    return t + 1 < w ? 0 : (int)((uint32_t)(t + 1 - w) / (uint32_t)g);
-}
-
 /* Rows [0, n) of a ROWS x W tile (ld W + kPad) from src(r), 16 bytes a thread; rows n .. ROWS-1
  * zeroed.  ASYNC: cp.async (completed by wait_groups), else plain loads. */
 template <typename T, int ROWS, int W, int NT, bool ASYNC, typename F>
@@ -450,10 +445,11 @@ int launch(const lca_params *p, const BwdWork *w, int device, cudaStream_t strea
     int dq = LCA_BWD_NOT_HANDLED, dkdv = LCA_BWD_NOT_HANDLED;
 #ifndef LCA_NO_SM90A
     /* on compute 9.0 the wgmma kernels (attend_bwd_dq_sm90a.cu, attend_bwd_dkdv_sm90a.cu) */
-    if (!kernel_disabled("wgmma") && lca_cuda_bwd_dq_wgmma_supported(p, device))
+    const bool hopper = !kernel_disabled("wgmma");
+    if (hopper && lca_cuda_bwd_dq_wgmma_supported(p, device))
         dq = lca_cuda_bwd_dq_wgmma(p, w, stream);
     if (dq != LCA_BWD_NOT_HANDLED && dq != LCA_OK) return dq;
-    if (!kernel_disabled("wgmma") && lca_cuda_bwd_dkdv_wgmma_supported(p, device))
+    if (hopper && lca_cuda_bwd_dkdv_wgmma_supported(p, device))
         dkdv = lca_cuda_bwd_dkdv_wgmma(p, w, stream);
     if (dkdv != LCA_BWD_NOT_HANDLED && dkdv != LCA_OK) return dkdv;
 #endif

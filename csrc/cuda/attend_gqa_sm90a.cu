@@ -41,7 +41,7 @@
 
 #include <algorithm>
 
-#include "hopper.cuh"
+#include "wgmma.cuh"
 
 namespace lca {
 namespace gqa90 {
@@ -67,24 +67,6 @@ template <int D, int KB> struct Layout {
 struct TmaMaps {
     CUtensorMap k, v, kbar, vbar;
 };
-
-/* element offset of 16-byte chunk c (of 8 elements) of row r in a 64-row swizzled tile */
-__device__ __forceinline__ int sw(int r, int c) {
-    return (c >> 3) * (64 * 64) + r * 64 + (((c & 7) ^ (r & 7)) << 3);
-}
-
-/* Register fences: the compiler sees a wgmma as finished when issued, so without these it could
- * move reads of its accumulators above the wait, or rewrite its A registers before it. */
-template <int N> __device__ __forceinline__ void reg_fence(float (&d)[N][4]) {
-#pragma unroll
-    for (int n = 0; n < N; n++)
-        asm volatile("" : "+f"(d[n][0]), "+f"(d[n][1]), "+f"(d[n][2]), "+f"(d[n][3])::"memory");
-}
-template <int N> __device__ __forceinline__ void reg_fence(uint32_t (&d)[N][4]) {
-#pragma unroll
-    for (int n = 0; n < N; n++)
-        asm volatile("" : "+r"(d[n][0]), "+r"(d[n][1]), "+r"(d[n][2]), "+r"(d[n][3])::"memory");
-}
 
 /* d (+)= A B, m64n64k16, A and B K-major from shared memory (descriptors da, db); acc = 0:
  * d = A B.  TY the element type's PTX name. */
@@ -184,26 +166,6 @@ __device__ __forceinline__ void wgmma_pv(float (&d)[16][4], const uint32_t (&a)[
 __device__ __forceinline__ void wgmma_pv(float (&d)[16][4], const uint32_t (&a)[4], uint64_t db,
                                          __half *) {
     LCA_WGMMA_M64N128_RS("f16");
-}
-
-/* Copy n rows of width W from a strided global view into a 64-row swizzled tile with 128
- * threads (cp.async, 16 bytes a thread); rows n .. 63 are zeroed.  src(r): row r's address. */
-template <typename T, int W, bool ZFILL = false, typename F>
-__device__ __forceinline__ void load_tile(T *tile, int n, int tid, F src) {
-    constexpr int V = W / 8;
-#pragma unroll 4
-    for (int i = tid; i < 64 * V; i += 128) {
-        const int r = i / V, c = i % V;
-        T *dst = tile + sw(r, c);
-        if (r < n) {
-            cp_async16(dst, src(r) + 8 * c);
-        } else if (ZFILL) {            /* 16 zero bytes by cp.async: nothing read (src-size 0) */
-            const uint32_t a = (uint32_t)__cvta_generic_to_shared(dst);
-            asm volatile("cp.async.cg.shared.global [%0], [%1], 16, 0;\n" ::"r"(a), "l"(src(0)));
-        } else {
-            *(uint4 *)dst = make_uint4(0, 0, 0, 0);
-        }
-    }
 }
 
 /* VAR: bit 0 — the two consumers take turns issuing their products (named barriers 3 and 4),
@@ -553,20 +515,20 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     if (cw == 1) turn_pass();                             /* warpgroup 0 issues first */
     wait_full(0);
-    reg_fence(s);
+    wg_reg_fence(s);
     turn_wait();
     wg_fence();
     qk(0);
     wg_commit();
     turn_pass();
     wg_wait<0>();
-    reg_fence(s);
+    wg_reg_fence(s);
     softmax(0);
     rescale_pack();
     for (int64_t blk = 1; blk < nblocks; blk++) {
         wait_full(blk);
-        reg_fence(o);
-        reg_fence(pa);
+        wg_reg_fence(o);
+        wg_reg_fence(pa);
         turn_wait();
         wg_fence();
         qk(blk);                                          /* S_blk */
@@ -575,11 +537,11 @@ __global__ void __launch_bounds__(kThreads, 1)
         wg_commit();
         turn_pass();
         wg_wait<1>();                                     /* S_blk ready */
-        reg_fence(s);
+        wg_reg_fence(s);
         softmax(blk);
         wg_wait<0>();                                     /* the P V product done */
-        reg_fence(o);
-        reg_fence(pa);
+        wg_reg_fence(o);
+        wg_reg_fence(pa);
         release(blk - 1);
         rescale_pack();
     }
@@ -589,7 +551,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     wg_commit();
     if (cw == 0) turn_pass();                             /* warpgroup 1's last turn */
     wg_wait<0>();
-    reg_fence(o);
+    wg_reg_fence(o);
     release(nblocks - 1);
 
     /* epilogue: finish the row sums across the quad, normalise, store out and lse */

@@ -23,6 +23,12 @@ struct BwdWork {
     int64_t ldv;                     /* row stride of dv and dvb: Dv, or D with v_in_k */
 };
 
+/* G_t of SPEC §3 in 32-bit arithmetic (t, w, g < 2^31), for the kernels that index positions
+ * in 32 bits. */
+__device__ __forceinline__ int ncond32(int t, int g, int w) {
+    return t + 1 < w ? 0 : (int)((uint32_t)(t + 1 - w) / (uint32_t)g);
+}
+
 }  // namespace lca
 
 /* A Hopper launcher's status when it launched nothing and the caller should run its

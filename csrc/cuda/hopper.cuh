@@ -15,6 +15,33 @@ __device__ __forceinline__ uint32_t smem_addr(const void *p) {
     return (uint32_t)__cvta_generic_to_shared(p);
 }
 
+/* element offset of 16-byte chunk c (of 8 elements) of row r in a 64-row tile in the 128-byte
+ * swizzled layout (64-column blocks of 128-byte rows, chunk c ^ (r & 7) within a row) */
+__device__ __forceinline__ int sw(int r, int c) {
+    return (c >> 3) * (64 * 64) + r * 64 + (((c & 7) ^ (r & 7)) << 3);
+}
+
+/* Copy n rows of width W from a strided global view into a 64-row swizzled tile with 128
+ * threads (cp.async, 16 bytes a thread); rows n .. 63 are zeroed (ZFILL: by a cp.async that
+ * reads nothing, else by plain stores).  src(r): row r's address. */
+template <typename T, int W, bool ZFILL = false, typename F>
+__device__ __forceinline__ void load_tile(T *tile, int n, int tid, F src) {
+    constexpr int V = W / 8;
+#pragma unroll 4
+    for (int i = tid; i < 64 * V; i += 128) {
+        const int r = i / V, c = i % V;
+        T *dst = tile + sw(r, c);
+        if (r < n) {
+            cp_async16(dst, src(r) + 8 * c);
+        } else if (ZFILL) {            /* 16 zero bytes by cp.async: nothing read (src-size 0) */
+            const uint32_t a = (uint32_t)__cvta_generic_to_shared(dst);
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16, 0;\n" ::"r"(a), "l"(src(0)));
+        } else {
+            *(uint4 *)dst = make_uint4(0, 0, 0, 0);
+        }
+    }
+}
+
 /* wgmma shared-memory descriptor: 128-byte swizzle, byte offsets lbo and sbo */
 __device__ __forceinline__ uint64_t gdesc(const void *p, uint32_t lbo, uint32_t sbo) {
     const uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
