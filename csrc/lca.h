@@ -78,7 +78,8 @@ typedef struct {
     lca_view q, k, v, out;
     lca_view kbar, vbar, kr, vr, qsum;
     void *work;                /* CUDA: split-softmax partials, nsplit_max * B * H * (Dv + 2)
-                                  floats */
+                                  floats, then B * H arrival counters (32-bit, zero before the
+                                  first step; each step leaves them zero) */
     int64_t nsplit_max;
     int num_threads;
 } lca_decode_params;

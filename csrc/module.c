@@ -752,7 +752,8 @@ static PyObject *py_cuda_condense_backward(PyObject *self, PyObject *args) {
 PyDoc_STRVAR(cuda_decode_step_doc, "cuda_decode_step(dtype, q, k, v, out, kbar, vbar, kr, vr, "
              "qsum, T, g, w, n, scale, rep_bias, d_score, d_pool, v_in_k, work, nsplit_max, "
              "device, stream): decode_step on the GPU (qsum float32; work: the split-softmax "
-             "partials, nsplit_max * B * H * (Dv + 2) float32).");
+             "partials, nsplit_max * B * H * (Dv + 2) float32, then B * H arrival counters, "
+             "zero before the first step).");
 
 static PyObject *py_cuda_decode_step(PyObject *self, PyObject *args) {
     PyObject *q, *k, *v, *out, *kbar, *vbar, *kr, *vr, *qsum, *work;
@@ -778,9 +779,9 @@ static PyObject *py_cuda_decode_step(PyObject *self, PyObject *args) {
     if (decode_shapes(&p, s) || decode_check(&p)) return NULL;
     /* in double: with direct misuse (fake shapes) the product could wrap in int64 */
     if (p.nsplit_max < 1 || p.nsplit_max > 65535 ||
-        (double)sw[0] < (double)p.nsplit_max * (double)p.B * (double)p.H * (double)(p.Dv + 2)) {
-        PyErr_SetString(PyExc_ValueError, "work: smaller than nsplit_max * B * H * (Dv + 2), or "
-                        "nsplit_max outside [1, 65535]");
+        (double)sw[0] < (double)p.B * (double)p.H * ((double)p.nsplit_max * (p.Dv + 2) + 1)) {
+        PyErr_SetString(PyExc_ValueError, "work: smaller than B * H * (nsplit_max * (Dv + 2) + "
+                        "1), or nsplit_max outside [1, 65535]");
         return NULL;
     }
     p.work = wv.p;

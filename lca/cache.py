@@ -282,7 +282,9 @@ class _Cache:
             most = self._M + self._R                       # visible entries never exceed it
             self._nsplit = max(1, min(_TARGET_BLOCKS // (B * Hkv * hchunks),
                                       -(-most // _SPLIT_KEYS)))
-            self._work = st.zeros((self._nsplit * B * H * (Dv + 2),), dtype=st.sum_dtype)
+            # the split partials, then B * H arrival counters (zero: the kernel that merges
+            # the splits resets them)
+            self._work = st.zeros((B * H * (self._nsplit * (Dv + 2) + 1),), dtype=st.sum_dtype)
             self._held_arrays.append(self._work)
             d = st.fe.desc                                 # the state's descriptors, once
             self._state_descs = (d(self._kbar), d(self._vbar), d(self._kr), d(self._vr),

@@ -54,6 +54,11 @@ __global__ void __launch_bounds__(kDecAppendThreads) lca_dec_append_kernel(lca_d
     const int64_t b = blockIdx.y, T_ = p.T, slot = T_ % p.R, hg = p.H / p.Hkv;
     const int64_t i = (int64_t)blockIdx.x * kDecAppendThreads + threadIdx.x;
     const int64_t nk = p.Hkv * p.D, nv = p.v_in_k ? 0 : p.Hkv * p.Dv;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    /* the Hopper partial kernel, a programmatic dependent of this one, may start now: it
+       waits for this grid (griddepcontrol.wait) before it reads the ring */
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
     if (i < nk) {
         const int64_t h = i / p.D, d = i - h * p.D;
         row<T>(p.kr, b, slot, h)[d] = row<const T>(p.k, b, 0, h)[d];
@@ -531,6 +536,7 @@ template <typename T> struct DecStep {
                                          kDecCondThreads, csmem, st>>>(*p, j);
         DecArgs a;
         a.p = *p;
+        a.count = nullptr;
         a.G = Gt;
         a.e0 = Gt * g;
         a.N = Gt + (T_ + 1 - a.e0);
@@ -551,6 +557,8 @@ template <typename T> struct DecStep {
                 dec_splits(a, want < 1 ? 1 : want);
                 mma = true;
                 last_decode_kernel = "bulk";
+                const int merges = lca_cuda_dec_bulk_merges(p, bmt);
+                if (merges && a.nsplit <= merges) a.count = dec_counters(*p);
                 if (lca_cuda_dec_bulk_partial(&a, bmt, st) != LCA_OK) {
                     cudaError_t e = cudaGetLastError();
                     return cuda_error(e != cudaSuccess ? e : cudaErrorInvalidValue,
@@ -585,7 +593,8 @@ template <typename T> struct DecStep {
             else if (width <= 576) lca_dec_partial_simt_kernel<T, 18><<<grid, th, 0, st>>>(a);
             else lca_dec_partial_simt_kernel<T, 32><<<grid, th, 0, st>>>(a);
         }
-        lca_dec_combine_kernel<T><<<dim3((unsigned)p->H, (unsigned)p->B), 128, 0, st>>>(a);
+        if (!a.count)
+            lca_dec_combine_kernel<T><<<dim3((unsigned)p->H, (unsigned)p->B), 128, 0, st>>>(a);
         for (int64_t j = c0 > Gt ? c0 : Gt; j < c1; j++)
             lca_dec_condense_kernel<T><<<dim3((unsigned)p->Hkv, (unsigned)p->B),
                                          kDecCondThreads, csmem, st>>>(*p, j);

@@ -370,6 +370,59 @@ __device__ __forceinline__ void named_sync(int id, int threads) {
     asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
+/* The combine of decode.cu folded into the partial kernel: group 0 (128 threads, named barrier
+ * 4) of every split's block counts itself in on the chunk's counter once its partial rows are
+ * written; the block that arrives last merges the splits of its (up to) 16 heads exactly as
+ * lca_dec_combine_kernel does (same operations in the same split order, so the same bits) and
+ * resets the counter for the next step.  `sm`: shared memory for 16 x nsplit weights + 32
+ * floats (a.nsplit <= kMergeSplits). */
+constexpr int kMergeSplits = 256;
+static_assert(WsShape<576, 512, 1>::kS / 4 >= 16 * kMergeSplits + 17 &&
+                  WsShape<288, 256, 4>::kS / 4 >= 16 * kMergeSplits + 17, "merge scratch");
+
+template <typename T, int DV>
+__device__ __forceinline__ void merge_splits(const DecArgs &a, int64_t b, int64_t h, int64_t r0,
+                                             float *sm, int gt) {
+    const lca_decode_params &p = a.p;
+    const int64_t hg = p.H / p.Hkv;
+    const int ns = a.nsplit;
+    int *last = (int *)(sm + 16 * ns + 16);
+    __threadfence();                                  /* this block's partial rows, to all */
+    named_sync(4, 128);
+    if (gt == 0) {
+        unsigned *c = a.count + (b * p.Hkv + h) * a.hchunks + blockIdx.x;
+        const unsigned old = atomicAdd(c, 1u);
+        *last = old == (unsigned)(ns - 1);
+        if (*last) *c = 0;                            /* every split has arrived */
+    }
+    named_sync(4, 128);
+    if (!*last) return;
+    __threadfence();                                  /* the other splits' rows, seen */
+    /* per head: the splits' weights exp(m_s - M) and 1 / L */
+    if (gt < 16 && r0 + gt < hg) {
+        const int64_t hq = h * hg + r0 + gt;
+        float M = -INFINITY;
+        for (int s = 0; s < ns; s++) M = fmaxf(M, __ldcg(partial(a, b, hq, s) + DV));
+        float L = 0;
+        for (int s = 0; s < ns; s++) {
+            const float *ps = partial(a, b, hq, s);
+            const float w = expf(__ldcg(ps + DV) - M);
+            sm[gt * ns + s] = w;
+            L += w * __ldcg(ps + DV + 1);
+        }
+        sm[16 * ns + gt] = 1.0f / L;
+    }
+    named_sync(4, 128);
+    const int nh = (int)(hg - r0 < 16 ? hg - r0 : 16);
+    for (int i = gt; i < nh * DV; i += 128) {
+        const int r = i / DV, d = i - r * DV;
+        const int64_t hq = h * hg + r0 + r;
+        float acc = 0;
+        for (int s = 0; s < ns; s++) acc += sm[r * ns + s] * __ldcg(partial(a, b, hq, s) + d);
+        row<T>(p.out, b, 0, hq)[d] = from_f<T>(acc * sm[16 * ns + r]);
+    }
+}
+
 template <typename T, int D, int DV, int U>
 __global__ void __launch_bounds__(kWsThreads, 1) lca_dec_partial_ws_kernel(DecArgs a) {
     using S_ = WsShape<D, DV, U>;
@@ -412,6 +465,9 @@ __global__ void __launch_bounds__(kWsThreads, 1) lca_dec_partial_ws_kernel(DecAr
             const int64_t sl = e0r + (k - a.G);
             return kr0 + (sl >= R ? sl - R : sl) * p.kr.st;
         };
+        /* launched as a programmatic dependent of the append kernel (launch_ws): its ring row
+           (and any condensed row written before this kernel) is read only after this */
+        asm volatile("griddepcontrol.wait;\n" ::: "memory");
         for (int t = 0; t < ntiles; t++) {
             const int st = t % NST;
             if (t >= NST) mbar_wait(&empty[st], (uint32_t)((t / NST + 1) & 1));
@@ -630,6 +686,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) lca_dec_partial_ws_kernel(DecAr
                 make_float2(o[n][2 * i], o[n][2 * i + 1]);
         if (wi == 0 && tq == 0) dst[DV] = m[i], dst[DV + 1] = l[i];
     }
+    if (a.count) merge_splits<T, DV>(a, b, h, r0, (float *)Ss, gt);
 }
 
 template <typename T, int D, int DV, int U> int launch_ws(const DecArgs &a, cudaStream_t st) {
@@ -638,9 +695,20 @@ template <typename T, int D, int DV, int U> int launch_ws(const DecArgs &a, cuda
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm) !=
         cudaSuccess)
         return LCA_ERR_CUDA;
-    const dim3 grid((unsigned)a.hchunks, (unsigned)a.nsplit, (unsigned)(a.p.B * a.p.Hkv));
-    kernel<<<grid, kWsThreads, sm, st>>>(a);
-    return LCA_OK;
+    /* a programmatic dependent launch: the blocks may start (shared memory, barriers, Q) while
+       the append kernel before them runs; the producer waits for it (griddepcontrol.wait)
+       before its first copy */
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3((unsigned)a.hchunks, (unsigned)a.nsplit, (unsigned)(a.p.B * a.p.Hkv));
+    cfg.blockDim = dim3(kWsThreads);
+    cfg.dynamicSmemBytes = sm;
+    cfg.stream = st;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    return cudaLaunchKernelEx(&cfg, kernel, a) == cudaSuccess ? LCA_OK : LCA_ERR_CUDA;
 }
 
 /* LCA_DECODE_VARIANT (benchmarks and tests; read at every step):
@@ -721,6 +789,13 @@ extern "C" int lca_cuda_dec_bulk_supported(const lca_decode_params *p, int devic
                                                                 : smem<288, 256, 4>());
     if (!lca::device_fits(device, need, true)) return 0;
     return mt;
+}
+
+extern "C" int lca_cuda_dec_bulk_merges(const lca_decode_params *p, int mt) {
+    using namespace lca::dec90;
+    (void)p;
+    const Variant v = variant();
+    return mt == 1 && v != kV3 && v != kKt2 && v != kCp && v != kKt2Cp ? kMergeSplits : 0;
 }
 
 extern "C" int lca_cuda_dec_bulk_partial(const lca::DecArgs *a, int mt, void *stream) {
