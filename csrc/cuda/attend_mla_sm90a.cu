@@ -18,12 +18,15 @@
  * on copies (58.2 against 93.8 ms at 128K), and O is rescaled only when some row of the warp
  * has a new maximum.
  *
+ * Variant 2 (LCA_MLA90_VARIANT=2; NOT RUN on a GPU yet) specialises the warpgroups so that
+ * S_{j+1} runs under P_j V_j: see lca_attend_mla_ws_kernel below.
+ *
  * The default for this shape on a compute 9.0 device (LCA_CUDA_DISABLE=wgmma runs the mma.sync
  * kernel attend_mla.cu instead). */
 #include <stdlib.h>
 #include <string.h>
 
-#include "hopper.cuh"
+#include "wgmma.cuh"
 
 namespace lca {
 namespace mla90 {
@@ -338,6 +341,280 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
+/* Variant 2 (NOT RUN on a GPU yet; LCA_MLA90_VARIANT=2): warpgroups specialised so that the
+ * scores of key block j+1 are computed while P_j V_j is in the tensor cores.  384 threads:
+ *   - warpgroup 0 owns S: Q's 512 nope columns as A fragments in registers (32 k-steps x 4 =
+ *     128 registers, loaded once through shared memory), its 64 rope columns in an 8 KB tile,
+ *     S_j = Q K_j^T as 36 wgmma m64n64k16 (K_j from shared memory), the online softmax of all 64 keys (row maxima by quad shuffles: no exchange),
+ *     then P_j (bf16/fp16) into key stage j's rope block (columns 512..575, which only S
+ *     reads, so free once S_j is done) and each row's O factor exp2(m_old - m_new), and
+ *     signals `pfull`;
+ *   - warpgroups 1 and 2 own O[:, 256 h .. +255] (128 registers): per block they wait for
+ *     `pfull`, rescale O by the factors when some row's maximum moved, issue O += P_j V_j as
+ *     4 wgmma m64n256k16 (P from the rope block, V = the key tile read N-major), wait for it
+ *     and release the stage on `empty`;
+ *   - key tiles arrive by TMA into 3 stages of 72 KB (216 KB: no Q tile in shared memory), K_0
+ *     and K_1 issued at the start, K_2 once warpgroup 0 has its Q fragments (Q is staged in
+ *     stage 2), K_{j+3} by thread 0 of warpgroup 1 once both O warpgroups released block j.
+ * Registers: setmaxnreg 192 for warpgroup 0, 160 for the two others (192 + 2 x 160 = 512).
+ * Shared memory: 3 key stages (216 KB), Q's rope tile (8 KB), the factors and barriers. */
+constexpr int kWsThreads = 384, kWsStages = 3;
+constexpr int kQNope = kDV / 16;                        /* Q's k-steps held in registers */
+constexpr size_t kWsSmem = 2 * (size_t)(kWsStages * kTile + kRows * 64) +
+                           4 * (size_t)(kWsStages * kRows + kRows) + 3 * kWsStages * 8 + 1024;
+
+template <typename T>
+__global__ void __launch_bounds__(kWsThreads, 1)
+    lca_attend_mla_ws_kernel(lca_params p, const __grid_constant__ MlaMaps tm) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    constexpr int kNT = kDV / 2 / 8;                      /* 32 n-tiles of 8 output columns */
+    extern __shared__ unsigned char smem_raw[];
+    unsigned char *base = (unsigned char *)(((uintptr_t)smem_raw + 1023) & ~(uintptr_t)1023);
+    T *Kst = (T *)base;                                   /* kWsStages key tiles */
+    T *Qr = Kst + kWsStages * kTile;                      /* Q's rope columns, 64 x 64 */
+    float *fac = (float *)(Qr + kRows * 64);              /* [stage][row]: O factors */
+    float *lsum = fac + kWsStages * kRows;                /* [row]: final row sums */
+    uint64_t *kfull = (uint64_t *)(lsum + kRows), *pfull = kfull + kWsStages;
+    uint64_t *empty = pfull + kWsStages;
+
+    const int wg = threadIdx.x >> 7, tid = threadIdx.x & 127;
+    const int lane = tid & 31, warp = tid >> 5, gq = lane >> 2, tq = lane & 3;
+    const int64_t hg = p.H / p.Hkv, b = blockIdx.z, h = blockIdx.y;
+    const int64_t nrows = p.L * hg;
+    const int64_t R0 = (int64_t)(gridDim.x - 1 - blockIdx.x) * kRows;   /* heaviest first */
+    const int64_t t_first = R0 / hg;
+    const int64_t t_last = (R0 + kRows - 1 < nrows ? R0 + kRows - 1 : nrows - 1) / hg;
+    const int64_t Gmax = num_condensed(t_last, p.g, p.w);
+    const int64_t e0 = num_condensed(t_first, p.g, p.w) * p.g;
+    const int64_t ncond_blocks = (Gmax + kKeys - 1) / kKeys;
+    const int64_t nblocks = ncond_blocks + (t_last + 1 - e0 + kKeys - 1) / kKeys;  /* >= 1 */
+    auto block_start = [&](int64_t blk) {
+        return blk < ncond_blocks ? blk * kKeys : e0 + (blk - ncond_blocks) * kKeys;
+    };
+    auto issue = [&](int64_t blk) {                       /* one thread: the 9 boxes of blk */
+        const int st = (int)(blk % kWsStages);
+        const CUtensorMap *map = blk < ncond_blocks ? &tm.kbar : &tm.k;
+        const int key0 = (int)block_start(blk);
+        mbar_expect_tx(&kfull[st], 2u * kTile);
+#pragma unroll
+        for (int cb = 0; cb < kD / 64; cb++)
+            tma_load(Kst + st * kTile + cb * 64 * 64, map, cb * 64, (int)h, key0, (int)b,
+                     &kfull[st]);
+    };
+
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < kWsStages; s++) {
+            mbar_init(&kfull[s], 1);                      /* the TMA thread */
+            mbar_init(&pfull[s], 4);                      /* one lane of each S warp */
+            mbar_init(&empty[s], 8);                      /* one lane of each O warp */
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        issue(0);
+        if (nblocks > 1) issue(1);
+    }
+    /* Q by every thread (cp.async), rows past the end zeroed: its nope columns staged in
+       stage 2 (warpgroup 0 takes them into registers), its rope columns into Qr, where S
+       reads them */
+    T *Qst = Kst + 2 * kTile;
+    {
+        const int nq = (int)(nrows - R0 < kRows ? nrows - R0 : kRows);
+        constexpr int V = kD / 8;
+        for (int i = threadIdx.x; i < 64 * V; i += kWsThreads) {
+            const int r = i / V, c = i % V;
+            T *dst = c < kDV / 8 ? Qst + sw(64, r, c) : Qr + sw(64, r, c - kDV / 8);
+            if (r < nq) {
+                const int64_t R = R0 + r;
+                const uint32_t a = (uint32_t)__cvta_generic_to_shared(dst);
+                asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(a),
+                             "l"(row<const T>(p.q, b, R / hg, h * hg + R % hg) + 8 * c));
+            } else {
+                *(uint4 *)dst = make_uint4(0, 0, 0, 0);
+            }
+        }
+        cp_async_commit();
+        cp_async_wait<0>();
+        fence_async_smem();                               /* Qr is read by wgmma */
+    }
+    __syncthreads();
+
+    const float scale_l2 = (float)p.scale * 1.4426950408889634f;
+    if (wg == 0) {
+        /* ---- S warpgroup ---- */
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 192;\n" ::: "memory");
+        uint32_t qf[kQNope][4];
+#pragma unroll
+        for (int ks = 0; ks < kQNope; ks++) {
+            const int r = warp * 16 + gq, c = ks * 2;      /* 16-byte chunks c, c + 1 */
+            qf[ks][0] = *(const uint32_t *)(Qst + sw(64, r, c) + 2 * tq);
+            qf[ks][1] = *(const uint32_t *)(Qst + sw(64, r + 8, c) + 2 * tq);
+            qf[ks][2] = *(const uint32_t *)(Qst + sw(64, r, c + 1) + 2 * tq);
+            qf[ks][3] = *(const uint32_t *)(Qst + sw(64, r + 8, c + 1) + 2 * tq);
+        }
+        asm volatile("bar.sync 1, 128;\n" ::: "memory");  /* every Q fragment read */
+        if (tid == 0 && nblocks > 2) issue(2);
+        __syncwarp();                                      /* converged for the wgmma */
+
+        /* this thread's two rows: the keys they see, as 32-bit ranges (condensed [0, Gr),
+           exact [Gr g, t]; empty for rows past the end) */
+        int elo[2], ehi[2], chi[2];
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            const int64_t R = R0 + warp * 16 + gq + 8 * i;
+            const bool live = R < nrows;
+            const int64_t t = live ? R / hg : t_last, G = num_condensed(t, p.g, p.w);
+            elo[i] = live ? (int)(G * p.g) : 1, ehi[i] = live ? (int)(t + 1) : 0;
+            chi[i] = live ? (int)G : 0;
+        }
+        const float bias_l2 = (float)p.rep_bias * 1.4426950408889634f;
+        float m[2] = {-INFINITY, -INFINITY}, l[2] = {0, 0};
+        float s[kKeys / 8][4];
+        for (int64_t blk = 0; blk < nblocks; blk++) {
+            const int st = (int)(blk % kWsStages);
+            const bool cond = blk < ncond_blocks;
+            const int64_t key0 = block_start(blk);
+            T *Ks = Kst + st * kTile;
+            mbar_wait(&kfull[st], (uint32_t)((blk / kWsStages) & 1));
+            /* key rows past the block's end (later tokens, condensed rows no row sees) zeroed:
+               no non-finite value may reach P V as 0 x Inf */
+            const int64_t kend = cond ? Gmax : t_last + 1;
+            const int nk = (int)(kend - key0 < kKeys ? kend - key0 : kKeys);
+            if (nk < kKeys) {
+                constexpr int V = kD / 8;
+                for (int i = nk * V + tid; i < kKeys * V; i += 128)
+                    *(uint4 *)(Ks + sw(64, i / V, i % V)) = make_uint4(0, 0, 0, 0);
+                fence_async_smem();
+                asm volatile("bar.sync 1, 128;\n" ::: "memory");
+            }
+            wg_reg_fence(s);
+            wg_fence();
+#pragma unroll
+            for (int ks = 0; ks < kQNope; ks++) {
+                const int cb = ks >> 2, kin = (ks & 3) * 16;
+                wgmma_rs<64, T, 0>(s, qf[ks], gdesc(Ks + cb * 64 * 64 + kin, 16, 1024), ks > 0);
+            }
+#pragma unroll
+            for (int ks = kQNope; ks < kD / 16; ks++) {     /* the rope columns: Q from Qr */
+                const int kin = (ks & 3) * 16;
+                wgmma_ss<64, T>(s, gdesc(Qr + kin, 16, 1024),
+                                gdesc(Ks + (kD / 64 - 1) * 64 * 64 + kin, 16, 1024), 1);
+            }
+            wg_commit();
+            wg_wait<0>();
+            wg_reg_fence(s);
+            /* online softmax over the block's 64 keys (base 2), masks as the other variants */
+            T *Ps = Ks + (kD / 64 - 1) * 64 * 64;          /* the rope block: free now */
+            float corr[2];
+#pragma unroll
+            for (int i = 0; i < 2; i++) {
+                const int lo = (cond ? 0 : elo[i]) - (int)key0, hi = (cond ? chi[i] : ehi[i]) - (int)key0;
+                const float bias = cond ? bias_l2 : 0.0f;
+                float bmax = -INFINITY;
+#pragma unroll
+                for (int n = 0; n < kKeys / 8; n++)
+#pragma unroll
+                    for (int e = 0; e < 2; e++) {
+                        const int rel = n * 8 + 2 * tq + e;        /* key - key0 */
+                        float &x = s[n][2 * i + e];
+                        x = rel >= lo && rel < hi ? fmaf(x, scale_l2, bias) : -INFINITY;
+                        bmax = fmaxf(bmax, x);
+                    }
+                bmax = fmaxf(bmax, __shfl_xor_sync(0xffffffffu, bmax, 1));
+                bmax = fmaxf(bmax, __shfl_xor_sync(0xffffffffu, bmax, 2));
+                const float mnew = fmaxf(m[i], bmax);
+                const float mb = mnew == -INFINITY ? 0.0f : mnew;   /* a row with nothing yet */
+                corr[i] = ex2(m[i] - mb);
+                m[i] = mnew;
+                float ls = 0;
+#pragma unroll
+                for (int n = 0; n < kKeys / 8; n++) {
+                    const float p0 = ex2(s[n][2 * i] - mb), p1 = ex2(s[n][2 * i + 1] - mb);
+                    ls += p0 + p1;
+                    const int kc = n * 8 + 2 * tq;                 /* key column in P */
+                    *(uint32_t *)(Ps + sw(64, warp * 16 + gq + 8 * i, kc >> 3) + (kc & 7)) =
+                        pack2<T>(p0, p1);
+                }
+                l[i] = fmaf(l[i], corr[i], ls);
+                if (tq == 0) fac[st * kRows + warp * 16 + gq + 8 * i] = corr[i];
+            }
+            fence_async_smem();                            /* P is read by wgmma */
+            __syncwarp();
+            if (lane == 0) mbar_arrive(&pfull[st]);
+        }
+        /* row sums to the O warpgroups, lse out */
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
+            l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
+            const int lr = warp * 16 + gq + 8 * i;
+            const int64_t R = R0 + lr;
+            if (tq == 0) lsum[lr] = l[i];
+            if (R < nrows && tq == 0) {
+                const int64_t hq = h * hg + R % hg;
+                ((float *)p.lse.p)[b * p.lse.sb + hq * p.lse.st + R / hg] =
+                    (m[i] + __log2f(l[i])) * 0.6931471805599453f;
+            }
+        }
+        asm volatile("bar.sync 2, 384;\n" ::: "memory");
+        return;
+    }
+
+    /* ---- O warpgroups: half = wg - 1 owns output columns 256 half .. +255 ---- */
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 160;\n" ::: "memory");
+    const int half = wg - 1;
+    float o[kNT][4];
+#pragma unroll
+    for (int n = 0; n < kNT; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0;
+    for (int64_t blk = 0; blk < nblocks; blk++) {
+        const int st = (int)(blk % kWsStages);
+        T *Ks = Kst + st * kTile;
+        mbar_wait(&pfull[st], (uint32_t)((blk / kWsStages) & 1));
+        const int r0 = warp * 16 + gq;
+        const float c0 = fac[st * kRows + r0], c1 = fac[st * kRows + r0 + 8];
+        if (__any_sync(0xffffffffu, c0 != 1.0f || c1 != 1.0f)) {
+#pragma unroll
+            for (int n = 0; n < kNT; n++) o[n][0] *= c0, o[n][1] *= c0, o[n][2] *= c1, o[n][3] *= c1;
+        }
+        const T *Ps = Ks + (kD / 64 - 1) * 64 * 64;
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < kKeys / 16; kk++) {
+            const uint64_t da = gdesc(Ps + kk * 16, 16, 1024);
+            const uint64_t db = gdesc(Ks + (4 * half) * 64 * 64 + kk * 16 * 64, 64 * 64 * 2, 1024);
+            wgmma_m64n256<1>(o, da, db, (T *)nullptr);
+        }
+        wg_commit();
+        wg_wait<0>();        /* (an O warpgroup has nothing else to do meanwhile) */
+        wg_reg_fence(o);
+        __syncwarp();
+        if (lane == 0) mbar_arrive(&empty[st]);
+        /* thread 0 of warpgroup 1 refills the stage with block blk + 3 once both O warpgroups
+           are done with it */
+        if (half == 0 && tid == 0 && blk + 3 < nblocks) {
+            mbar_wait(&empty[st], (uint32_t)((blk / kWsStages) & 1));
+            issue(blk + 3);
+        }
+        __syncwarp();                                      /* converged for the next wgmma */
+    }
+    asm volatile("bar.sync 2, 384;\n" ::: "memory");     /* the row sums written */
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        const int lr = warp * 16 + gq + 8 * i;
+        const int64_t R = R0 + lr;
+        if (R >= nrows) continue;
+        const int64_t hq = h * hg + R % hg;
+        T *dst = row<T>(p.out, b, R / hg, hq) + half * (kDV / 2);
+        const float inv = 1.0f / lsum[lr];
+#pragma unroll
+        for (int n = 0; n < kNT; n++)
+            *(uint32_t *)(dst + n * 8 + 2 * tq) =
+                pack2<T>(o[n][2 * i] * inv, o[n][2 * i + 1] * inv);
+    }
+#endif
+}
+
 template <typename T, bool kTma> int launch(const lca_params *p, cudaStream_t stream) {
     MlaMaps tm;
     memset(&tm, 0, sizeof tm);
@@ -354,6 +631,23 @@ template <typename T, bool kTma> int launch(const lca_params *p, cudaStream_t st
     }
     return launch_row_tiles(lca_attend_mla_wgmma_kernel<T, kTma>, p, kRows, kThreads, kSmem,
                             stream, tm);
+}
+
+/* variant 2: the tensor maps of variant 1, the warp-specialised kernel; strides TMA cannot
+ * express run variant 0 */
+template <typename T> int launch_ws(const lca_params *p, cudaStream_t stream) {
+    MlaMaps tm;
+    memset(&tm, 0, sizeof tm);
+    const int64_t mc = p->m < lca_num_condensed(p->L - 1, p->g, p->w)
+                           ? p->m : lca_num_condensed(p->L - 1, p->g, p->w);
+    bool ok = make_map<T>(&tm.k, p->k, kD, p->L, p->Hkv, p->B, 64);
+    if (ok && mc > 0)
+        ok = make_map<T>(&tm.kbar, p->kbar, kD, mc, p->Hkv, p->B, 64);
+    else if (ok)
+        tm.kbar = tm.k;                                    /* no condensed rows: never read */
+    if (!ok) return launch<T, false>(p, stream);
+    return launch_row_tiles(lca_attend_mla_ws_kernel<T>, p, kRows, kWsThreads, kWsSmem, stream,
+                            tm);
 }
 
 }  // namespace mla90
@@ -381,5 +675,6 @@ extern "C" int lca_cuda_attend_mla_wgmma(const lca_params *p, void *stream) {
     const int var = env && *env ? atoi(env) : kDefaultVariant;
     const bool bf = p->dtype == LCA_BF16;
     if (var == 1) return bf ? launch<__nv_bfloat16, true>(p, s) : launch<__half, true>(p, s);
+    if (var == 2) return bf ? launch_ws<__nv_bfloat16>(p, s) : launch_ws<__half>(p, s);
     return bf ? launch<__nv_bfloat16, false>(p, s) : launch<__half, false>(p, s);
 }
