@@ -110,12 +110,13 @@ def test_gqa_256_tensor_core_forward(case, dtype):
 WGMMA_CASES = [c for c in CASES if c[3] == 512]
 
 
-@pytest.mark.parametrize("variant", ["0", "1"])
+@pytest.mark.parametrize("variant", ["0", "1", "2"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("case", WGMMA_CASES, ids=lambda c: "-".join(map(str, c)))
 def test_mla_wgmma_forward(case, dtype, variant, monkeypatch):
     """The Hopper kernel (attend_mla_sm90a.cu), the default for 576/512 on a compute 9.0 device,
-    with its key tiles by cp.async (LCA_MLA90_VARIANT=0) and by TMA (1): the same checks;
+    with its key tiles by cp.async (LCA_MLA90_VARIANT=0), by TMA (1), and warp-specialised (2):
+    the same checks;
     elsewhere the call must take the mma.sync kernel."""
     monkeypatch.delenv("LCA_CUDA_DISABLE", raising=False)
     monkeypatch.setenv("LCA_MLA90_VARIANT", variant)
@@ -131,7 +132,7 @@ def test_mla_wgmma_forward(case, dtype, variant, monkeypatch):
     check_forward(out, lse, ref, mla_lca(q, c, r, **kw), dtype)
 
 
-@pytest.mark.parametrize("variant", ["0", "1"])
+@pytest.mark.parametrize("variant", ["0", "1", "2"])
 def test_mla_wgmma_given_entries_past_the_last_needed_are_not_read(variant, monkeypatch):
     """lca.attend takes kbar with more rows than the last query sees: rows past those must not
     reach the output (here NaN; the TMA variant's tensor map ends at the last needed row)."""
@@ -154,7 +155,7 @@ def test_mla_wgmma_given_entries_past_the_last_needed_are_not_read(variant, monk
     assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("variant", ["0", "1"])
+@pytest.mark.parametrize("variant", ["0", "1", "2"])
 def test_mla_wgmma_later_non_finite_values_do_not_reach_earlier_rows(variant, monkeypatch):
     """Inf in the latent of every token from T = 64 on (a row tile's boundary: 64 rows a tile,
     16 heads, so 4 tokens a tile): rows before T never see them, so their output must be finite
