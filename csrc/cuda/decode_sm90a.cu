@@ -370,23 +370,21 @@ __device__ __forceinline__ void named_sync(int id, int threads) {
     asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
-/* The combine of decode.cu folded into the partial kernel: group 0 (128 threads, named barrier
- * 4) of every split's block counts itself in on the chunk's counter once its partial rows are
- * written; the block that arrives last merges the splits of its (up to) 16 heads exactly as
- * lca_dec_combine_kernel does (same operations in the same split order, so the same bits) and
- * resets the counter for the next step.  `sm`: shared memory for 16 x nsplit weights + 32
- * floats (a.nsplit <= kMergeSplits). */
-constexpr int kMergeSplits = 256;
-static_assert(WsShape<576, 512, 1>::kS / 4 >= 16 * kMergeSplits + 17 &&
-                  WsShape<288, 256, 4>::kS / 4 >= 16 * kMergeSplits + 17, "merge scratch");
+/* The combine of decode.cu folded into the partial kernel, for up to kMergeSplits splits:
+ * group 0 (128 threads, named barrier 4) of every split's block counts itself in on the
+ * chunk's counter once its partial rows are written; the block that arrives last merges the
+ * splits of its (up to) 16 heads with the combine kernel's arithmetic (same operations in the
+ * same split order) and resets the counter for the next step.  A thread takes 4 columns of
+ * one head at a time (of 16 / (128 / (DV / 4)) heads) and issues the loads of 4 heads at once:
+ * the merge is on the step's critical path, so its L2 round trips are few (4 for 16 heads). */
+constexpr int kMergeSplits = 4;
 
 template <typename T, int DV>
 __device__ __forceinline__ void merge_splits(const DecArgs &a, int64_t b, int64_t h, int64_t r0,
-                                             float *sm, int gt) {
+                                             int *last, int gt) {
     const lca_decode_params &p = a.p;
     const int64_t hg = p.H / p.Hkv;
     const int ns = a.nsplit;
-    int *last = (int *)(sm + 16 * ns + 16);
     __threadfence();                                  /* this block's partial rows, to all */
     named_sync(4, 128);
     if (gt == 0) {
@@ -398,28 +396,47 @@ __device__ __forceinline__ void merge_splits(const DecArgs &a, int64_t b, int64_
     named_sync(4, 128);
     if (!*last) return;
     __threadfence();                                  /* the other splits' rows, seen */
-    /* per head: the splits' weights exp(m_s - M) and 1 / L */
-    if (gt < 16 && r0 + gt < hg) {
-        const int64_t hq = h * hg + r0 + gt;
-        float M = -INFINITY;
-        for (int s = 0; s < ns; s++) M = fmaxf(M, __ldcg(partial(a, b, hq, s) + DV));
-        float L = 0;
-        for (int s = 0; s < ns; s++) {
-            const float *ps = partial(a, b, hq, s);
-            const float w = expf(__ldcg(ps + DV) - M);
-            sm[gt * ns + s] = w;
-            L += w * __ldcg(ps + DV + 1);
-        }
-        sm[16 * ns + gt] = 1.0f / L;
-    }
-    named_sync(4, 128);
+    constexpr int C4 = DV / 4, HS = 128 / C4;         /* float4 columns a head; heads a pass */
+    static_assert(128 % C4 == 0, "columns");
+    const int c = (gt % C4) * 4;
     const int nh = (int)(hg - r0 < 16 ? hg - r0 : 16);
-    for (int i = gt; i < nh * DV; i += 128) {
-        const int r = i / DV, d = i - r * DV;
-        const int64_t hq = h * hg + r0 + r;
-        float acc = 0;
-        for (int s = 0; s < ns; s++) acc += sm[r * ns + s] * __ldcg(partial(a, b, hq, s) + d);
-        row<T>(p.out, b, 0, hq)[d] = from_f<T>(acc * sm[16 * ns + r]);
+    for (int r = gt / C4; r < nh; r += 4 * HS) {
+        float4 o[4][kMergeSplits];
+        float2 ml[4][kMergeSplits];
+#pragma unroll
+        for (int u = 0; u < 4; u++)
+#pragma unroll
+            for (int s = 0; s < kMergeSplits; s++)
+                if (s < ns && r + u * HS < nh) {
+                    const float *ps = partial(a, b, h * hg + r0 + r + u * HS, s);
+                    /* rows of Dv + 2 floats: 8-byte aligned, not 16 */
+                    const float2 lo = __ldcg((const float2 *)(ps + c));
+                    const float2 hi = __ldcg((const float2 *)(ps + c + 2));
+                    o[u][s] = make_float4(lo.x, lo.y, hi.x, hi.y);
+                    ml[u][s] = __ldcg((const float2 *)(ps + DV));
+                }
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            if (r + u * HS >= nh) break;
+            float M = -INFINITY;
+#pragma unroll
+            for (int s = 0; s < kMergeSplits; s++)
+                if (s < ns) M = fmaxf(M, ml[u][s].x);
+            float L = 0, w[kMergeSplits];
+            float4 acc = make_float4(0, 0, 0, 0);
+#pragma unroll
+            for (int s = 0; s < kMergeSplits; s++)
+                if (s < ns) {
+                    w[s] = expf(ml[u][s].x - M);
+                    L += w[s] * ml[u][s].y;
+                    acc.x += w[s] * o[u][s].x, acc.y += w[s] * o[u][s].y;
+                    acc.z += w[s] * o[u][s].z, acc.w += w[s] * o[u][s].w;
+                }
+            const float inv = 1.0f / L;
+            T *dst = row<T>(p.out, b, 0, h * hg + r0 + r + u * HS) + c;
+            dst[0] = from_f<T>(acc.x * inv), dst[1] = from_f<T>(acc.y * inv);
+            dst[2] = from_f<T>(acc.z * inv), dst[3] = from_f<T>(acc.w * inv);
+        }
     }
 }
 
@@ -686,10 +703,11 @@ __global__ void __launch_bounds__(kWsThreads, 1) lca_dec_partial_ws_kernel(DecAr
                 make_float2(o[n][2 * i], o[n][2 * i + 1]);
         if (wi == 0 && tq == 0) dst[DV] = m[i], dst[DV + 1] = l[i];
     }
-    if (a.count) merge_splits<T, DV>(a, b, h, r0, (float *)Ss, gt);
+    if (a.count) merge_splits<T, DV>(a, b, h, r0, (int *)Ss, gt);
 }
 
-template <typename T, int D, int DV, int U> int launch_ws(const DecArgs &a, cudaStream_t st) {
+template <typename T, int D, int DV, int U>
+int launch_ws(const DecArgs &a, cudaStream_t st, bool pdl = true) {
     auto kernel = lca_dec_partial_ws_kernel<T, D, DV, U>;
     constexpr size_t sm = WsShape<D, DV, U>::kSmem;
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm) !=
@@ -707,7 +725,7 @@ template <typename T, int D, int DV, int U> int launch_ws(const DecArgs &a, cuda
     attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attr[0].val.programmaticStreamSerializationAllowed = 1;
     cfg.attrs = attr;
-    cfg.numAttrs = 1;
+    cfg.numAttrs = pdl ? 1 : 0;
     return cudaLaunchKernelEx(&cfg, kernel, a) == cudaSuccess ? LCA_OK : LCA_ERR_CUDA;
 }
 
@@ -723,8 +741,12 @@ template <typename T, int D, int DV, int U> int launch_ws(const DecArgs &a, cuda
  *   "ws4"    ws with a tile's rows copied 4 at a time where they are consecutive in memory
  *            (8 bulk copies a tile of condensed rows instead of 32; keys permuted within the
  *            tile so that the unpadded 4-row units read without bank conflicts); like ws,
- *            16-head blocks for every H / Hkv */
-enum Variant { kDefault, kV3, kKt2, kCp, kKt2Cp, kWs, kWs4 };
+ *            16-head blocks for every H / Hkv
+ * The ws kernels merge the splits themselves (up to kMergeSplits; else the combine kernel runs)
+ * and are programmatic dependent launches of the append kernel; for comparison:
+ *   "wsc"    ws with the combine kernel and a plain launch (the ws of the 11-30 H200 runs)
+ *   "wsm"    ws merging its splits, with a plain launch */
+enum Variant { kDefault, kV3, kKt2, kCp, kKt2Cp, kWs, kWs4, kWsc, kWsm };
 static Variant variant() {
     const char *v = getenv("LCA_DECODE_VARIANT");
     if (!v) return kDefault;
@@ -734,6 +756,8 @@ static Variant variant() {
     if (!strcmp(v, "kt2cp")) return kKt2Cp;
     if (!strcmp(v, "ws")) return kWs;
     if (!strcmp(v, "ws4")) return kWs4;
+    if (!strcmp(v, "wsc")) return kWsc;
+    if (!strcmp(v, "wsm")) return kWsm;
     return kDefault;
 }
 
@@ -744,6 +768,8 @@ template <typename T, int D, int DV> int launch_one(const DecArgs &a, cudaStream
     case kCp: return launch<T, D, DV, 1, 1, false>(a, st);
     case kKt2Cp: return launch<T, D, DV, 1, 2, false>(a, st);
     case kWs4: return launch_ws<T, D, DV, 4>(a, st);
+    case kWsc: return launch_ws<T, D, DV, 1>(a, st, false);
+    case kWsm: return launch_ws<T, D, DV, 1>(a, st, false);
     default: return launch_ws<T, D, DV, 1>(a, st);
     }
 }
@@ -781,7 +807,8 @@ extern "C" int lca_cuda_dec_bulk_supported(const lca_decode_params *p, int devic
     if (!lca::rows_aligned16(vs)) return 0;
     const int64_t hg = p->H / p->Hkv;
     const Variant v = variant();
-    const int mt = v == kWs || v == kWs4 || hg <= 16 ? 1 : hg <= 32 ? 2 : 4;
+    const int mt = v == kWs || v == kWs4 || v == kWsc || v == kWsm || hg <= 16 ? 1
+                   : hg <= 32 ? 2 : 4;
     const size_t need =
         p->D == 576 ? (mt == 1 ? smem_mt1<576, 512>() : mt == 2 ? smem<576, 512, 2>()
                                                                 : smem<576, 512, 4>())
@@ -795,7 +822,8 @@ extern "C" int lca_cuda_dec_bulk_merges(const lca_decode_params *p, int mt) {
     using namespace lca::dec90;
     (void)p;
     const Variant v = variant();
-    return mt == 1 && v != kV3 && v != kKt2 && v != kCp && v != kKt2Cp ? kMergeSplits : 0;
+    return mt == 1 && v != kV3 && v != kKt2 && v != kCp && v != kKt2Cp && v != kWsc
+               ? kMergeSplits : 0;
 }
 
 extern "C" int lca_cuda_dec_bulk_partial(const lca::DecArgs *a, int mt, void *stream) {
