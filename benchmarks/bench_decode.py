@@ -16,12 +16,12 @@ and the device time of the same step captured in a CUDA graph and replayed.  Tim
 CUDA-event medians.  Prints one table; appends it to benchmarks/RESULTS.md.
 
     python3 benchmarks/bench_decode.py [--quick | --rows T:B:H,...] [--reps 30] [--no-append]
-                                       [--no-dense] [--profile] [--variants ws ws4 v3 ...]
+                                       [--no-dense] [--profile] [--variants ws wsc v3 ...]
 Routing knobs for comparisons (csrc/cuda/decode.cu): LCA_CUDA_DISABLE=dec_bulk (decode.cu's
 mma.sync partial instead of the Hopper one), LCA_DECODE_NSPLIT=n (the Hopper kernel's split
-count), LCA_DECODE_VARIANT=ws|ws4|v3|kt2|cp|kt2cp (the Hopper kernel's variants: ws the
-warp-specialised one, the default for 16-head blocks; ws4 the same with 4-row copies; v3 the
-one before them; the list in csrc/cuda/decode_sm90a.cu).  --variants times each named
+count), LCA_DECODE_VARIANT=ws|wsc|wsm|v3|kt2|cp|kt2cp (the Hopper kernel's variants: ws the
+warp-specialised one, the default for 16-head blocks, merging its splits itself; wsc the same
+with the combine kernel; v3 the one before them; the list in csrc/cuda/decode_sm90a.cu).  --variants times each named
 variant on the same cache in the same run (LCA_DECODE_VARIANT set before each; "default"
 leaves it unset) and prints them side by side: one table row per (row, variant), the dense
 baseline measured once per row.

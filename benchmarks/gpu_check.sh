@@ -4,9 +4,9 @@
 # back).  Benchmarks append to benchmarks/RESULTS.md, copied to $OUT at the end.
 #   bash benchmarks/gpu_check.sh [stage ...]     stages: tests prefill decode decvar flex mla
 #                                                variants bwd ncu
-#   (decvar: the Hopper decode partial's variants ws, ws4 and v3 side by side, 128K, B = 64,
-#    H = 16 and 128, ~3 min (each row fills a 128K cache first); their tests:
-#    LCA_TESTS="tests/test_cache.py -k gpu")
+#   (decvar: the Hopper decode partial's variants ws, wsc and v3 at 128K, B = 64, H = 16, one
+#    process each (a hung variant cannot hide the others), ~40 s each (filling the cache);
+#    their tests: LCA_TESTS="tests/test_cache.py -k gpu")
 #   LCA_TESTS="tests/..."  the test files (default: every file with GPU tests; LCA_TESTS=tests
 #                          for the whole suite)
 set -uo pipefail
@@ -33,12 +33,14 @@ stage() {   # name, seconds, command...
 }
 for st in "${@:-tests prefill}"; do
   case $st in
-    tests)   stage tests 260 python3 -m pytest -q -p no:cacheprovider ${LCA_TESTS:-$GPU_TESTS} ;;
+    tests)   stage tests ${LCA_TEST_SECS:-260} python3 -m pytest -q -p no:cacheprovider ${LCA_TESTS:-$GPU_TESTS} ;;
     prefill) stage prefill 150 python3 benchmarks/bench_prefill.py --lengths 8192 32768 65536 131072 \
                --reps 3 --backward --no-flex ;;
     decode)  stage decode 90 python3 benchmarks/bench_decode.py --reps 20 ;;
-    decvar)  stage decvar 240 python3 benchmarks/bench_decode.py --reps 20 --no-dense \
-               --rows 131072:64:16,131072:64:128 --variants ws ws4 v3 ;;
+    decvar)  for v in ws wsc v3; do
+               stage decvar-$v 60 env LCA_DECODE_VARIANT=$v python3 benchmarks/bench_decode.py \
+                 --reps 20 --no-dense --no-append --rows 131072:64:16
+             done ;;
     flex)    stage flex 150 python3 benchmarks/bench_prefill.py --lengths 131072 --reps 3 \
                --backward ;;
     bwd)     stage bwd 150 env PYTHONPATH=. bash -c "python3 benchmarks/bench_backward.py --L 32768 131072 --reps 5 \

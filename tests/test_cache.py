@@ -447,10 +447,10 @@ GPU_MLA = [  # B, L, H, Dc, Dr, g, w, n, score, rep_bias, P
 
 # The Hopper kernel's variants (csrc/cuda/decode_sm90a.cu, LCA_DECODE_VARIANT): "ws" the
 # warp-specialised kernel (the default for 16-head blocks; forced, it takes 16-head blocks at
-# any H: H = 128 is 8 blocks), "ws4" the same with 4-row copies and keys permuted in a tile,
-# "v3" the one-tile-an-iteration kernel (16/32/64-head blocks).  Only the bf16/fp16 MLA
+# any H: H = 128 is 8 blocks; it merges the splits itself), "wsc" the same with the combine
+# kernel, "v3" the one-tile-an-iteration kernel (16/32/64-head blocks).  Only the bf16/fp16 MLA
 # 576/512 and 288/256 steps run it; elsewhere the others would repeat "ws".
-DEC_VARIANTS = ["ws", "ws4", "v3"]
+DEC_VARIANTS = ["ws", "wsc", "v3"]
 
 
 @gpu
@@ -507,12 +507,12 @@ GPU_MLA_LONG = [  # B, L, H, Dc, Dr, g, w, n, score, rep_bias, P, nsplit
 
 
 # kernel: "bulk" the Hopper kernel as routed, "mma" decode.cu's (LCA_CUDA_DISABLE=dec_bulk),
-# "ws" / "ws4" the warp-specialised Hopper kernel (row / 4-row copies) in 16-head blocks at
-# every H, and for 16-head blocks the other Hopper variants (LCA_DECODE_VARIANT: "v3" one tile
+# "ws" / "wsc" the warp-specialised Hopper kernel (merging its splits / with the combine
+# kernel) in 16-head blocks at every H, and for 16-head blocks the other Hopper variants (LCA_DECODE_VARIANT: "v3" one tile
 # an iteration, two tiles an iteration, cp.async loads, both)
-HOPPER_VARIANTS = ("ws", "ws4", "v3", "kt2", "cp", "kt2cp")
+HOPPER_VARIANTS = ("ws", "wsc", "v3", "kt2", "cp", "kt2cp")
 LONG_RUNS = [(c, k) for c in GPU_MLA_LONG
-             for k in ["bulk", "mma", "ws", "ws4"]
+             for k in ["bulk", "mma", "ws", "wsc"]
              + (["v3", "kt2", "cp", "kt2cp"] if c[2] <= 16 else [])]
 
 

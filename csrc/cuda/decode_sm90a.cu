@@ -339,11 +339,11 @@ int launch(const DecArgs &a, cudaStream_t st) {
  * columns [wi Dv / 4, (wi + 1) Dv / 4). */
 constexpr int kWsThreads = 384;       /* warpgroup 0: producer; 1, 2: consumer groups 0, 1 */
 
-template <int D, int DV, int U> struct WsShape {
+template <int D, int DV> struct WsShape {
     static constexpr int NST = 5;                                /* stages (32-key tiles) */
     static constexpr int LD = D + kDecPad;                       /* elements per Q row */
-    static constexpr int USTR = U * D + kDecPad;                 /* elements per copy unit */
-    static constexpr int STG = kDecKeys / U * USTR;              /* elements per stage */
+    static constexpr int USTR = D + kDecPad;                     /* elements per key row */
+    static constexpr int STG = kDecKeys * USTR;                  /* elements per stage */
     static constexpr int KSW = D / 32;                           /* k-steps per warp (half D) */
     static constexpr int NACC = KSW % 2 == 0 ? 2 : KSW % 3 == 0 ? 3 : 1;
     static constexpr int WCOL = DV / 4, NTV = WCOL / 8;          /* value columns, n-tiles */
@@ -354,14 +354,9 @@ template <int D, int DV, int U> struct WsShape {
     static constexpr size_t kStage = (size_t)STG * 2;
     static constexpr size_t kSmem = kBar + kQ + kS + NST * kStage;
     static constexpr size_t kMerge = (size_t)(NTV + 1) * 128 * 16;  /* group 1's state */
-    static_assert(D % 32 == 0 && KSW % NACC == 0 && NTV % 2 == 0 && (U == 1 || U == 4), "shape");
-    /* column c of S (and row c of P V's k) is key key(c) of the tile, at element off(k) of the
-     * stage.  U = 4: n-tile c >> 3 holds keys 4 i + (c >> 3), one from each unit, so the 8 rows
-     * of an ldmatrix lie in 8 units (unit stride = 1 mod 8 16-byte words: no bank conflict). */
-    static __device__ __forceinline__ int key(int c) {
-        return U == 1 ? c : 4 * (c & 7) + (c >> 3);
-    }
-    static __device__ __forceinline__ int off(int k) { return k / U * USTR + k % U * D; }
+    static_assert(D % 32 == 0 && KSW % NACC == 0 && NTV % 2 == 0, "shape");
+    /* key k of the tile (column k of S, row k of P V's k) is at element off(k) of the stage */
+    static __device__ __forceinline__ int off(int k) { return k * USTR; }
     static_assert(2 * NST * 8 <= kBar && kQ % 16 == 0 && kS % 16 == 0 && kStage % 16 == 0 &&
                   kMerge <= NST * kStage, "layout");
 };
@@ -440,9 +435,9 @@ __device__ __forceinline__ void merge_splits(const DecArgs &a, int64_t b, int64_
     }
 }
 
-template <typename T, int D, int DV, int U>
+template <typename T, int D, int DV>
 __global__ void __launch_bounds__(kWsThreads, 1) lca_dec_partial_ws_kernel(DecArgs a) {
-    using S_ = WsShape<D, DV, U>;
+    using S_ = WsShape<D, DV>;
     constexpr int NST = S_::NST, LD = S_::LD, SR = S_::SR, KSW = S_::KSW, NACC = S_::NACC;
     constexpr int WCOL = S_::WCOL, NTV = S_::NTV, USTR = S_::USTR, STG = S_::STG;
     extern __shared__ __align__(128) unsigned char dsm[];
@@ -471,9 +466,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) lca_dec_partial_ws_kernel(DecAr
         if (warp != 0) return;
         /* Row r of tile t: entry k = k0 + r, condensed row k while k < G, else ring slot
          * (e0 + k - G) mod R (k - G < R, so one wrap at most); rows past the range's end repeat
-         * its last row.  U = 1: lane r copies row r.  U = 4: lane u < 8 copies rows 4u .. 4u + 3
-         * into unit u, in one copy when they are consecutive in memory (condensed or ring rows
-         * of stride D, no wrap, no range end inside), else row by row. */
+         * its last row.  Lane r copies row r. */
         const T *kb0 = row<const T>(p.kbar, b, 0, h), *kr0 = row<const T>(p.kr, b, 0, h);
         const int64_t R = p.R, e0r = a.e0 % R;
         auto src_row = [&](int64_t k) {
@@ -492,26 +485,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) lca_dec_partial_ws_kernel(DecAr
             T *dst = stage0 + st * STG;
             if (lane == 0) mbar_expect_tx(&full[st], (uint32_t)(kDecKeys * D * sizeof(T)));
             __syncwarp();
-            if constexpr (U == 1) {
-                bulk_g2s(dst + lane * USTR, src_row(k0 + lane), (uint32_t)(D * sizeof(T)),
-                         &full[st]);
-            } else if (lane < kDecKeys / U) {
-                const T *sr[U];
-                bool one = true;
-#pragma unroll
-                for (int j = 0; j < U; j++) {
-                    sr[j] = src_row(k0 + U * lane + j);
-                    one = one && sr[j] == sr[0] + j * D;
-                }
-                if (one) {
-                    bulk_g2s(dst + lane * USTR, sr[0], (uint32_t)(U * D * sizeof(T)), &full[st]);
-                } else {
-#pragma unroll
-                    for (int j = 0; j < U; j++)
-                        bulk_g2s(dst + lane * USTR + j * D, sr[j], (uint32_t)(D * sizeof(T)),
-                                 &full[st]);
-                }
-            }
+            bulk_g2s(dst + lane * USTR, src_row(k0 + lane), (uint32_t)(D * sizeof(T)), &full[st]);
         }
         /* stay until the last copy has landed (no copy outlives its issuing thread) */
         if (ntiles > 0) mbar_wait(&full[(ntiles - 1) % NST], (uint32_t)(((ntiles - 1) / NST) & 1));
@@ -552,9 +526,9 @@ __global__ void __launch_bounds__(kWsThreads, 1) lca_dec_partial_ws_kernel(DecAr
     const float scale = (float)p.scale, bias = (float)p.rep_bias;
     /* B fragments of S (K as stored, [key][d]): matrix lane >> 3 of the ldmatrix is n-tile
      * lane >> 4, columns +8 for odd matrices; P V: row (k) kk * 16 + (lane & 15) */
-    const int krow = S_::off(S_::key(kn * 16 + (lane >> 4) * 8 + (lane & 7)));
+    const int krow = S_::off(kn * 16 + (lane >> 4) * 8 + (lane & 7));
     const int kcol = ((lane >> 3) & 1) * 8;
-    const int vrow0 = S_::off(S_::key(lane & 15)), vrow1 = S_::off(S_::key(16 + (lane & 15)));
+    const int vrow0 = S_::off(lane & 15), vrow1 = S_::off(16 + (lane & 15));
 
     for (int t = gi, j = 0; t < ntiles; t += 2, j++) {
         const int st = t % NST;
@@ -609,7 +583,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) lca_dec_partial_ws_kernel(DecAr
 #pragma unroll
                 for (int e = 0; e < 4; e += 2) {
                     const int c = 16 * kk + 2 * tq + 8 * (e >> 1);   /* column of S */
-                    const int key0 = S_::key(c), key1 = S_::key(c + 1);
+                    const int key0 = c, key1 = c + 1;
                     const float2 v2 = *(const float2 *)(Sb + (gq + 8 * i) * SR + c);
                     const float2 w2 = *(const float2 *)(Sb + (16 + gq + 8 * i) * SR + c);
                     float v0 = (v2.x + w2.x) * scale + (key0 < kb ? bias : 0.0f);
@@ -706,10 +680,10 @@ __global__ void __launch_bounds__(kWsThreads, 1) lca_dec_partial_ws_kernel(DecAr
     if (a.count) merge_splits<T, DV>(a, b, h, r0, (int *)Ss, gt);
 }
 
-template <typename T, int D, int DV, int U>
+template <typename T, int D, int DV>
 int launch_ws(const DecArgs &a, cudaStream_t st, bool pdl = true) {
-    auto kernel = lca_dec_partial_ws_kernel<T, D, DV, U>;
-    constexpr size_t sm = WsShape<D, DV, U>::kSmem;
+    auto kernel = lca_dec_partial_ws_kernel<T, D, DV>;
+    constexpr size_t sm = WsShape<D, DV>::kSmem;
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm) !=
         cudaSuccess)
         return LCA_ERR_CUDA;
@@ -738,15 +712,11 @@ int launch_ws(const DecArgs &a, cudaStream_t st, bool pdl = true) {
  *   "ws"     the warp-specialised kernel, and 16-head blocks for every H / Hkv (at H = 128 the
  *            8 blocks of a (b, split) read the same tiles, the first from memory, the rest
  *            mostly from L2: a comparison against v3's 64-head blocks)
- *   "ws4"    ws with a tile's rows copied 4 at a time where they are consecutive in memory
- *            (8 bulk copies a tile of condensed rows instead of 32; keys permuted within the
- *            tile so that the unpadded 4-row units read without bank conflicts); like ws,
- *            16-head blocks for every H / Hkv
  * The ws kernels merge the splits themselves (up to kMergeSplits; else the combine kernel runs)
  * and are programmatic dependent launches of the append kernel; for comparison:
  *   "wsc"    ws with the combine kernel and a plain launch (the ws of the 11-30 H200 runs)
  *   "wsm"    ws merging its splits, with a plain launch */
-enum Variant { kDefault, kV3, kKt2, kCp, kKt2Cp, kWs, kWs4, kWsc, kWsm };
+enum Variant { kDefault, kV3, kKt2, kCp, kKt2Cp, kWs, kWsc, kWsm };
 static Variant variant() {
     const char *v = getenv("LCA_DECODE_VARIANT");
     if (!v) return kDefault;
@@ -755,7 +725,6 @@ static Variant variant() {
     if (!strcmp(v, "cp")) return kCp;
     if (!strcmp(v, "kt2cp")) return kKt2Cp;
     if (!strcmp(v, "ws")) return kWs;
-    if (!strcmp(v, "ws4")) return kWs4;
     if (!strcmp(v, "wsc")) return kWsc;
     if (!strcmp(v, "wsm")) return kWsm;
     return kDefault;
@@ -767,10 +736,9 @@ template <typename T, int D, int DV> int launch_one(const DecArgs &a, cudaStream
     case kKt2: return launch<T, D, DV, 1, 2, true>(a, st);
     case kCp: return launch<T, D, DV, 1, 1, false>(a, st);
     case kKt2Cp: return launch<T, D, DV, 1, 2, false>(a, st);
-    case kWs4: return launch_ws<T, D, DV, 4>(a, st);
-    case kWsc: return launch_ws<T, D, DV, 1>(a, st, false);
-    case kWsm: return launch_ws<T, D, DV, 1>(a, st, false);
-    default: return launch_ws<T, D, DV, 1>(a, st);
+    case kWsc: return launch_ws<T, D, DV>(a, st, false);
+    case kWsm: return launch_ws<T, D, DV>(a, st, false);
+    default: return launch_ws<T, D, DV>(a, st);
     }
 }
 
@@ -789,9 +757,8 @@ template <typename T> int launch_mt(const DecArgs &a, int mt, cudaStream_t st) {
  * on the variant) */
 template <int D, int DV> constexpr size_t smem_mt1() {
     constexpr size_t a = smem<D, DV, 1>(), b = smem<D, DV, 1, 2>();
-    constexpr size_t c = WsShape<D, DV, 1>::kSmem, d = WsShape<D, DV, 4>::kSmem;
-    constexpr size_t ab = a > b ? a : b, cd = c > d ? c : d;
-    return ab > cd ? ab : cd;
+    constexpr size_t c = WsShape<D, DV>::kSmem, ab = a > b ? a : b;
+    return ab > c ? ab : c;
 }
 
 }  // namespace dec90
@@ -807,7 +774,7 @@ extern "C" int lca_cuda_dec_bulk_supported(const lca_decode_params *p, int devic
     if (!lca::rows_aligned16(vs)) return 0;
     const int64_t hg = p->H / p->Hkv;
     const Variant v = variant();
-    const int mt = v == kWs || v == kWs4 || v == kWsc || v == kWsm || hg <= 16 ? 1
+    const int mt = v == kWs || v == kWsc || v == kWsm || hg <= 16 ? 1
                    : hg <= 32 ? 2 : 4;
     const size_t need =
         p->D == 576 ? (mt == 1 ? smem_mt1<576, 512>() : mt == 2 ? smem<576, 512, 2>()
