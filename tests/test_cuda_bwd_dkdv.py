@@ -3,8 +3,7 @@ CUDA device.  On a compute 9.0 device gqa_attention_backward takes it for bf16/f
 (192, 128) and (128, 128) whenever H / Hkv divides 64; LCA_CUDA_DISABLE=wgmma takes the
 mma.sync kernel instead.  Each case is held to SPEC §8 against the float64 CPU gradients
 (check_grads: twice plain PyTorch's error at that precision) and compared with the mma.sync
-kernel's dk, dv on the same inputs, for both variants of the kernel (LCA_DKDV90_VARIANT "0",
-the default 128-key blocks, and "1", 64-key blocks split into a dV and a dK warpgroup).
+kernel's dk, dv on the same inputs.
 
 The two kernels sum the same products in float32, in a different order inside a row tile, and
 at D = 192 the wgmma kernel takes dS from P rounded to the input type (its registers cannot
@@ -47,11 +46,7 @@ CASES = [  # B, L, H, Hkv, D, g, w, n, key_mode, rep_bias
 ]
 
 
-VARIANTS = ["0", "1"]
-
-
-def run_case(case, dtype, monkeypatch, views=None, variant="0"):
-    monkeypatch.setenv("LCA_DKDV90_VARIANT", variant)
+def run_case(case, dtype, monkeypatch, views=None):
     B, L, H, Hkv, D, g, w, n, km, bias = case
     gen = torch.Generator(device="cuda").manual_seed(zlib.crc32(repr((case, dtype)).encode()))
     q, k, v = (rand(gen, (B, L, H, D), dtype), rand(gen, (B, L, Hkv, D), dtype),
@@ -68,11 +63,10 @@ def run_case(case, dtype, monkeypatch, views=None, variant="0"):
     return (q, k, v, dout), kw, got, mma
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
-def test_dkdv_against_reference_and_mma(case, dtype, variant, monkeypatch):
-    (q, k, v, dout), kw, got, mma = run_case(case, dtype, monkeypatch, variant=variant)
+def test_dkdv_against_reference_and_mma(case, dtype, monkeypatch):
+    (q, k, v, dout), kw, got, mma = run_case(case, dtype, monkeypatch)
     args64 = [to_np(x) for x in (q, k, v)]
     out64, lse64 = lca.gqa_attention(*args64, return_lse=True, **kw)
     ref = lca.gqa_attention_backward(to_np(dout), *args64, out64, lse64, **kw)
@@ -80,37 +74,10 @@ def test_dkdv_against_reference_and_mma(case, dtype, variant, monkeypatch):
     check_grads(got, ref, naive, dtype, ["dq", "dk", "dv"], f"dkdv {case}")
     for a, b, nm in zip(got[1:], mma[1:], ["dk", "dv"]):
         err = rel(to_np(a), to_np(b))
-        assert err <= 1e-2, f"{nm}: wgmma (variant {variant}) vs mma.sync {err:.2e}"
+        assert err <= 1e-2, f"{nm}: wgmma vs mma.sync {err:.2e}"
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
-def test_variant1_matches_variant0(case, dtype, monkeypatch):
-    """Variant 1 (64-key blocks) sums the same products on the same row tiles as variant 0
-    (a 64-key block's row tiles start where the 128-key block's do, or a multiple of 64 rows
-    later; variant 0's extra tiles add exact zeros to those keys), from P rounded to the input
-    type as variant 0 does at D = 192: there dk, dv should equal variant 0's bit for bit.  At
-    D = 128 variant 0 keeps P in float32 for dS: a few ulps apart."""
-    B, L, H, Hkv, D, g, w, n, km, bias = case
-    gen = torch.Generator(device="cuda").manual_seed(zlib.crc32(repr((case, dtype)).encode()))
-    q, k, v = (rand(gen, (B, L, H, D), dtype), rand(gen, (B, L, Hkv, D), dtype),
-               rand(gen, (B, L, Hkv, 128), dtype))
-    dout = rand(gen, (B, L, H, 128), dtype)
-    kw = dict(group_size=g, window=w, n_summary=n, key_mode=km, rep_bias=bias)
-    out, lse = lca.gqa_attention(q, k, v, return_lse=True, **kw)
-    got = {}
-    for variant in VARIANTS:
-        monkeypatch.setenv("LCA_DKDV90_VARIANT", variant)
-        got[variant] = lca.gqa_attention_backward(dout, q, k, v, out, lse, **kw)
-    for a, b, nm in zip(got["1"][1:], got["0"][1:], ["dk", "dv"]):
-        if D == 192:
-            assert torch.equal(a, b), f"{nm}: variant 1 vs 0 {rel(to_np(a), to_np(b)):.2e}"
-        else:
-            assert rel(to_np(a), to_np(b)) <= 1e-2, nm
-
-
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_strided_views_reach_the_tensor_maps(variant, monkeypatch):
+def test_strided_views_reach_the_tensor_maps(monkeypatch):
     """q and dout as column slices of wider tensors, k, v with kv heads strided apart: the 5-d
     and 4-d tensor maps take the views' strides (a wrong stride reads other rows)."""
     def views(q, k, v, dout):
@@ -120,7 +87,7 @@ def test_strided_views_reach_the_tensor_maps(variant, monkeypatch):
             return wide[..., 8:8 + x.shape[-1]]
         return widen(q, 64), widen(k, 16), widen(v, 8), widen(dout, 72)
     case = (2, 333, 8, 2, 192, 8, 48, None, "pool", 0.0)
-    (q, k, v, dout), kw, got, mma = run_case(case, "bfloat16", monkeypatch, views, variant)
+    (q, k, v, dout), kw, got, mma = run_case(case, "bfloat16", monkeypatch, views)
     assert q.stride(2) == 192 + 64
     args64 = [to_np(x) for x in (q, k, v)]
     out64, lse64 = lca.gqa_attention(*args64, return_lse=True, **kw)
@@ -131,18 +98,14 @@ def test_strided_views_reach_the_tensor_maps(variant, monkeypatch):
         assert rel(to_np(a), to_np(b)) <= 1e-2
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("D", [192, 128])
-def test_rows_past_the_range_never_reach_dk_dv(D, variant, monkeypatch):
+def test_rows_past_the_range_never_reach_dk_dv(D):
     """The keys of exact block 0 (tokens 0-127; group 16, window 64) are seen by positions up
     to 190 only: with 2 heads a kv head, rows 0-381 of the flattened space, so the block's last
     row tile (rows 320-383) ends with two rows past its range, which the TMA box brings anyway.
     Positions from 191 on hold Inf in q and dout: those rows must be zeroed before the
     products, so the block's dk, dv (the attend part alone, condensed entries given, so no
-    condensation term reaches the keys) equal, bit for bit, those of finite inputs.  (Variant
-    1's blocks 0 and 1 are tokens 0-63 and 64-127: seen up to positions 126 and 190, their last
-    row tiles rows 192-255 and 320-383; the latter ends past its range the same way.)"""
-    monkeypatch.setenv("LCA_DKDV90_VARIANT", variant)
+    condensation term reaches the keys) equal, bit for bit, those of finite inputs."""
     gen = torch.Generator(device="cuda").manual_seed(D)
     B, L, H, Hkv = 1, 400, 4, 2
     q, k, v = (rand(gen, (B, L, H, D), "bfloat16"), rand(gen, (B, L, Hkv, D), "bfloat16"),
