@@ -28,10 +28,6 @@ def poison(monkeypatch):
     monkeypatch.setenv("LCA_POISON_OUTPUTS", "1")
 
 
-def hopper():
-    return lca.HAS_CUDA and torch.cuda.get_device_capability() == (9, 0)
-
-
 CASES = [  # B, L, H, Hkv, D, g, w, n, key_mode, rep_bias
     (1, 150, 16, 16, 192, 16, 40, None, "anchor", 0.0),       # SPEC §9's heads, one key block
     (2, 301, 4, 2, 192, 8, 64, 3, "pool", 0.7),               # hg 2, rep_bias, B = 2

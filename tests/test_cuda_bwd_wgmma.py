@@ -35,7 +35,7 @@ torch = pytest.importorskip("torch") if lca.HAS_CUDA else None
 
 if lca.HAS_CUDA:
     from lca import _C                                   # noqa: E402
-    from torch_lca import (check_grads, gqa_attend_lca, gqa_lca, naive_grads,  # noqa: E402
+    from torch_lca import (check_grads, gqa_attend_lca, gqa_lca, hopper, naive_grads,  # noqa: E402
                            rand, rel, to_np)
 
 DTYPES = ["bfloat16", "float16"]
@@ -47,10 +47,6 @@ def poison(monkeypatch):
     monkeypatch.setenv("LCA_POISON_OUTPUTS", "1")
     monkeypatch.setenv("LCA_POISON_WORKSPACE", "1")
     monkeypatch.delenv("LCA_CUDA_DISABLE", raising=False)
-
-
-def hopper():
-    return torch.cuda.get_device_capability() == (9, 0)
 
 
 def gen_for(*key):

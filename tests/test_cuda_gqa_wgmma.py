@@ -16,17 +16,13 @@ torch = pytest.importorskip("torch") if lca.HAS_CUDA else None
 
 if lca.HAS_CUDA:
     from lca import _C                                   # noqa: E402
-    from torch_lca import check_forward, gqa_lca, rand, rel, to_np  # noqa: E402
+    from torch_lca import check_forward, gqa_lca, hopper, rand, rel, to_np  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
     monkeypatch.setenv("LCA_POISON_OUTPUTS", "1")
     monkeypatch.delenv("LCA_CUDA_DISABLE", raising=False)
-
-
-def hopper():
-    return torch.cuda.get_device_capability() == (9, 0)
 
 
 CASES = [  # B, L, H, Hkv, D, g, w, n, key_mode, rep_bias

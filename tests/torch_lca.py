@@ -120,6 +120,11 @@ def mla_prefill_lca(q, latent, kpos, w_uk, w_uv, *, group_size=16, window=1024, 
 
 # helpers of the GPU tests
 
+def hopper():
+    """Whether the current CUDA device is compute 9.0, where the sm_90a (wgmma) kernels run."""
+    return torch.cuda.get_device_capability() == (9, 0)
+
+
 def rel(a, b):
     """Relative Frobenius error ||a - b|| / ||b|| in float64 (SPEC §8)."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
