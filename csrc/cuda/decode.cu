@@ -352,22 +352,7 @@ __global__ void __launch_bounds__(128 * MT) lca_dec_partial_mma_kernel(DecArgs a
                     x[i][kk][e] = v;
                     bmax = fmaxf(bmax, v);
                 }
-            bmax = fmaxf(bmax, __shfl_xor_sync(0xffffffffu, bmax, 1));
-            bmax = fmaxf(bmax, __shfl_xor_sync(0xffffffffu, bmax, 2));
-            const float mnew = fmaxf(m[i], bmax);
-            const float base = mnew == -INFINITY ? 0.0f : mnew;
-            const float corr = __expf(m[i] - base);
-            m[i] = mnew;
-            l[i] *= corr;
-#pragma unroll
-            for (int n = 0; n < NTV; n++) o[n][2 * i] *= corr, o[n][2 * i + 1] *= corr;
-#pragma unroll
-            for (int kk = 0; kk < 2; kk++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    x[i][kk][e] = __expf(x[i][kk][e] - base);
-                    l[i] += x[i][kk][e];
-                }
+            dec_softmax_update(x[i], bmax, m[i], l[i], o, i);
         }
 
         /* O[:, wq's columns] += P V */
