@@ -122,6 +122,24 @@ __device__ __forceinline__ void load_tile(T *tile, int n, F src) {
     }
 }
 
+/* O[:, 256 half ..] += P V for one key block, waited for: 4 wgmma m64n256k16, P (64 rows x
+ * 64 keys) K-major from shared memory, V = the first 512 columns of the key tile Ks read
+ * N-major (transposed B): LBO = the next 64 output columns (8 KB on), SBO = the next 8 keys
+ * (1 KB on) */
+template <typename T>
+__device__ __forceinline__ void pv_product(float (&o)[kDV / 2 / 8][4], const T *Ps, const T *Ks,
+                                           int half) {
+    wg_fence();
+#pragma unroll
+    for (int kk = 0; kk < kKeys / 16; kk++) {
+        const uint64_t da = gdesc(Ps + kk * 16, 16, 1024);
+        const uint64_t db = gdesc(Ks + (4 * half) * 64 * 64 + kk * 16 * 64, 64 * 64 * 2, 1024);
+        wgmma_m64n256<1>(o, da, db, (T *)nullptr);
+    }
+    wg_commit();
+    wg_wait<0>();
+}
+
 template <typename T, bool kTma>
 __global__ void __launch_bounds__(kThreads, 1)
     lca_attend_mla_wgmma_kernel(lca_params p, const __grid_constant__ MlaMaps tm) {
@@ -304,17 +322,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         fence_async_smem();
         __syncthreads();                                  /* P complete: all 64 rows */
 
-        /* O[:, 256*half ..] += P V: 4 x m64n256k16, P K-major, V N-major (transposed B):
-           LBO = the next 64 output columns (8 KB on), SBO = the next 8 keys (1 KB on) */
-        wg_fence();
-#pragma unroll
-        for (int kk = 0; kk < kKeys / 16; kk++) {
-            const uint64_t da = gdesc(Ps + kk * 16, 16, 1024);
-            const uint64_t db = gdesc(Ks + (4 * half) * 64 * 64 + kk * 16 * 64, 64 * 64 * 2, 1024);
-            wgmma_m64n256<1>(o, da, db, (T *)nullptr);
-        }
-        wg_commit();
-        wg_wait<0>();
+        pv_product<T>(o, Ps, Ks, half);                   /* O[:, 256*half ..] += P V */
         __syncthreads();                                  /* stage and P may be refilled */
     }
 
@@ -678,15 +686,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
             for (int n = 0; n < kNT; n++) o[n][0] *= c0, o[n][1] *= c0, o[n][2] *= c1, o[n][3] *= c1;
         }
         const T *Ps = Ks + (kD / 64 - 1) * 64 * 64;
-        wg_fence();
-#pragma unroll
-        for (int kk = 0; kk < kKeys / 16; kk++) {
-            const uint64_t da = gdesc(Ps + kk * 16, 16, 1024);
-            const uint64_t db = gdesc(Ks + (4 * half) * 64 * 64 + kk * 16 * 64, 64 * 64 * 2, 1024);
-            wgmma_m64n256<1>(o, da, db, (T *)nullptr);
-        }
-        wg_commit();
-        wg_wait<0>();        /* (an O warpgroup has nothing else to do meanwhile) */
+        pv_product<T>(o, Ps, Ks, half);   /* waited: an O warpgroup has nothing else to do */
         wg_reg_fence(o);
         __syncwarp();
         if (lane == 0) mbar_arrive(&empty[st]);
