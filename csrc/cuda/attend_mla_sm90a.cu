@@ -683,7 +683,8 @@ __global__ void __launch_bounds__(kWsThreads, 1)
         const float c0 = fac[st * kRows + r0], c1 = fac[st * kRows + r0 + 8];
         if (__any_sync(0xffffffffu, c0 != 1.0f || c1 != 1.0f)) {
 #pragma unroll
-            for (int n = 0; n < kNT; n++) o[n][0] *= c0, o[n][1] *= c0, o[n][2] *= c1, o[n][3] *= c1;
+            for (int n = 0; n < kNT; n++)
+                o[n][0] *= c0, o[n][1] *= c0, o[n][2] *= c1, o[n][3] *= c1;
         }
         const T *Ps = Ks + (kD / 64 - 1) * 64 * 64;
         pv_product<T>(o, Ps, Ks, half);   /* waited: an O warpgroup has nothing else to do */
