@@ -468,13 +468,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                 o[n][2] *= corr[1], o[n][3] *= corr[1];
             }
         }
-#pragma unroll
-        for (int kk = 0; kk < kKeys / 16; kk++) {
-            pa[kk][0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
-            pa[kk][1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
-            pa[kk][2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-            pa[kk][3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-        }
+        acc_to_a<T>(pa, s);
     };
     auto wait_full = [&](int64_t blk) {
         mbar_wait(&full[blk % kStages], (uint32_t)((blk / kStages) & 1));

@@ -25,6 +25,19 @@ template <int N> __device__ __forceinline__ void wg_reg_fence(uint32_t (&d)[N][4
         asm volatile("" : "+r"(d[n][0]), "+r"(d[n][1]), "+r"(d[n][2]), "+r"(d[n][3])::"memory");
 }
 
+/* An m64nK float accumulator (s[n]: columns 8n .. 8n + 7 of the warp's 16 rows) rounded to T
+ * as the A fragments of K / 16 k-steps of a register-A wgmma (P or dS as the A operand). */
+template <typename T, int KS>
+__device__ __forceinline__ void acc_to_a(uint32_t (&a)[KS][4], const float (&s)[2 * KS][4]) {
+#pragma unroll
+    for (int kk = 0; kk < KS; kk++) {
+        a[kk][0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+        a[kk][1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+        a[kk][2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+        a[kk][3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+    }
+}
+
 template <int N, typename T> struct Wg;
 template <int N, typename T, int TB> struct WgRs;
 
