@@ -448,9 +448,10 @@ GPU_MLA = [  # B, L, H, Dc, Dr, g, w, n, score, rep_bias, P
 # The Hopper kernel's variants (csrc/cuda/decode_sm90a.cu, LCA_DECODE_VARIANT): "ws" the
 # warp-specialised kernel (the default for 16-head blocks; forced, it takes 16-head blocks at
 # any H: H = 128 is 8 blocks; it merges the splits itself), "wsc" the same with the combine
-# kernel, "v3" the one-tile-an-iteration kernel (16/32/64-head blocks).  Only the bf16/fp16 MLA
+# kernel, "wsa" the same appending the token itself, "v3" the one-tile-an-iteration kernel
+# (16/32/64-head blocks).  Only the bf16/fp16 MLA
 # 576/512 and 288/256 steps run it; elsewhere the others would repeat "ws".
-DEC_VARIANTS = ["ws", "wsc", "v3"]
+DEC_VARIANTS = ["ws", "wsc", "wsa", "v3"]
 
 
 @gpu
@@ -510,9 +511,9 @@ GPU_MLA_LONG = [  # B, L, H, Dc, Dr, g, w, n, score, rep_bias, P, nsplit
 # "ws" / "wsc" the warp-specialised Hopper kernel (merging its splits / with the combine
 # kernel) in 16-head blocks at every H, and for 16-head blocks the other Hopper variants (LCA_DECODE_VARIANT: "v3" one tile
 # an iteration, two tiles an iteration, cp.async loads, both)
-HOPPER_VARIANTS = ("ws", "wsc", "v3", "kt2", "cp", "kt2cp")
+HOPPER_VARIANTS = ("ws", "wsc", "wsa", "v3", "kt2", "cp", "kt2cp")
 LONG_RUNS = [(c, k) for c in GPU_MLA_LONG
-             for k in ["bulk", "mma", "ws", "wsc"]
+             for k in ["bulk", "mma", "ws", "wsc", "wsa"]
              + (["v3", "kt2", "cp", "kt2cp"] if c[2] <= 16 else [])]
 
 
@@ -553,6 +554,45 @@ def test_gpu_mla_decode_long(case, kernel, dtype, monkeypatch):
     naive = to64(torch_decode_rows(q, k, c[:, :, None], g, w, n or g, 1 / math.sqrt(Dc + Dr),
                                    bias, Dc + Dr if score == "full" else Dc, Dc, first=P))
     check_decoded(to64(got), want, naive, dtype, range(L - P))
+
+
+@gpu
+@pytest.mark.parametrize("case", [GPU_MLA_LONG[2], GPU_MLA_LONG[4], GPU_MLA_LONG[5],
+                                  (2, 90, 16, 512, 64, 4, 0, None, "full", 0.0, 40, "2")],
+                         ids=lambda c: "-".join(map(str, c)))
+def test_gpu_fused_append_is_exact(case, monkeypatch):
+    """The Hopper kernel appending the step's token itself ("wsa": no append kernel, the new key
+    row read from k) gives the same bits as the append kernel before it ("ws"): every output
+    row and the whole cache state (ring, condensed rows, summary sums) after every step; w = 0
+    makes the token complete its own group (a condensation before the attention: the append
+    kernel then runs)."""
+    torch = _torch()
+    B, L, H, Dc, Dr, g, w, n, score, bias, P, nsplit = case
+    if decode_route("bfloat16", Dc + Dr, Dc, True) != "bulk":
+        pytest.skip("the fused append is the Hopper absorbed-MLA kernel's")
+    if nsplit is None:
+        monkeypatch.delenv("LCA_DECODE_NSPLIT", raising=False)
+    else:
+        monkeypatch.setenv("LCA_DECODE_NSPLIT", nsplit)
+    gen = torch.Generator(device="cuda").manual_seed(zlib.crc32(repr(case).encode()))
+    q = torch.randn(B, L, H, Dc + Dr, generator=gen, device="cuda").bfloat16()
+    c = torch.randn(B, L, Dc, generator=gen, device="cuda").bfloat16()
+    r = torch.randn(B, L, Dr, generator=gen, device="cuda").bfloat16()
+    kw = dict(group_size=g, window=w, n_summary=n, score=score, rep_bias=bias)
+    caches = {}
+    for v in ("ws", "wsa"):
+        monkeypatch.setenv("LCA_DECODE_VARIANT", v)
+        cache = lca.LatentCache(B, H, Dc, Dr, L, dtype=torch.bfloat16, device="cuda", **kw)
+        cache.prefill(q[:, :P], c[:, :P], r[:, :P])
+        caches[v] = cache
+    for t in range(P, L):
+        outs = {}
+        for v, cache in caches.items():
+            monkeypatch.setenv("LCA_DECODE_VARIANT", v)
+            outs[v] = cache.step(q[:, t], c[:, t], r[:, t])
+        assert torch.equal(outs["ws"], outs["wsa"]), f"step {t}: outputs differ"
+        for a, b in zip(caches["ws"]._held_arrays[:-1], caches["wsa"]._held_arrays[:-1]):
+            assert torch.equal(a, b), f"step {t}: cache state differs"
 
 
 GPU_GQA = [  # B, L, H, Hkv, D, Dv, g, w, n, key_mode, rep_bias, P

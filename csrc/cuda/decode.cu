@@ -51,7 +51,7 @@ constexpr int kDecAppendThreads = 128;
 
 template <typename T>
 __global__ void __launch_bounds__(kDecAppendThreads) lca_dec_append_kernel(lca_decode_params p) {
-    const int64_t b = blockIdx.y, T_ = p.T, slot = T_ % p.R, hg = p.H / p.Hkv;
+    const int64_t b = blockIdx.y, slot = p.T % p.R;
     const int64_t i = (int64_t)blockIdx.x * kDecAppendThreads + threadIdx.x;
     const int64_t nk = p.Hkv * p.D, nv = p.v_in_k ? 0 : p.Hkv * p.Dv;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -61,16 +61,7 @@ __global__ void __launch_bounds__(kDecAppendThreads) lca_dec_append_kernel(lca_d
 #endif
     if (i < nk) {
         const int64_t h = i / p.D, d = i - h * p.D;
-        row<T>(p.kr, b, slot, h)[d] = row<const T>(p.k, b, 0, h)[d];
-        if (T_ % p.g >= p.g - p.n) {
-            const bool first = T_ % p.g == p.g - p.n;
-            const T *q = row<const T>(p.q, b, 0, h * hg) + d;
-            float acc = 0;
-#pragma unroll 8
-            for (int64_t hh = 0; hh < hg; hh++) acc += to_f(q[hh * p.q.sh]);
-            float *dst = row<float>(p.qsum, b, (T_ / p.g) % p.S, h) + d;
-            *dst = first ? acc : *dst + acc;
-        }
+        dec_append_key<T>(p, b, h, d);
     } else if (i < nk + nv) {
         const int64_t h = (i - nk) / p.Dv, d = (i - nk) - h * p.Dv;
         row<T>(p.vr, b, slot, h)[d] = row<const T>(p.v, b, 0, h)[d];
@@ -513,15 +504,30 @@ template <typename T> struct DecStep {
         const int64_t c1 = lca_cache_condensed(T_ + 1, g, w);
         const size_t csmem = sizeof(float) * (size_t)(p->D + g);
         const int64_t append_n = p->Hkv * (p->D + (p->v_in_k ? 0 : p->Dv));
-        lca_dec_append_kernel<T><<<dim3((unsigned)((append_n + kDecAppendThreads - 1) /
-                                                   kDecAppendThreads), (unsigned)p->B),
-                                   kDecAppendThreads, 0, st>>>(*p);
+        /* the Hopper partial kernel this step will run (0: none), decided first: some of its
+           variants append the token themselves, when no condensation must run before them */
+        int bmt = 0;
+        if constexpr (!std::is_same<T, float>::value) {
+#ifndef LCA_NO_SM90A
+            bmt = kernel_disabled("dec_bulk") || kernel_disabled("mma")
+                      ? 0 : lca_cuda_dec_bulk_supported(p, device);
+#endif
+        }
+        int fused = 0;
+#ifndef LCA_NO_SM90A
+        fused = bmt && c0 >= Gt ? lca_cuda_dec_bulk_appends(p, bmt) : 0;
+#endif
+        if (!fused)
+            lca_dec_append_kernel<T><<<dim3((unsigned)((append_n + kDecAppendThreads - 1) /
+                                                       kDecAppendThreads), (unsigned)p->B),
+                                       kDecAppendThreads, 0, st>>>(*p);
         for (int64_t j = c0; j < Gt; j++)
             lca_dec_condense_kernel<T><<<dim3((unsigned)p->Hkv, (unsigned)p->B),
                                          kDecCondThreads, csmem, st>>>(*p, j);
         DecArgs a;
         a.p = *p;
         a.count = nullptr;
+        a.append = fused;
         a.G = Gt;
         a.e0 = Gt * g;
         a.N = Gt + (T_ + 1 - a.e0);
@@ -530,8 +536,6 @@ template <typename T> struct DecStep {
         bool mma = false;
         if constexpr (!std::is_same<T, float>::value) {
 #ifndef LCA_NO_SM90A
-            const int bmt = kernel_disabled("dec_bulk") || kernel_disabled("mma")
-                                ? 0 : lca_cuda_dec_bulk_supported(p, device);
             if (bmt) {
                 /* one block of 16 bmt heads per SM: splits enough to fill the SMs once */
                 a.hchunks = (int)((hg + 16 * bmt - 1) / (16 * bmt));

@@ -12,6 +12,8 @@ struct DecArgs {
     int nsplit, hchunks;
     unsigned *count;           /* the workspace's arrival counters ((b, kv head, head chunk)),
                                   when the partial kernel merges the splits itself; else null */
+    int append;                /* the partial kernel appends the token itself (the append kernel
+                                  is not launched; the new key row is read from k) */
 };
 
 constexpr int kDecKeys = 32;   /* keys per shared-memory tile */
@@ -47,6 +49,26 @@ __device__ __forceinline__ void dec_softmax_update(float (&x)[KK][4], float bmax
         }
 }
 
+/* The append of element d of the new token's key for (b, kv head h): into its ring slot, and,
+ * when the token is one of its group's summary tokens, the sum of its query heads (in head
+ * order) into the group's summary sum.  UNROLL: loads in flight (fewer under a small
+ * setmaxnreg budget). */
+template <typename T, int UNROLL = 8>
+__device__ __forceinline__ void dec_append_key(const lca_decode_params &p, int64_t b, int64_t h,
+                                               int64_t d) {
+    const int64_t T_ = p.T, slot = T_ % p.R, hg = p.H / p.Hkv;
+    row<T>(p.kr, b, slot, h)[d] = row<const T>(p.k, b, 0, h)[d];
+    if (T_ % p.g >= p.g - p.n) {
+        const bool first = T_ % p.g == p.g - p.n;
+        const T *q = row<const T>(p.q, b, 0, h * hg) + d;
+        float acc = 0;
+#pragma unroll UNROLL
+        for (int64_t hh = 0; hh < hg; hh++) acc += to_f(q[hh * p.q.sh]);
+        float *dst = row<float>(p.qsum, b, (T_ / p.g) % p.S, h) + d;
+        *dst = first ? acc : *dst + acc;
+    }
+}
+
 /* the arrival counters after the partials: B * H of them (at least B * Hkv * hchunks), zero
  * between steps (the block that merges a chunk's splits resets its counter) */
 __host__ __device__ inline unsigned *dec_counters(const lca_decode_params &p) {
@@ -63,3 +85,6 @@ extern "C" int lca_cuda_dec_bulk_partial(const lca::DecArgs *a, int mt, void *st
 /* Up to how many splits that kernel also merges (when a->count is set; the step then launches
  * no combine kernel): the warp-specialised kernel's bound, 0 for the other variants. */
 extern "C" int lca_cuda_dec_bulk_merges(const lca_decode_params *p, int mt);
+/* Whether that kernel appends the step's token itself (the step then launches no append kernel;
+ * only when no condensation must run before the partial kernel). */
+extern "C" int lca_cuda_dec_bulk_appends(const lca_decode_params *p, int mt);

@@ -448,20 +448,30 @@ __global__ void __launch_bounds__(kWsThreads, 1) lca_dec_partial_ws_kernel(DecAr
 
     if (warp < 4) {
         asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
-        if (warp != 0) return;
+        if (warp != 0) {
+            /* the fused append (a.append): warps 1..3 of the last split's first head chunk
+               write the token's key into its ring slot and its summary sum, as
+               lca_dec_append_kernel does; the producer reads the new key row from k */
+            if (a.append && s == a.nsplit - 1 && blockIdx.x == 0)
+                for (int64_t d = threadIdx.x - 32; d < p.D; d += 96) dec_append_key<T, 2>(p, b, h, d);
+            return;
+        }
         /* Row r of tile t: entry k = k0 + r, condensed row k while k < G, else ring slot
          * (e0 + k - G) mod R (k - G < R, so one wrap at most); rows past the range's end repeat
          * its last row.  Lane r copies row r. */
         const T *kb0 = row<const T>(p.kbar, b, 0, h), *kr0 = row<const T>(p.kr, b, 0, h);
         const int64_t R = p.R, e0r = a.e0 % R;
+        const T *knew = a.append ? row<const T>(p.k, b, 0, h) : nullptr;
         auto src_row = [&](int64_t k) {
             k = k < i1 ? k : i1 - 1;
+            if (knew && k == a.N - 1) return knew;        /* the token, not yet in the ring */
             if (k < a.G) return kb0 + k * p.kbar.st;
             const int64_t sl = e0r + (k - a.G);
             return kr0 + (sl >= R ? sl - R : sl) * p.kr.st;
         };
-        /* launched as a programmatic dependent of the append kernel (launch_ws): its ring row
-           (and any condensed row written before this kernel) is read only after this */
+        /* launched as a programmatic dependent of the append kernel (launch_ws; not when the
+           kernel appends itself): its ring row (and any condensed row written before this
+           kernel) is read only after this */
         asm volatile("griddepcontrol.wait;\n" ::: "memory");
         for (int t = 0; t < ntiles; t++) {
             const int st = t % NST;
@@ -669,7 +679,7 @@ int launch_ws(const DecArgs &a, cudaStream_t st, bool pdl = true) {
     attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attr[0].val.programmaticStreamSerializationAllowed = 1;
     cfg.attrs = attr;
-    cfg.numAttrs = pdl ? 1 : 0;
+    cfg.numAttrs = pdl && !a.append ? 1 : 0;         /* no append kernel before: q is read */
     return cudaLaunchKernelEx(&cfg, kernel, a) == cudaSuccess ? LCA_OK : LCA_ERR_CUDA;
 }
 
@@ -685,8 +695,11 @@ int launch_ws(const DecArgs &a, cudaStream_t st, bool pdl = true) {
  * The ws kernels merge the splits themselves (up to kMergeSplits; else the combine kernel runs)
  * and are programmatic dependent launches of the append kernel; for comparison:
  *   "wsc"    ws with the combine kernel and a plain launch (the ws of the 11-30 H200 runs)
- *   "wsm"    ws merging its splits, with a plain launch */
-enum Variant { kDefault, kV3, kKt2, kCp, kKt2Cp, kWs, kWsc, kWsm };
+ *   "wsm"    ws merging its splits, with a plain launch
+ *   "wsa"    ws appending the step's token itself (no append kernel: warps 1..3 of the last
+ *            split's block write the ring slot and the summary sum; the new key row is copied
+ *            from k), when no condensation runs before the partial kernel; NOT RUN ON A GPU */
+enum Variant { kDefault, kV3, kKt2, kCp, kKt2Cp, kWs, kWsc, kWsm, kWsa };
 static Variant variant() {
     const char *v = getenv("LCA_DECODE_VARIANT");
     if (!v) return kDefault;
@@ -697,6 +710,7 @@ static Variant variant() {
     if (!strcmp(v, "ws")) return kWs;
     if (!strcmp(v, "wsc")) return kWsc;
     if (!strcmp(v, "wsm")) return kWsm;
+    if (!strcmp(v, "wsa")) return kWsa;
     return kDefault;
 }
 
@@ -744,7 +758,7 @@ extern "C" int lca_cuda_dec_bulk_supported(const lca_decode_params *p, int devic
     if (!lca::rows_aligned16(vs)) return 0;
     const int64_t hg = p->H / p->Hkv;
     const Variant v = variant();
-    const int mt = v == kWs || v == kWsc || v == kWsm || hg <= 16 ? 1
+    const int mt = v == kWs || v == kWsc || v == kWsm || v == kWsa || hg <= 16 ? 1
                    : hg <= 32 ? 2 : 4;
     const size_t need =
         p->D == 576 ? (mt == 1 ? smem_mt1<576, 512>() : mt == 2 ? smem<576, 512, 2>()
@@ -761,6 +775,12 @@ extern "C" int lca_cuda_dec_bulk_merges(const lca_decode_params *p, int mt) {
     const Variant v = variant();
     return mt == 1 && v != kV3 && v != kKt2 && v != kCp && v != kKt2Cp && v != kWsc
                ? kMergeSplits : 0;
+}
+
+extern "C" int lca_cuda_dec_bulk_appends(const lca_decode_params *p, int mt) {
+    using namespace lca::dec90;
+    const lca_view *vs[] = {&p->k};
+    return mt == 1 && variant() == kWsa && p->v_in_k && lca::rows_aligned16(vs);
 }
 
 extern "C" int lca_cuda_dec_bulk_partial(const lca::DecArgs *a, int mt, void *stream) {
