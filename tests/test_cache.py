@@ -448,10 +448,12 @@ GPU_MLA = [  # B, L, H, Dc, Dr, g, w, n, score, rep_bias, P
 # The Hopper kernel's variants (csrc/cuda/decode_sm90a.cu, LCA_DECODE_VARIANT): "ws" the
 # warp-specialised kernel (the default for 16-head blocks; forced, it takes 16-head blocks at
 # any H: H = 128 is 8 blocks; it merges the splits itself), "wsc" the same with the combine
-# kernel, "wsa" the same appending the token itself, "v3" the one-tile-an-iteration kernel
+# kernel after the append kernel, "wsa" the same appending the token itself, "wsa2" (the default)
+# that with 2 rows a copy and the keys permuted within a tile, "v3" the one-tile-an-iteration
+# kernel
 # (16/32/64-head blocks).  Only the bf16/fp16 MLA
 # 576/512 and 288/256 steps run it; elsewhere the others would repeat "ws".
-DEC_VARIANTS = ["ws", "wsc", "wsa", "v3"]
+DEC_VARIANTS = ["wsa2", "ws", "wsc", "wsa", "v3"]
 
 
 @gpu
@@ -511,9 +513,9 @@ GPU_MLA_LONG = [  # B, L, H, Dc, Dr, g, w, n, score, rep_bias, P, nsplit
 # "ws" / "wsc" the warp-specialised Hopper kernel (merging its splits / with the combine
 # kernel) in 16-head blocks at every H, and for 16-head blocks the other Hopper variants (LCA_DECODE_VARIANT: "v3" one tile
 # an iteration, two tiles an iteration, cp.async loads, both)
-HOPPER_VARIANTS = ("ws", "wsc", "wsa", "v3", "kt2", "cp", "kt2cp")
+HOPPER_VARIANTS = ("ws", "wsc", "wsa", "wsa2", "v3", "kt2", "cp", "kt2cp")
 LONG_RUNS = [(c, k) for c in GPU_MLA_LONG
-             for k in ["bulk", "mma", "ws", "wsc", "wsa"]
+             for k in ["bulk", "mma", "ws", "wsc", "wsa", "wsa2"]
              + (["v3", "kt2", "cp", "kt2cp"] if c[2] <= 16 else [])]
 
 
@@ -563,9 +565,10 @@ def test_gpu_mla_decode_long(case, kernel, dtype, monkeypatch):
 def test_gpu_fused_append_is_exact(case, monkeypatch):
     """The Hopper kernel appending the step's token itself ("wsa": no append kernel, the new key
     row read from k) gives the same bits as the append kernel before it ("ws"): every output
-    row and the whole cache state (ring, condensed rows, summary sums) after every step; w = 0
-    makes the token complete its own group (a condensation before the attention: the append
-    kernel then runs)."""
+    row and the whole cache state (ring, condensed rows, summary sums) after every step; the
+    default "wsa2" (2 rows a copy, keys permuted within a tile) the same cache state and outputs
+    within rounding.  w = 0 makes the token complete its own group (a condensation before the
+    attention: the append kernel then runs)."""
     torch = _torch()
     B, L, H, Dc, Dr, g, w, n, score, bias, P, nsplit = case
     if decode_route("bfloat16", Dc + Dr, Dc, True) != "bulk":
@@ -580,7 +583,7 @@ def test_gpu_fused_append_is_exact(case, monkeypatch):
     r = torch.randn(B, L, Dr, generator=gen, device="cuda").bfloat16()
     kw = dict(group_size=g, window=w, n_summary=n, score=score, rep_bias=bias)
     caches = {}
-    for v in ("ws", "wsa"):
+    for v in ("ws", "wsa", "wsa2"):
         monkeypatch.setenv("LCA_DECODE_VARIANT", v)
         cache = lca.LatentCache(B, H, Dc, Dr, L, dtype=torch.bfloat16, device="cuda", **kw)
         cache.prefill(q[:, :P], c[:, :P], r[:, :P])
@@ -591,8 +594,12 @@ def test_gpu_fused_append_is_exact(case, monkeypatch):
             monkeypatch.setenv("LCA_DECODE_VARIANT", v)
             outs[v] = cache.step(q[:, t], c[:, t], r[:, t])
         assert torch.equal(outs["ws"], outs["wsa"]), f"step {t}: outputs differ"
-        for a, b in zip(caches["ws"]._held_arrays[:-1], caches["wsa"]._held_arrays[:-1]):
-            assert torch.equal(a, b), f"step {t}: cache state differs"
+        for v in ("wsa2",):                # keys permuted within a tile: other roundings
+            torch.testing.assert_close(outs[v].float(), outs["ws"].float(), rtol=2e-2,
+                                       atol=2e-2, msg=lambda m: f"step {t}, {v}: {m}")
+        for v in ("wsa", "wsa2"):
+            for a, b in zip(caches["ws"]._held_arrays[:-1], caches[v]._held_arrays[:-1]):
+                assert torch.equal(a, b), f"step {t}, {v}: cache state differs"
 
 
 GPU_GQA = [  # B, L, H, Hkv, D, Dv, g, w, n, key_mode, rep_bias, P

@@ -324,11 +324,11 @@ int launch(const DecArgs &a, cudaStream_t st) {
  * columns [wi Dv / 4, (wi + 1) Dv / 4). */
 constexpr int kWsThreads = 384;       /* warpgroup 0: producer; 1, 2: consumer groups 0, 1 */
 
-template <int D, int DV> struct WsShape {
+template <int D, int DV, int U = 1> struct WsShape {
     static constexpr int NST = 5;                                /* stages (32-key tiles) */
     static constexpr int LD = D + kDecPad;                       /* elements per Q row */
-    static constexpr int USTR = D + kDecPad;                     /* elements per key row */
-    static constexpr int STG = kDecKeys * USTR;                  /* elements per stage */
+    static constexpr int USTR = U * D + kDecPad;                 /* elements per copy unit */
+    static constexpr int STG = kDecKeys / U * USTR;              /* elements per stage */
     static constexpr int KSW = D / 32;                           /* k-steps per warp (half D) */
     static constexpr int NACC = KSW % 2 == 0 ? 2 : KSW % 3 == 0 ? 3 : 1;
     static constexpr int WCOL = DV / 4, NTV = WCOL / 8;          /* value columns, n-tiles */
@@ -339,9 +339,17 @@ template <int D, int DV> struct WsShape {
     static constexpr size_t kStage = (size_t)STG * 2;
     static constexpr size_t kSmem = kBar + kQ + kS + NST * kStage;
     static constexpr size_t kMerge = (size_t)(NTV + 1) * 128 * 16;  /* group 1's state */
-    static_assert(D % 32 == 0 && KSW % NACC == 0 && NTV % 2 == 0, "shape");
-    /* key k of the tile (column k of S, row k of P V's k) is at element off(k) of the stage */
-    static __device__ __forceinline__ int off(int k) { return k * USTR; }
+    static_assert(D % 32 == 0 && KSW % NACC == 0 && NTV % 2 == 0 &&
+                  (U == 1 || U == 2), "shape");
+    /* A tile's keys are copied U at a time (U rows consecutive in memory: one bulk copy) into
+     * units of U unpadded rows, a unit every USTR elements.  Column c of S (and row c of P V's
+     * k) is key key(c) of the tile, at element off(key(c)) of the stage: for U > 1 the 8 rows
+     * of an ldmatrix (8 consecutive columns) are row c / (32 / U) of 8 consecutive units, whose
+     * starts are 16 bytes apart modulo 128 (USTR = 8 mod 64 elements): no bank conflict. */
+    static __device__ __forceinline__ int key(int c) {
+        return U == 1 ? c : U * (c % (kDecKeys / U)) + c / (kDecKeys / U);
+    }
+    static __device__ __forceinline__ int off(int k) { return k / U * USTR + k % U * D; }
     static_assert(2 * NST * 8 <= kBar && kQ % 16 == 0 && kS % 16 == 0 && kStage % 16 == 0 &&
                   kMerge <= NST * kStage, "layout");
 };
@@ -420,9 +428,9 @@ __device__ __forceinline__ void merge_splits(const DecArgs &a, int64_t b, int64_
     }
 }
 
-template <typename T, int D, int DV>
+template <typename T, int D, int DV, int U = 1>
 __global__ void __launch_bounds__(kWsThreads, 1) lca_dec_partial_ws_kernel(DecArgs a) {
-    using S_ = WsShape<D, DV>;
+    using S_ = WsShape<D, DV, U>;
     constexpr int NST = S_::NST, LD = S_::LD, SR = S_::SR, KSW = S_::KSW, NACC = S_::NACC;
     constexpr int WCOL = S_::WCOL, NTV = S_::NTV, USTR = S_::USTR, STG = S_::STG;
     extern __shared__ __align__(128) unsigned char dsm[];
@@ -480,7 +488,29 @@ __global__ void __launch_bounds__(kWsThreads, 1) lca_dec_partial_ws_kernel(DecAr
             T *dst = stage0 + st * STG;
             if (lane == 0) mbar_expect_tx(&full[st], (uint32_t)(kDecKeys * D * sizeof(T)));
             __syncwarp();
-            bulk_g2s(dst + lane * USTR, src_row(k0 + lane), (uint32_t)(D * sizeof(T)), &full[st]);
+            if constexpr (U == 1) {
+                bulk_g2s(dst + lane * USTR, src_row(k0 + lane), (uint32_t)(D * sizeof(T)),
+                         &full[st]);
+            } else if (lane < kDecKeys / U) {
+                /* lane u: rows U u .. U u + U - 1 into unit u, in one copy when consecutive in
+                   memory (no wrap of the ring, no range end, no new token inside), else one
+                   copy a row */
+                const T *sr[U];
+                bool one = true;
+#pragma unroll
+                for (int j = 0; j < U; j++) {
+                    sr[j] = src_row(k0 + U * lane + j);
+                    one = one && sr[j] == sr[0] + j * D;
+                }
+                if (one) {
+                    bulk_g2s(dst + lane * USTR, sr[0], (uint32_t)(U * D * sizeof(T)), &full[st]);
+                } else {
+#pragma unroll
+                    for (int j = 0; j < U; j++)
+                        bulk_g2s(dst + lane * USTR + j * D, sr[j], (uint32_t)(D * sizeof(T)),
+                                 &full[st]);
+                }
+            }
         }
         /* stay until the last copy has landed (no copy outlives its issuing thread) */
         if (ntiles > 0) mbar_wait(&full[(ntiles - 1) % NST], (uint32_t)(((ntiles - 1) / NST) & 1));
@@ -521,9 +551,9 @@ __global__ void __launch_bounds__(kWsThreads, 1) lca_dec_partial_ws_kernel(DecAr
     const float scale = (float)p.scale, bias = (float)p.rep_bias;
     /* B fragments of S (K as stored, [key][d]): matrix lane >> 3 of the ldmatrix is n-tile
      * lane >> 4, columns +8 for odd matrices; P V: row (k) kk * 16 + (lane & 15) */
-    const int krow = S_::off(kn * 16 + (lane >> 4) * 8 + (lane & 7));
+    const int krow = S_::off(S_::key(kn * 16 + (lane >> 4) * 8 + (lane & 7)));
     const int kcol = ((lane >> 3) & 1) * 8;
-    const int vrow0 = S_::off(lane & 15), vrow1 = S_::off(16 + (lane & 15));
+    const int vrow0 = S_::off(S_::key(lane & 15)), vrow1 = S_::off(S_::key(16 + (lane & 15)));
 
     for (int t = gi, j = 0; t < ntiles; t += 2, j++) {
         const int st = t % NST;
@@ -578,7 +608,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) lca_dec_partial_ws_kernel(DecAr
 #pragma unroll
                 for (int e = 0; e < 4; e += 2) {
                     const int c = 16 * kk + 2 * tq + 8 * (e >> 1);   /* column of S */
-                    const int key0 = c, key1 = c + 1;
+                    const int key0 = S_::key(c), key1 = S_::key(c + 1);
                     const float2 v2 = *(const float2 *)(Sb + (gq + 8 * i) * SR + c);
                     const float2 w2 = *(const float2 *)(Sb + (16 + gq + 8 * i) * SR + c);
                     float v0 = (v2.x + w2.x) * scale + (key0 < kb ? bias : 0.0f);
@@ -660,10 +690,10 @@ __global__ void __launch_bounds__(kWsThreads, 1) lca_dec_partial_ws_kernel(DecAr
     if (a.count) merge_splits<T, DV>(a, b, h, r0, (int *)Ss, gt);
 }
 
-template <typename T, int D, int DV>
+template <typename T, int D, int DV, int U = 1>
 int launch_ws(const DecArgs &a, cudaStream_t st, bool pdl = true) {
-    auto kernel = lca_dec_partial_ws_kernel<T, D, DV>;
-    constexpr size_t sm = WsShape<D, DV>::kSmem;
+    auto kernel = lca_dec_partial_ws_kernel<T, D, DV, U>;
+    constexpr size_t sm = WsShape<D, DV, U>::kSmem;
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm) !=
         cudaSuccess)
         return LCA_ERR_CUDA;
@@ -684,22 +714,29 @@ int launch_ws(const DecArgs &a, cudaStream_t st, bool pdl = true) {
 }
 
 /* LCA_DECODE_VARIANT (benchmarks and tests; read at every step):
- *   unset or anything else  the default: "ws" for 16-head blocks (H / Hkv <= 16), v3 otherwise
+ *   unset or anything else  the default for 16-head blocks (H / Hkv <= 16): the warp-specialised
+ *            kernel with 2-row copies appending the token itself ("wsa2" below); v3 otherwise
  *   "v3"     lca_dec_partial_bulk_kernel, one tile an iteration (the default before ws)
  *   "kt2"    v3 with two tiles an iteration         (16-head blocks)
  *   "cp"     v3 with cp.async loads                 (16-head blocks)
  *   "kt2cp"  both                                   (16-head blocks)
- *   "ws"     the warp-specialised kernel, and 16-head blocks for every H / Hkv (at H = 128 the
- *            8 blocks of a (b, split) read the same tiles, the first from memory, the rest
- *            mostly from L2: a comparison against v3's 64-head blocks)
- * The ws kernels merge the splits themselves (up to kMergeSplits; else the combine kernel runs)
- * and are programmatic dependent launches of the append kernel; for comparison:
+ * and the warp-specialised kernel in 16-head blocks for every H / Hkv (at H = 128 the 8 blocks
+ * of a (b, split) read the same tiles, the first from memory, the rest mostly from L2: a
+ * comparison against v3's 64-head blocks), merging its splits itself (up to kMergeSplits; else
+ * the combine kernel runs):
+ *   "ws"     one bulk copy a row, after the append kernel (a programmatic dependent launch of
+ *            it; the default of the fourth 11-30 session)
  *   "wsc"    ws with the combine kernel and a plain launch (the ws of the 11-30 H200 runs)
  *   "wsm"    ws merging its splits, with a plain launch
  *   "wsa"    ws appending the step's token itself (no append kernel: warps 1..3 of the last
  *            split's block write the ring slot and the summary sum; the new key row is copied
- *            from k), when no condensation runs before the partial kernel; NOT RUN ON A GPU */
-enum Variant { kDefault, kV3, kKt2, kCp, kKt2Cp, kWs, kWsc, kWsm, kWsa };
+ *            from k), when no condensation runs before the partial kernel
+ *   "wsa2"   wsa with a tile's rows copied 2 at a time where consecutive in memory (16 bulk
+ *            copies a tile instead of 32: the copy engine takes about as long for a 1,152-byte
+ *            row as for two, benchmarks/bw_probe.cu; H200: partial 176.5 vs 205.5 us at 128K,
+ *            B = 64).  4 rows a copy were no faster (178.9 us) and did not finish the CUDA-graph
+ *            timing of bench_decode (cause not found; ws4 of the 11-30 sessions likewise) */
+enum Variant { kDefault, kV3, kKt2, kCp, kKt2Cp, kWs, kWsc, kWsm, kWsa, kWsa2 };
 static Variant variant() {
     const char *v = getenv("LCA_DECODE_VARIANT");
     if (!v) return kDefault;
@@ -711,6 +748,7 @@ static Variant variant() {
     if (!strcmp(v, "wsc")) return kWsc;
     if (!strcmp(v, "wsm")) return kWsm;
     if (!strcmp(v, "wsa")) return kWsa;
+    if (!strcmp(v, "wsa2")) return kWsa2;
     return kDefault;
 }
 
@@ -722,7 +760,9 @@ template <typename T, int D, int DV> int launch_one(const DecArgs &a, cudaStream
     case kKt2Cp: return launch<T, D, DV, 1, 2, false>(a, st);
     case kWsc: return launch_ws<T, D, DV>(a, st, false);
     case kWsm: return launch_ws<T, D, DV>(a, st, false);
-    default: return launch_ws<T, D, DV>(a, st);
+    case kWs: return launch_ws<T, D, DV>(a, st);
+    case kWsa: return launch_ws<T, D, DV>(a, st);
+    default: return launch_ws<T, D, DV, 2>(a, st);
     }
 }
 
@@ -741,7 +781,8 @@ template <typename T> int launch_mt(const DecArgs &a, int mt, cudaStream_t st) {
  * on the variant) */
 template <int D, int DV> constexpr size_t smem_mt1() {
     constexpr size_t a = smem<D, DV, 1>(), b = smem<D, DV, 1, 2>();
-    constexpr size_t c = WsShape<D, DV>::kSmem, ab = a > b ? a : b;
+    constexpr size_t c = WsShape<D, DV, 1>::kSmem, ab = a > b ? a : b;
+    static_assert(WsShape<D, DV, 2>::kSmem <= c, "smem");
     return ab > c ? ab : c;
 }
 
@@ -758,7 +799,8 @@ extern "C" int lca_cuda_dec_bulk_supported(const lca_decode_params *p, int devic
     if (!lca::rows_aligned16(vs)) return 0;
     const int64_t hg = p->H / p->Hkv;
     const Variant v = variant();
-    const int mt = v == kWs || v == kWsc || v == kWsm || v == kWsa || hg <= 16 ? 1
+    const int mt = v == kWs || v == kWsc || v == kWsm || v == kWsa || v == kWsa2 ||
+                   hg <= 16 ? 1
                    : hg <= 32 ? 2 : 4;
     const size_t need =
         p->D == 576 ? (mt == 1 ? smem_mt1<576, 512>() : mt == 2 ? smem<576, 512, 2>()
@@ -780,7 +822,9 @@ extern "C" int lca_cuda_dec_bulk_merges(const lca_decode_params *p, int mt) {
 extern "C" int lca_cuda_dec_bulk_appends(const lca_decode_params *p, int mt) {
     using namespace lca::dec90;
     const lca_view *vs[] = {&p->k};
-    return mt == 1 && variant() == kWsa && p->v_in_k && lca::rows_aligned16(vs);
+    const Variant v = variant();
+    return mt == 1 && (v == kDefault || v == kWsa || v == kWsa2) && p->v_in_k &&
+           lca::rows_aligned16(vs);
 }
 
 extern "C" int lca_cuda_dec_bulk_partial(const lca::DecArgs *a, int mt, void *stream) {
