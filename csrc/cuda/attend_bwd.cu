@@ -31,7 +31,7 @@ __device__ __forceinline__ float lse_at(const lca_params &p, int64_t b, int64_t 
     return ((const float *)p.lse.p)[b * p.lse.sb + hq * p.lse.st + t];
 }
 
-/* 2. delta[b, hq, t] = dO . O, one warp per row */
+/* 2. delta[b, hq, t] = dO . O, one warp per row (any width, any alignment) */
 template <typename T>
 __global__ void __launch_bounds__(32 * kBwdWarps) bwd_delta_kernel(lca_params p, float *delta) {
     const int lane = threadIdx.x & 31;
@@ -43,6 +43,92 @@ __global__ void __launch_bounds__(32 * kBwdWarps) bwd_delta_kernel(lca_params p,
     for (int64_t c = lane; c < p.Dv; c += 32) acc += to_f(o[c]) * to_f(d[c]);
     acc = warp_sum(acc);
     if (lane == 0) delta[(b * p.H + hq) * p.L + t] = acc;
+}
+
+/* The same with 16-byte loads, for Dv a multiple of 16 bytes and 16-byte aligned rows of out
+ * and dout (delta_shape checks): a group of G lanes a row (G = 8, 16, 32), lane l of the group
+ * taking the 16-byte chunks l, l + G, ... (NI of them) of both rows, R rows a group at once, all
+ * loads issued before the sums; the rows in delta's order (t fastest: a warp's stores are
+ * contiguous).  Each lane sums its elements in order with fma, the group then xor-reduces:
+ * a fixed order, deterministic. */
+template <typename T, int G, int NI>
+__global__ void __launch_bounds__(256) bwd_delta_vec_kernel(lca_params p, float *delta) {
+    constexpr int E = 16 / sizeof(T), S = 32 / G;      /* elements a chunk, groups a warp */
+    constexpr int R = NI >= 4 ? 1 : 4 / NI;            /* R NI chunk pairs in flight a lane */
+    const int lane = threadIdx.x & 31, gl = lane % G;
+    const int64_t L = p.L, H = p.H, rows = p.B * H * L, nch = p.Dv / E;
+    const int64_t r0 = ((int64_t)blockIdx.x * 8 + (threadIdx.x >> 5)) * (S * R);
+    if (r0 >= rows) return;                            /* whole warps: the shuffles below */
+    /* row r = (b H + hq) L + t of this lane's k-th slot is r0 + k S + lane / G: (b, hq, t) of
+       r0 by division once a warp, then stepped */
+    int64_t t = r0 % L, hq = r0 / L % H, b = r0 / (L * H);
+    auto step = [&](int a) {
+        for (t += a; t >= L; t -= L)
+            if (++hq == H) hq = 0, b++;
+    };
+    step(lane / G);
+    uint4 uo[R][NI], ud[R][NI];                        /* a slot past the end reads row 0, a */
+#pragma unroll                                         /* chunk past the row's end chunk 0 */
+    for (int k = 0; k < R; k++) {
+        const bool live = b < p.B;
+        const T *o = row<const T>(p.out, live ? b : 0, live ? t : 0, live ? hq : 0);
+        const T *d = row<const T>(p.dout, live ? b : 0, live ? t : 0, live ? hq : 0);
+#pragma unroll
+        for (int i = 0; i < NI; i++) {
+            const int64_t c = gl + i * G < nch ? gl + i * G : 0;
+            uo[k][i] = *(const uint4 *)(o + c * E);
+            ud[k][i] = *(const uint4 *)(d + c * E);
+        }
+        if (k + 1 < R) step(S);
+    }
+#pragma unroll
+    for (int k = 0; k < R; k++) {
+        float acc = 0;
+#pragma unroll
+        for (int i = 0; i < NI; i++) {                 /* a chunk past the end: dropped */
+            const T *xo = (const T *)&uo[k][i], *xd = (const T *)&ud[k][i];
+            float a = acc;
+#pragma unroll
+            for (int y = 0; y < E; y++) a = fmaf(to_f(xo[y]), to_f(xd[y]), a);
+            acc = gl + i * G < nch ? a : acc;
+        }
+#pragma unroll
+        for (int x = G / 2; x > 0; x >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, x);
+        const int64_t r = r0 + k * S + lane / G;
+        if (gl == 0 && r < rows) delta[r] = acc;
+    }
+}
+
+/* Host: the vector kernel's lanes a row and chunks a lane for this call (G = 0: the
+ * warp-per-row kernel runs) */
+template <typename T> inline void delta_shape(const lca_params *p, int &G, int &NI) {
+    constexpr int64_t E = 16 / sizeof(T);
+    G = NI = 0;
+    if (p->Dv % E) return;
+    for (const lca_view *v : {&p->out, &p->dout})
+        if ((uintptr_t)v->p % 16 || v->sb % E || v->st % E || v->sh % E) return;
+    const int64_t nch = p->Dv / E;                     /* at most 1024 / 4 */
+    G = nch <= 8 ? 8 : nch <= 16 ? 16 : 32;
+    NI = nch <= 32 ? 1 : nch <= 64 ? 2 : nch <= 128 ? 4 : 8;
+}
+
+template <typename T> void launch_delta(const lca_params *p, float *delta, cudaStream_t stream) {
+    const int64_t rows = p->B * p->L * p->H;
+    int G, NI;
+    delta_shape<T>(p, G, NI);
+    if (G == 0) {
+        bwd_delta_kernel<T><<<(unsigned)((rows + kBwdWarps - 1) / kBwdWarps), 32 * kBwdWarps, 0,
+                              stream>>>(*p, delta);
+        return;
+    }
+    const int64_t per = 8 * (32 / G) * (NI >= 4 ? 1 : 4 / NI);     /* rows a block */
+    const unsigned blocks = (unsigned)((rows + per - 1) / per);
+    if (G == 8) bwd_delta_vec_kernel<T, 8, 1><<<blocks, 256, 0, stream>>>(*p, delta);
+    else if (G == 16) bwd_delta_vec_kernel<T, 16, 1><<<blocks, 256, 0, stream>>>(*p, delta);
+    else if (NI == 1) bwd_delta_vec_kernel<T, 32, 1><<<blocks, 256, 0, stream>>>(*p, delta);
+    else if (NI == 2) bwd_delta_vec_kernel<T, 32, 2><<<blocks, 256, 0, stream>>>(*p, delta);
+    else if (NI == 4) bwd_delta_vec_kernel<T, 32, 4><<<blocks, 256, 0, stream>>>(*p, delta);
+    else bwd_delta_vec_kernel<T, 32, 8><<<blocks, 256, 0, stream>>>(*p, delta);
 }
 
 /* 3. dq, one warp per query row (b, t, hq); lane l holds columns l, l + 32, ... */
@@ -495,9 +581,7 @@ template <typename T> struct Bwd {
                    const lca_view *dkbar, const lca_view *dvbar, int device,
                    cudaStream_t stream) {
         if (part != kCondense && p->L > 0) {
-            const int64_t rows = p->B * p->L * p->H;
-            bwd_delta_kernel<T><<<(unsigned)((rows + kBwdWarps - 1) / kBwdWarps), 32 * kBwdWarps,
-                                  0, stream>>>(*p, w->delta);
+            launch_delta<T>(p, w->delta, stream);
             if (mma) {
                 const int s = lca_cuda_bwd_mma(p, w, device, stream);
                 if (s != LCA_OK) return s;
