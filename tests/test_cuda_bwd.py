@@ -334,3 +334,69 @@ def test_dq_fold_strided_views(monkeypatch):
     for a, b, c in zip(got, contig, plain):
         assert torch.equal(a, b) and torch.equal(a, c)
 
+
+FINISH_CASES = [  # kind, B, L, H, Hkv, D, Dv, g, w, n, mode
+    ("gqa", 2, 301, 8, 2, 192, 128, 16, 40, None, "pool"),    # dk 2 chunks a lane, dv 1
+    ("gqa", 1, 257, 4, 4, 128, 128, 8, 20, 3, "anchor"),      # d_pool 0: the anchor path
+    ("gqa", 3, 99, 6, 3, 64, 64, 4, 9, 1, "pool"),            # half a warp's lanes a row
+    ("gqa", 1, 129, 4, 4, 256, 256, 16, 32, None, "pool"),    # 2 chunks each
+    ("gqa", 1, 150, 2, 1, 60, 36, 4, 16, 2, "anchor"),        # widths 4 k, not 8 k
+    ("gqa", 1, 120, 2, 1, 59, 37, 4, 16, None, "pool"),       # odd widths: the block kernel
+    ("mla", 1, 200, 4, 1, 576, 512, 16, 32, None, "latent"),  # v in k, dk 5 of 8 chunks
+    ("mla", 2, 150, 2, 1, 288, 256, 8, 16, 3, "full"),        # d_score > d_pool
+]
+
+
+def finish_case(case, dtype, gen):
+    """The whole backward, attend's and the condensation's alone on one case (the three callers
+    of the conversion: terms on the groups' rows, none, and on zero base gradients)."""
+    kind, B, L, H, Hkv, D, Dv, g, w, n, mode = case
+    if kind == "gqa":
+        q, k, v = (rand(gen, (B, L, H, D), dtype), rand(gen, (B, L, Hkv, D), dtype),
+                   rand(gen, (B, L, Hkv, Dv), dtype))
+        dout = rand(gen, (B, L, H, Dv), dtype)
+        ckw = dict(group_size=g, n_summary=n, key_mode=mode)
+        kw = dict(ckw, window=w)
+        out, lse = lca.gqa_attention(q, k, v, return_lse=True, **kw)
+        kbar, vbar, _, _ = lca.gqa_condense(q, k, v, **ckw)
+        akw = dict(group_size=g, window=w)
+        aout, alse = lca.gqa_attend(q, k, v, kbar, vbar, return_lse=True, **akw)
+        dkb, dvb = rand(gen, kbar.shape, dtype), rand(gen, vbar.shape, dtype)
+        return lambda: (lca.gqa_attention_backward(dout, q, k, v, out, lse, **kw) +
+                        lca.gqa_attend_backward(dout, q, k, v, kbar, vbar, aout, alse, **akw) +
+                        lca.gqa_condense_backward(dkb, dvb, q, k, v, **ckw))
+    q, c, r = (rand(gen, (B, L, H, D), dtype), rand(gen, (B, L, Dv), dtype),
+               rand(gen, (B, L, D - Dv), dtype))
+    dout = rand(gen, (B, L, H, Dv), dtype)
+    ckw = dict(group_size=g, n_summary=n, score=mode)
+    kw = dict(ckw, window=w)
+    out, lse = lca.attention(q, c, r, return_lse=True, **kw)
+    cb, rb, _, _ = lca.condense(q, c, r, **ckw)
+    akw = dict(group_size=g, window=w)
+    aout, alse = lca.attend(q, c, r, cb, rb, return_lse=True, **akw)
+    dcb, drb = rand(gen, cb.shape, dtype), rand(gen, rb.shape, dtype)
+    return lambda: (lca.attention_backward(dout, q, c, r, out, lse, **kw) +
+                    lca.attend_backward(dout, q, c, r, cb, rb, aout, alse, **akw) +
+                    lca.condense_backward(dcb, drb, q, c, r, **ckw))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", FINISH_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_conversion_kernels_agree(case, dtype, monkeypatch):
+    """The float32 gradients into the caller's dtype with the condensation's terms by the
+    vector kernel (bwd_finish_vec_kernel, rows on 4 elements, widths 4 k) and by the block
+    kernel (LCA_CUDA_DISABLE=finish_vec): the same operations on every element, so every
+    gradient of the three backward calls is bit-identical.  dq takes the conversion too (the
+    Hopper fold off)."""
+    monkeypatch.setenv("LCA_POISON_WORKSPACE", "1")
+    gen = torch.Generator(device="cuda").manual_seed(zlib.crc32(repr(("finish", case,
+                                                                      dtype)).encode()))
+    run = finish_case(case, dtype, gen)
+    monkeypatch.setenv("LCA_CUDA_DISABLE", "dq_fold")
+    vec = run()
+    monkeypatch.setenv("LCA_CUDA_DISABLE", "dq_fold,finish_vec")
+    block = run()
+    assert len(vec) == len(block)
+    for i, (a, b) in enumerate(zip(vec, block)):
+        assert torch.isfinite(a.float()).all(), f"gradient {i}: unwritten elements"
+        assert torch.equal(a, b), f"gradient {i}: the vector conversion differs"

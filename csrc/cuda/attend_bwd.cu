@@ -24,6 +24,7 @@
 #include <algorithm>
 
 #include "bwd.cuh"
+#include "mma.cuh"
 
 namespace lca {
 
@@ -526,14 +527,143 @@ __global__ void __launch_bounds__(32 * kConvWarps) bwd_finish_kernel(lca_params 
     }
 }
 
-/* one block per position: B L < 2^31 (the entry checks it) */
+__host__ __device__ constexpr int finish_rows(int kc) { return kc >= 4 ? 1 : 4 / kc; }
+
+/* store4 with the pairs packed by one conversion each (the same rounding, to nearest even) and
+ * one 8-byte store (__stwb: a plain store, which the compiler cannot split in two 4-byte ones,
+ * as it does store4's) */
+template <typename T> __device__ __forceinline__ void store4_packed(T *d, float4 x) {
+    if constexpr (sizeof(T) == 4) *(float4 *)d = x;
+    else __stwb((uint2 *)d, make_uint2(pack2<T>(x.x, x.y), pack2<T>(x.z, x.w)));
+}
+
+/* The same conversion with more bytes in flight, for W a multiple of 4 and the rows of dst on 4
+ * elements (finish_chunks checks): a warp takes R = 4 / KC consecutive rows (b, t, h) (1 at
+ * KC = 8), lane l columns 4 l + 128 k (k < KC) of each, and loads all its R KC float4 of src
+ * (and of the term's vectors on the groups' rows) before any store; a row's scalars (alpha_i,
+ * the anchor, dscore_i) are read once, the position is stepped, not divided, from row to row.
+ * (8 float4 a lane in flight instead of 4 cost more registers than they bring: one block an
+ * SM in MODE 1.)  Each element gets the same float operations as in bwd_finish_kernel —
+ * written out as intrinsics so that no contraction is left to the compiler: there a product
+ * added to s contracts into one fma only in MODE 2 — so the bits are the same.
+ * LCA_CUDA_DISABLE=finish_vec: bwd_finish_kernel. */
+template <typename T, int MODE, int KC>
+__global__ void __launch_bounds__(32 * kConvWarps)
+    bwd_finish_vec_kernel(lca_params p, BwdWork w, const float *__restrict__ src, lca_view dst,
+                          int Hn, int W) {
+    constexpr int R = finish_rows(KC);
+    const int lane = threadIdx.x & 31;
+    const int64_t rows = p.B * p.L * Hn;
+    const int64_t r0 = ((int64_t)blockIdx.x * kConvWarps + (threadIdx.x >> 5)) * R;
+    if (r0 >= rows) return;
+    const int64_t g = p.g, m = p.m, D = p.D, ds = p.d_score, dpool = p.d_pool;
+    const int hg = (int)(p.H / p.Hkv);
+    /* row r0's position (b, t) and head h, then stepped (B L < 2^31: 32 bits) */
+    const int64_t bt0 = r0 / Hn;
+    int h = (int)(r0 - bt0 * Hn);
+    uint32_t t = (uint32_t)(bt0 % p.L), b = (uint32_t)(bt0 / p.L);
+    float4 x[R][KC], u[R][KC], v[R][KC];              /* src, the term's vectors */
+    T *d[R];
+    float ra[R], rd[R];                                /* alpha_i, dscore_i */
+    bool live[R], grp[R], on[R];                       /* on: MODE 0's term rows; MODE 1 anchor */
+#pragma unroll
+    for (int k = 0; k < R; k++) {
+        live[k] = b < (uint32_t)p.B;
+        const int64_t bt = live[k] ? (int64_t)b * p.L + t : 0;    /* a dead row reads row 0 */
+        const int hh = live[k] ? h : 0;
+        d[k] = row<T>(dst, b, t, h);
+        const float *s = src + (bt * Hn + hh) * W;
+#pragma unroll
+        for (int q = 0; q < KC; q++) {
+            const int c = 4 * lane + 128 * q;
+            x[k][q] = *(const float4 *)(s + (c < W ? c : 0));
+        }
+        const int64_t j = m > 0 ? (int64_t)(t / (uint32_t)g) : 0, i = (int64_t)t - j * g;
+        const int64_t e = ((int64_t)b * m + j) * p.Hkv + (MODE == 0 ? h / hg : h);
+        grp[k] = live[k] && j < m;
+        on[k] = false, ra[k] = rd[k] = 0.0f;
+        if (grp[k]) {                                  /* warp-uniform */
+            if (MODE == 0) on[k] = i >= g - p.n;
+            if (MODE == 1) on[k] = w.anchor[e] == i;
+            if (MODE != 0) ra[k] = w.alpha[e * g + i];
+            if (MODE == 1) rd[k] = w.dsc[e * g + i];
+            const float *a = MODE == 0 ? w.dqb + e * D : MODE == 1 ? w.dkb + e * D
+                                                                   : w.dvb + e * w.ldv;
+#pragma unroll
+            for (int q = 0; q < KC; q++) {
+                const int c = 4 * lane + 128 * q, cc = c < W ? c : 0;
+                if (MODE != 0 || on[k]) u[k][q] = *(const float4 *)(a + cc);
+                if (MODE == 1 && cc < ds) v[k][q] = *(const float4 *)(w.qbar + e * D + cc);
+            }
+        }
+        if (k + 1 < R && ++h == Hn) {
+            h = 0;
+            if (++t == (uint32_t)p.L) t = 0, b++;
+        }
+    }
+#pragma unroll
+    for (int k = 0; k < R; k++) {
+        if (!live[k]) break;
+#pragma unroll
+        for (int q = 0; q < KC; q++) {
+            const int c = 4 * lane + 128 * q;
+            if (c >= W) break;
+            float *xs = (float *)&x[k][q];
+            const float *us = (const float *)&u[k][q], *vs = (const float *)&v[k][q];
+#pragma unroll
+            for (int y = 0; y < 4; y++) {
+                const int cy = c + y;
+                if (!grp[k]) {
+                    xs[y] = __fadd_rn(xs[y], 0.0f);
+                } else if (MODE == 0) {
+                    xs[y] = __fadd_rn(xs[y], on[k] && cy < ds ? us[y] : 0.0f);
+                } else if (MODE == 1) {
+                    float add = cy < dpool ? __fmul_rn(ra[k], us[y]) : (on[k] ? us[y] : 0.0f);
+                    if (cy < ds) add = __fmaf_rn(rd[k], vs[y], add);
+                    xs[y] = __fadd_rn(xs[y], add);
+                } else {
+                    xs[y] = __fmaf_rn(ra[k], us[y], xs[y]);
+                }
+            }
+            store4_packed(d[k] + c, x[k][q]);
+        }
+    }
+}
+
+/* Host: the vector kernel's column chunks a lane for this conversion (0: bwd_finish_kernel) */
+template <typename T>
+inline int finish_chunks(const lca_params *p, const lca_view &dst, int64_t Hn, int64_t W) {
+    if (W % 4 || W > 1024 || kernel_disabled("finish_vec")) return 0;
+    if ((uintptr_t)dst.p % (4 * sizeof(T)) || (p->B > 1 && dst.sb % 4) ||
+        (p->L > 1 && dst.st % 4) || (Hn > 1 && dst.sh % 4))
+        return 0;
+    const int kc = W <= 128 ? 1 : W <= 256 ? 2 : W <= 512 ? 4 : 8;
+    const int64_t per = kConvWarps * finish_rows(kc);  /* rows a block */
+    if ((p->B * p->L * Hn + per - 1) / per > 2147483647) return 0;
+    return kc;
+}
+
+/* B L < 2^31 (the entry checks it) */
 template <typename T, int MODE>
 void finish(const lca_params *p, const BwdWork *w, const float *src, const lca_view &dst,
             int64_t Hn, int64_t W, cudaStream_t stream) {
     if (p->B * p->L == 0 || Hn == 0 || W == 0) return;
-    const int warps = Hn < kConvWarps ? (int)Hn : kConvWarps;
-    bwd_finish_kernel<T, MODE><<<(unsigned)(p->B * p->L), 32 * warps, 0, stream>>>(
-        *p, *w, src, dst, (int)Hn, (int)W);
+    const int kc = finish_chunks<T>(p, dst, Hn, W);
+    if (kc == 0) {                                     /* one block per position */
+        const int warps = Hn < kConvWarps ? (int)Hn : kConvWarps;
+        bwd_finish_kernel<T, MODE><<<(unsigned)(p->B * p->L), 32 * warps, 0, stream>>>(
+            *p, *w, src, dst, (int)Hn, (int)W);
+        return;
+    }
+    const int64_t per = kConvWarps * finish_rows(kc);
+    const unsigned blocks = (unsigned)((p->B * p->L * Hn + per - 1) / per);
+    auto go = [&](auto kernel) {
+        kernel<<<blocks, 32 * kConvWarps, 0, stream>>>(*p, *w, src, dst, (int)Hn, (int)W);
+    };
+    if (kc == 1) go(bwd_finish_vec_kernel<T, MODE, 1>);
+    else if (kc == 2) go(bwd_finish_vec_kernel<T, MODE, 2>);
+    else if (kc == 4) go(bwd_finish_vec_kernel<T, MODE, 4>);
+    else go(bwd_finish_vec_kernel<T, MODE, 8>);
 }
 
 /* The reverse of a plain finish: a strided (B, rows, Hn, W) view in the input dtype into a
