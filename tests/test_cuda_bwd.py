@@ -24,8 +24,9 @@ pytestmark = pytest.mark.skipif(not lca.HAS_CUDA, reason="needs a CUDA device")
 torch = pytest.importorskip("torch") if lca.HAS_CUDA else None
 
 if lca.HAS_CUDA:
-    from torch_lca import (check_grads, gqa_lca, mla_lca, naive_grads,   # noqa: E402
-                           run_captured)                         # (tests/ on sys.path)
+    from lca import _C                                                   # noqa: E402
+    from torch_lca import (check_grads, gqa_lca, hopper, mla_lca,       # noqa: E402
+                           naive_grads, run_captured)            # (tests/ on sys.path)
 
 DTYPES = ["float32", "bfloat16", "float16"]
 
@@ -240,3 +241,162 @@ def test_condensation_backward_warp_and_block_agree(case, monkeypatch):
     for a, b in zip(warp, block):
         assert torch.isfinite(a.float()).all()
         assert rel(to_np(a), to_np(b)) <= 1e-2
+
+
+# The routes below compute the same float operations on the same values in another kernel or
+# another order of launches, so their results must be equal bit for bit (torch.equal); the
+# float32 scratch is NaN-poisoned too (LCA_POISON_WORKSPACE) so that a row a route leaves
+# unwritten, or a term read before it is made, cannot pass.
+
+FOLD_CASES = [  # B, L, H, Hkv, g, w, n, key_mode, rep_bias
+    (2, 301, 8, 2, 16, 40, None, "pool", 0.3),        # odd L, B = 2, 4 heads a kv head
+    (1, 257, 6, 3, 8, 0, 3, "anchor", 0.0),           # 2 a kv head, window 0, n = 3
+    (3, 97, 4, 4, 4, 10, 1, "pool", -0.2),            # B = 3, n = 1
+    (1, 1000, 16, 16, 16, 64, None, "anchor", 0.0),   # the benchmark's head layout
+    (2, 130, 4, 1, 1, 0, None, "anchor", 0.4),        # g = 1: every row a group's summary row
+]
+
+
+def gqa_case(case, D, dtype, gen):
+    B, L, H, Hkv, g, w, n, km, bias = case
+    q, k, v = rand(gen, (B, L, H, D), dtype), rand(gen, (B, L, Hkv, D), dtype), \
+        rand(gen, (B, L, Hkv, 128), dtype)
+    dout = rand(gen, (B, L, H, 128), dtype)
+    return q, k, v, dout, dict(group_size=g, window=w, n_summary=n, key_mode=km, rep_bias=bias)
+
+
+def run_whole_and_attend(q, k, v, dout, kw, gen):
+    """The whole backward and attend's over given entries (3 rows more than any query sees)."""
+    out, lse = lca.gqa_attention(q, k, v, return_lse=True, **kw)
+    whole = lca.gqa_attention_backward(dout, q, k, v, out, lse, **kw)
+    B, L, _, D = q.shape
+    g, w, bias = kw["group_size"], kw["window"], kw["rep_bias"]
+    m = lca.num_condensed(L - 1, g, w) + 3
+    kbar = rand(gen, (B, m, k.shape[2], D), str(q.dtype).split(".")[1])
+    vbar = rand(gen, (B, m, k.shape[2], v.shape[3]), str(q.dtype).split(".")[1])
+    akw = dict(group_size=g, window=w, rep_bias=bias)
+    aout, alse = lca.gqa_attend(q, k, v, kbar, vbar, return_lse=True, **akw)
+    attend = lca.gqa_attend_backward(dout, q, k, v, kbar, vbar, aout, alse, **akw)
+    return whole, attend
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("D", [192, 128])
+@pytest.mark.parametrize("case", FOLD_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_dq_fold_is_the_float32_route(case, D, dtype, monkeypatch):
+    """On compute 9.0 the wgmma dq kernel runs after dk/dv and the condensation backward and
+    writes the final dq itself: from_f(tau acc + term) as the conversion kernel makes it of the
+    float32 dq.  LCA_CUDA_DISABLE=dq_fold keeps the float32 route (dq kernel first, into the
+    scratch, then the conversion): every gradient, of the whole backward and of attend's, must
+    be bit-identical, and _C.cuda_last_bwd_dq_fold() says which route ran."""
+    if not hopper():
+        pytest.skip("the folded dq kernel is the sm_90a one")
+    monkeypatch.setenv("LCA_POISON_WORKSPACE", "1")
+    monkeypatch.delenv("LCA_CUDA_DISABLE", raising=False)
+    gen = torch.Generator(device="cuda").manual_seed(zlib.crc32(repr(("fold", case, D,
+                                                                      dtype)).encode()))
+    q, k, v, dout, kw = gqa_case(case, D, dtype, gen)
+    state = gen.get_state()
+    folded = run_whole_and_attend(q, k, v, dout, kw, gen)
+    assert _C.cuda_last_bwd_dq_kernel() == "wgmma" and _C.cuda_last_bwd_dq_fold()
+    monkeypatch.setenv("LCA_CUDA_DISABLE", "dq_fold")
+    gen.set_state(state)
+    plain = run_whole_and_attend(q, k, v, dout, kw, gen)
+    assert _C.cuda_last_bwd_dq_kernel() == "wgmma" and not _C.cuda_last_bwd_dq_fold()
+    for part, a_, b_ in (("whole", folded[0], plain[0]), ("attend", folded[1], plain[1])):
+        for name, a, b in zip(["dq", "dk", "dv", "dkbar", "dvbar"], a_, b_):
+            assert torch.isfinite(a.float()).all(), f"{part} {name}: unwritten elements"
+            assert torch.equal(a, b), f"{part} {name}: the folded route differs"
+
+
+def test_dq_fold_strided_views(monkeypatch):
+    """Strided q / k / v / dout (rows still 16-byte aligned) through the folded route: equal to
+    the contiguous call's and to the float32 route's."""
+    if not hopper():
+        pytest.skip("the folded dq kernel is the sm_90a one")
+    monkeypatch.setenv("LCA_POISON_WORKSPACE", "1")
+    monkeypatch.delenv("LCA_CUDA_DISABLE", raising=False)
+    gen = torch.Generator(device="cuda").manual_seed(17)
+    B, L, H, Hkv = 2, 333, 4, 2
+    qw = rand(gen, (B, L, H, 256), "bfloat16")
+    kv = rand(gen, (B, L, Hkv, 192 + 128 + 8), "bfloat16")
+    q, k, v = qw[..., :192], kv[..., :192], kv[..., 192:320]
+    dout = rand(gen, (B, L, H, 136), "bfloat16")[..., 8:]
+    kw = dict(group_size=16, window=100, n_summary=5, key_mode="pool", rep_bias=0.1)
+    out, lse = lca.gqa_attention(q, k, v, return_lse=True, **kw)
+    got = lca.gqa_attention_backward(dout, q, k, v, out, lse, **kw)
+    assert _C.cuda_last_bwd_dq_fold()
+    contig = lca.gqa_attention_backward(dout.contiguous(), q.contiguous(), k.contiguous(),
+                                        v.contiguous(), out, lse, **kw)
+    monkeypatch.setenv("LCA_CUDA_DISABLE", "dq_fold")
+    plain = lca.gqa_attention_backward(dout, q, k, v, out, lse, **kw)
+    assert not _C.cuda_last_bwd_dq_fold()
+    for a, b, c in zip(got, contig, plain):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+FINISH_CASES = [  # kind, B, L, H, Hkv, D, Dv, g, w, n, mode
+    ("gqa", 2, 301, 8, 2, 192, 128, 16, 40, None, "pool"),    # dk 2 chunks a lane, dv 1
+    ("gqa", 1, 257, 4, 4, 128, 128, 8, 20, 3, "anchor"),      # d_pool 0: the anchor path
+    ("gqa", 3, 99, 6, 3, 64, 64, 4, 9, 1, "pool"),            # half a warp's lanes a row
+    ("gqa", 1, 129, 4, 4, 256, 256, 16, 32, None, "pool"),    # 2 chunks each
+    ("gqa", 1, 150, 2, 1, 60, 36, 4, 16, 2, "anchor"),        # widths 4 k, not 8 k
+    ("gqa", 1, 120, 2, 1, 59, 37, 4, 16, None, "pool"),       # odd widths: the block kernel
+    ("mla", 1, 200, 4, 1, 576, 512, 16, 32, None, "latent"),  # v in k, dk 5 of 8 chunks
+    ("mla", 2, 150, 2, 1, 288, 256, 8, 16, 3, "full"),        # d_score > d_pool
+]
+
+
+def finish_case(case, dtype, gen):
+    """The whole backward, attend's and the condensation's alone on one case (the three callers
+    of the conversion: terms on the groups' rows, none, and on zero base gradients)."""
+    kind, B, L, H, Hkv, D, Dv, g, w, n, mode = case
+    if kind == "gqa":
+        q, k, v = (rand(gen, (B, L, H, D), dtype), rand(gen, (B, L, Hkv, D), dtype),
+                   rand(gen, (B, L, Hkv, Dv), dtype))
+        dout = rand(gen, (B, L, H, Dv), dtype)
+        ckw = dict(group_size=g, n_summary=n, key_mode=mode)
+        kw = dict(ckw, window=w)
+        out, lse = lca.gqa_attention(q, k, v, return_lse=True, **kw)
+        kbar, vbar, _, _ = lca.gqa_condense(q, k, v, **ckw)
+        akw = dict(group_size=g, window=w)
+        aout, alse = lca.gqa_attend(q, k, v, kbar, vbar, return_lse=True, **akw)
+        dkb, dvb = rand(gen, kbar.shape, dtype), rand(gen, vbar.shape, dtype)
+        return lambda: (lca.gqa_attention_backward(dout, q, k, v, out, lse, **kw) +
+                        lca.gqa_attend_backward(dout, q, k, v, kbar, vbar, aout, alse, **akw) +
+                        lca.gqa_condense_backward(dkb, dvb, q, k, v, **ckw))
+    q, c, r = (rand(gen, (B, L, H, D), dtype), rand(gen, (B, L, Dv), dtype),
+               rand(gen, (B, L, D - Dv), dtype))
+    dout = rand(gen, (B, L, H, Dv), dtype)
+    ckw = dict(group_size=g, n_summary=n, score=mode)
+    kw = dict(ckw, window=w)
+    out, lse = lca.attention(q, c, r, return_lse=True, **kw)
+    cb, rb, _, _ = lca.condense(q, c, r, **ckw)
+    akw = dict(group_size=g, window=w)
+    aout, alse = lca.attend(q, c, r, cb, rb, return_lse=True, **akw)
+    dcb, drb = rand(gen, cb.shape, dtype), rand(gen, rb.shape, dtype)
+    return lambda: (lca.attention_backward(dout, q, c, r, out, lse, **kw) +
+                    lca.attend_backward(dout, q, c, r, cb, rb, aout, alse, **akw) +
+                    lca.condense_backward(dcb, drb, q, c, r, **ckw))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", FINISH_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_conversion_kernels_agree(case, dtype, monkeypatch):
+    """The float32 gradients into the caller's dtype with the condensation's terms by the
+    vector kernel (bwd_finish_vec_kernel, rows on 4 elements, widths 4 k) and by the block
+    kernel (LCA_CUDA_DISABLE=finish_vec): the same operations on every element, so every
+    gradient of the three backward calls is bit-identical.  dq takes the conversion too (the
+    Hopper fold off)."""
+    monkeypatch.setenv("LCA_POISON_WORKSPACE", "1")
+    gen = torch.Generator(device="cuda").manual_seed(zlib.crc32(repr(("finish", case,
+                                                                      dtype)).encode()))
+    run = finish_case(case, dtype, gen)
+    monkeypatch.setenv("LCA_CUDA_DISABLE", "dq_fold")
+    vec = run()
+    monkeypatch.setenv("LCA_CUDA_DISABLE", "dq_fold,finish_vec")
+    block = run()
+    assert len(vec) == len(block)
+    for i, (a, b) in enumerate(zip(vec, block)):
+        assert torch.isfinite(a.float()).all(), f"gradient {i}: unwritten elements"
+        assert torch.equal(a, b), f"gradient {i}: the vector conversion differs"

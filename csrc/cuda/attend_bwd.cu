@@ -16,12 +16,15 @@
  *      the way the group's terms: dq through qbar, dk through the scores, the pooling (alpha
  *      dkbar, alpha dvbar) and the anchor copy (kbar[d_pool:] = k_anchor[d_pool:]).
  * Steps 3 and 4 run on tensor cores for the shapes attend_bwd_mma.cu covers (step 3 on a
- * compute 9.0 device by attend_bwd_dq_sm90a.cu's wgmma kernel for 192/128 and 128/128).  Every
+ * compute 9.0 device by attend_bwd_dq_sm90a.cu's wgmma kernel for 192/128 and 128/128).  That
+ * wgmma kernel runs after step 5 instead and writes the final dq itself (step 6 for dq, the same
+ * bits; see dq_fold).  Every
  * output element is written by exactly one thread, sums run in a fixed order: the result is
  * bit-for-bit deterministic (no atomics).  Accumulation in float32. */
 #include <algorithm>
 
 #include "bwd.cuh"
+#include "mma.cuh"
 
 namespace lca {
 
@@ -31,7 +34,7 @@ __device__ __forceinline__ float lse_at(const lca_params &p, int64_t b, int64_t 
     return ((const float *)p.lse.p)[b * p.lse.sb + hq * p.lse.st + t];
 }
 
-/* 2. delta[b, hq, t] = dO . O, one warp per row */
+/* 2. delta[b, hq, t] = dO . O, one warp per row (any width, any alignment) */
 template <typename T>
 __global__ void __launch_bounds__(32 * kBwdWarps) bwd_delta_kernel(lca_params p, float *delta) {
     const int lane = threadIdx.x & 31;
@@ -43,6 +46,92 @@ __global__ void __launch_bounds__(32 * kBwdWarps) bwd_delta_kernel(lca_params p,
     for (int64_t c = lane; c < p.Dv; c += 32) acc += to_f(o[c]) * to_f(d[c]);
     acc = warp_sum(acc);
     if (lane == 0) delta[(b * p.H + hq) * p.L + t] = acc;
+}
+
+/* The same with 16-byte loads, for Dv a multiple of 16 bytes and 16-byte aligned rows of out
+ * and dout (delta_shape checks): a group of G lanes a row (G = 8, 16, 32), lane l of the group
+ * taking the 16-byte chunks l, l + G, ... (NI of them) of both rows, R rows a group at once, all
+ * loads issued before the sums; the rows in delta's order (t fastest: a warp's stores are
+ * contiguous).  Each lane sums its elements in order with fma, the group then xor-reduces:
+ * a fixed order, deterministic. */
+template <typename T, int G, int NI>
+__global__ void __launch_bounds__(256) bwd_delta_vec_kernel(lca_params p, float *delta) {
+    constexpr int E = 16 / sizeof(T), S = 32 / G;      /* elements a chunk, groups a warp */
+    constexpr int R = NI >= 4 ? 1 : 4 / NI;            /* R NI chunk pairs in flight a lane */
+    const int lane = threadIdx.x & 31, gl = lane % G;
+    const int64_t L = p.L, H = p.H, rows = p.B * H * L, nch = p.Dv / E;
+    const int64_t r0 = ((int64_t)blockIdx.x * 8 + (threadIdx.x >> 5)) * (S * R);
+    if (r0 >= rows) return;                            /* whole warps: the shuffles below */
+    /* row r = (b H + hq) L + t of this lane's k-th slot is r0 + k S + lane / G: (b, hq, t) of
+       r0 by division once a warp, then stepped */
+    int64_t t = r0 % L, hq = r0 / L % H, b = r0 / (L * H);
+    auto step = [&](int a) {
+        for (t += a; t >= L; t -= L)
+            if (++hq == H) hq = 0, b++;
+    };
+    step(lane / G);
+    uint4 uo[R][NI], ud[R][NI];                        /* a slot past the end reads row 0, a */
+#pragma unroll                                         /* chunk past the row's end chunk 0 */
+    for (int k = 0; k < R; k++) {
+        const bool live = b < p.B;
+        const T *o = row<const T>(p.out, live ? b : 0, live ? t : 0, live ? hq : 0);
+        const T *d = row<const T>(p.dout, live ? b : 0, live ? t : 0, live ? hq : 0);
+#pragma unroll
+        for (int i = 0; i < NI; i++) {
+            const int64_t c = gl + i * G < nch ? gl + i * G : 0;
+            uo[k][i] = *(const uint4 *)(o + c * E);
+            ud[k][i] = *(const uint4 *)(d + c * E);
+        }
+        if (k + 1 < R) step(S);
+    }
+#pragma unroll
+    for (int k = 0; k < R; k++) {
+        float acc = 0;
+#pragma unroll
+        for (int i = 0; i < NI; i++) {                 /* a chunk past the end: dropped */
+            const T *xo = (const T *)&uo[k][i], *xd = (const T *)&ud[k][i];
+            float a = acc;
+#pragma unroll
+            for (int y = 0; y < E; y++) a = fmaf(to_f(xo[y]), to_f(xd[y]), a);
+            acc = gl + i * G < nch ? a : acc;
+        }
+#pragma unroll
+        for (int x = G / 2; x > 0; x >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, x);
+        const int64_t r = r0 + k * S + lane / G;
+        if (gl == 0 && r < rows) delta[r] = acc;
+    }
+}
+
+/* Host: the vector kernel's lanes a row and chunks a lane for this call (G = 0: the
+ * warp-per-row kernel runs) */
+template <typename T> inline void delta_shape(const lca_params *p, int &G, int &NI) {
+    constexpr int64_t E = 16 / sizeof(T);
+    G = NI = 0;
+    if (p->Dv % E) return;
+    for (const lca_view *v : {&p->out, &p->dout})
+        if ((uintptr_t)v->p % 16 || v->sb % E || v->st % E || v->sh % E) return;
+    const int64_t nch = p->Dv / E;                     /* at most 1024 / 4 */
+    G = nch <= 8 ? 8 : nch <= 16 ? 16 : 32;
+    NI = nch <= 32 ? 1 : nch <= 64 ? 2 : nch <= 128 ? 4 : 8;
+}
+
+template <typename T> void launch_delta(const lca_params *p, float *delta, cudaStream_t stream) {
+    const int64_t rows = p->B * p->L * p->H;
+    int G, NI;
+    delta_shape<T>(p, G, NI);
+    if (G == 0) {
+        bwd_delta_kernel<T><<<(unsigned)((rows + kBwdWarps - 1) / kBwdWarps), 32 * kBwdWarps, 0,
+                              stream>>>(*p, delta);
+        return;
+    }
+    const int64_t per = 8 * (32 / G) * (NI >= 4 ? 1 : 4 / NI);     /* rows a block */
+    const unsigned blocks = (unsigned)((rows + per - 1) / per);
+    if (G == 8) bwd_delta_vec_kernel<T, 8, 1><<<blocks, 256, 0, stream>>>(*p, delta);
+    else if (G == 16) bwd_delta_vec_kernel<T, 16, 1><<<blocks, 256, 0, stream>>>(*p, delta);
+    else if (NI == 1) bwd_delta_vec_kernel<T, 32, 1><<<blocks, 256, 0, stream>>>(*p, delta);
+    else if (NI == 2) bwd_delta_vec_kernel<T, 32, 2><<<blocks, 256, 0, stream>>>(*p, delta);
+    else if (NI == 4) bwd_delta_vec_kernel<T, 32, 4><<<blocks, 256, 0, stream>>>(*p, delta);
+    else bwd_delta_vec_kernel<T, 32, 8><<<blocks, 256, 0, stream>>>(*p, delta);
 }
 
 /* 3. dq, one warp per query row (b, t, hq); lane l holds columns l, l + 32, ... */
@@ -438,14 +527,143 @@ __global__ void __launch_bounds__(32 * kConvWarps) bwd_finish_kernel(lca_params 
     }
 }
 
-/* one block per position: B L < 2^31 (the entry checks it) */
+__host__ __device__ constexpr int finish_rows(int kc) { return kc >= 4 ? 1 : 4 / kc; }
+
+/* store4 with the pairs packed by one conversion each (the same rounding, to nearest even) and
+ * one 8-byte store (__stwb: a plain store, which the compiler cannot split in two 4-byte ones,
+ * as it does store4's) */
+template <typename T> __device__ __forceinline__ void store4_packed(T *d, float4 x) {
+    if constexpr (sizeof(T) == 4) *(float4 *)d = x;
+    else __stwb((uint2 *)d, make_uint2(pack2<T>(x.x, x.y), pack2<T>(x.z, x.w)));
+}
+
+/* The same conversion with more bytes in flight, for W a multiple of 4 and the rows of dst on 4
+ * elements (finish_chunks checks): a warp takes R = 4 / KC consecutive rows (b, t, h) (1 at
+ * KC = 8), lane l columns 4 l + 128 k (k < KC) of each, and loads all its R KC float4 of src
+ * (and of the term's vectors on the groups' rows) before any store; a row's scalars (alpha_i,
+ * the anchor, dscore_i) are read once, the position is stepped, not divided, from row to row.
+ * (8 float4 a lane in flight instead of 4 cost more registers than they bring: one block an
+ * SM in MODE 1.)  Each element gets the same float operations as in bwd_finish_kernel —
+ * written out as intrinsics so that no contraction is left to the compiler: there a product
+ * added to s contracts into one fma only in MODE 2 — so the bits are the same.
+ * LCA_CUDA_DISABLE=finish_vec: bwd_finish_kernel. */
+template <typename T, int MODE, int KC>
+__global__ void __launch_bounds__(32 * kConvWarps)
+    bwd_finish_vec_kernel(lca_params p, BwdWork w, const float *__restrict__ src, lca_view dst,
+                          int Hn, int W) {
+    constexpr int R = finish_rows(KC);
+    const int lane = threadIdx.x & 31;
+    const int64_t rows = p.B * p.L * Hn;
+    const int64_t r0 = ((int64_t)blockIdx.x * kConvWarps + (threadIdx.x >> 5)) * R;
+    if (r0 >= rows) return;
+    const int64_t g = p.g, m = p.m, D = p.D, ds = p.d_score, dpool = p.d_pool;
+    const int hg = (int)(p.H / p.Hkv);
+    /* row r0's position (b, t) and head h, then stepped (B L < 2^31: 32 bits) */
+    const int64_t bt0 = r0 / Hn;
+    int h = (int)(r0 - bt0 * Hn);
+    uint32_t t = (uint32_t)(bt0 % p.L), b = (uint32_t)(bt0 / p.L);
+    float4 x[R][KC], u[R][KC], v[R][KC];              /* src, the term's vectors */
+    T *d[R];
+    float ra[R], rd[R];                                /* alpha_i, dscore_i */
+    bool live[R], grp[R], on[R];                       /* on: MODE 0's term rows; MODE 1 anchor */
+#pragma unroll
+    for (int k = 0; k < R; k++) {
+        live[k] = b < (uint32_t)p.B;
+        const int64_t bt = live[k] ? (int64_t)b * p.L + t : 0;    /* a dead row reads row 0 */
+        const int hh = live[k] ? h : 0;
+        d[k] = row<T>(dst, b, t, h);
+        const float *s = src + (bt * Hn + hh) * W;
+#pragma unroll
+        for (int q = 0; q < KC; q++) {
+            const int c = 4 * lane + 128 * q;
+            x[k][q] = *(const float4 *)(s + (c < W ? c : 0));
+        }
+        const int64_t j = m > 0 ? (int64_t)(t / (uint32_t)g) : 0, i = (int64_t)t - j * g;
+        const int64_t e = ((int64_t)b * m + j) * p.Hkv + (MODE == 0 ? h / hg : h);
+        grp[k] = live[k] && j < m;
+        on[k] = false, ra[k] = rd[k] = 0.0f;
+        if (grp[k]) {                                  /* warp-uniform */
+            if (MODE == 0) on[k] = i >= g - p.n;
+            if (MODE == 1) on[k] = w.anchor[e] == i;
+            if (MODE != 0) ra[k] = w.alpha[e * g + i];
+            if (MODE == 1) rd[k] = w.dsc[e * g + i];
+            const float *a = MODE == 0 ? w.dqb + e * D : MODE == 1 ? w.dkb + e * D
+                                                                   : w.dvb + e * w.ldv;
+#pragma unroll
+            for (int q = 0; q < KC; q++) {
+                const int c = 4 * lane + 128 * q, cc = c < W ? c : 0;
+                if (MODE != 0 || on[k]) u[k][q] = *(const float4 *)(a + cc);
+                if (MODE == 1 && cc < ds) v[k][q] = *(const float4 *)(w.qbar + e * D + cc);
+            }
+        }
+        if (k + 1 < R && ++h == Hn) {
+            h = 0;
+            if (++t == (uint32_t)p.L) t = 0, b++;
+        }
+    }
+#pragma unroll
+    for (int k = 0; k < R; k++) {
+        if (!live[k]) break;
+#pragma unroll
+        for (int q = 0; q < KC; q++) {
+            const int c = 4 * lane + 128 * q;
+            if (c >= W) break;
+            float *xs = (float *)&x[k][q];
+            const float *us = (const float *)&u[k][q], *vs = (const float *)&v[k][q];
+#pragma unroll
+            for (int y = 0; y < 4; y++) {
+                const int cy = c + y;
+                if (!grp[k]) {
+                    xs[y] = __fadd_rn(xs[y], 0.0f);
+                } else if (MODE == 0) {
+                    xs[y] = __fadd_rn(xs[y], on[k] && cy < ds ? us[y] : 0.0f);
+                } else if (MODE == 1) {
+                    float add = cy < dpool ? __fmul_rn(ra[k], us[y]) : (on[k] ? us[y] : 0.0f);
+                    if (cy < ds) add = __fmaf_rn(rd[k], vs[y], add);
+                    xs[y] = __fadd_rn(xs[y], add);
+                } else {
+                    xs[y] = __fmaf_rn(ra[k], us[y], xs[y]);
+                }
+            }
+            store4_packed(d[k] + c, x[k][q]);
+        }
+    }
+}
+
+/* Host: the vector kernel's column chunks a lane for this conversion (0: bwd_finish_kernel) */
+template <typename T>
+inline int finish_chunks(const lca_params *p, const lca_view &dst, int64_t Hn, int64_t W) {
+    if (W % 4 || W > 1024 || kernel_disabled("finish_vec")) return 0;
+    if ((uintptr_t)dst.p % (4 * sizeof(T)) || (p->B > 1 && dst.sb % 4) ||
+        (p->L > 1 && dst.st % 4) || (Hn > 1 && dst.sh % 4))
+        return 0;
+    const int kc = W <= 128 ? 1 : W <= 256 ? 2 : W <= 512 ? 4 : 8;
+    const int64_t per = kConvWarps * finish_rows(kc);  /* rows a block */
+    if ((p->B * p->L * Hn + per - 1) / per > 2147483647) return 0;
+    return kc;
+}
+
+/* B L < 2^31 (the entry checks it) */
 template <typename T, int MODE>
 void finish(const lca_params *p, const BwdWork *w, const float *src, const lca_view &dst,
             int64_t Hn, int64_t W, cudaStream_t stream) {
     if (p->B * p->L == 0 || Hn == 0 || W == 0) return;
-    const int warps = Hn < kConvWarps ? (int)Hn : kConvWarps;
-    bwd_finish_kernel<T, MODE><<<(unsigned)(p->B * p->L), 32 * warps, 0, stream>>>(
-        *p, *w, src, dst, (int)Hn, (int)W);
+    const int kc = finish_chunks<T>(p, dst, Hn, W);
+    if (kc == 0) {                                     /* one block per position */
+        const int warps = Hn < kConvWarps ? (int)Hn : kConvWarps;
+        bwd_finish_kernel<T, MODE><<<(unsigned)(p->B * p->L), 32 * warps, 0, stream>>>(
+            *p, *w, src, dst, (int)Hn, (int)W);
+        return;
+    }
+    const int64_t per = kConvWarps * finish_rows(kc);
+    const unsigned blocks = (unsigned)((p->B * p->L * Hn + per - 1) / per);
+    auto go = [&](auto kernel) {
+        kernel<<<blocks, 32 * kConvWarps, 0, stream>>>(*p, *w, src, dst, (int)Hn, (int)W);
+    };
+    if (kc == 1) go(bwd_finish_vec_kernel<T, MODE, 1>);
+    else if (kc == 2) go(bwd_finish_vec_kernel<T, MODE, 2>);
+    else if (kc == 4) go(bwd_finish_vec_kernel<T, MODE, 4>);
+    else go(bwd_finish_vec_kernel<T, MODE, 8>);
 }
 
 /* The reverse of a plain finish: a strided (B, rows, Hn, W) view in the input dtype into a
@@ -486,22 +704,39 @@ void launch_simt(const lca_params *p, const BwdWork *w, cudaStream_t stream) {
  * (lca_cuda_condense_bwd: step 5 and the terms of step 6 on zero base gradients). */
 enum Part { kWhole, kAttend, kCondense };
 
-/* The dq kernel the last backward call launched (lca_cuda_last_bwd_dq_kernel): evidence for the
- * tests that a call took the fast path. */
+/* The dq kernel the last backward call launched (lca_cuda_last_bwd_dq_kernel) and whether it
+ * wrote the final dq (lca_cuda_last_bwd_dq_fold): evidence for the tests that a call took the
+ * fast path. */
 static const char *last_bwd_dq_kernel = "";
+static int last_bwd_dq_fold = 0;
+
+/* Host: whether the wgmma dq kernel runs last and writes the final dq itself (the input dtype
+ * into p->dq, the condensation's term added: lca_cuda_bwd_dq_wgmma_fold) — after the dk/dv
+ * kernel and the condensation backward that makes the term, instead of first, into w->dq, for
+ * finish<T, 0> to convert: a float32 write and read of dq and a launch fewer, the same bits.
+ * LCA_CUDA_DISABLE=dq_fold (or =wgmma) keeps the float32 route. */
+inline bool dq_fold(const lca_params *p, int device) {
+#ifdef LCA_NO_SM90A
+    return false;
+#else
+    return !kernel_disabled("wgmma") && !kernel_disabled("dq_fold") &&
+           lca_cuda_bwd_dq_wgmma_supported(p, device) && lca_cuda_bwd_dq_fold_supported(p);
+#endif
+}
 
 template <typename T> struct Bwd {
     static int run(const lca_params *p, const BwdWork *w, Part part, int mma,
                    const lca_view *dkbar, const lca_view *dvbar, int device,
                    cudaStream_t stream) {
+        const bool fold = mma && part != kCondense && p->L > 0 && dq_fold(p, device);
+        last_bwd_dq_fold = 0;
         if (part != kCondense && p->L > 0) {
-            const int64_t rows = p->B * p->L * p->H;
-            bwd_delta_kernel<T><<<(unsigned)((rows + kBwdWarps - 1) / kBwdWarps), 32 * kBwdWarps,
-                                  0, stream>>>(*p, w->delta);
-            if (mma) {
-                const int s = lca_cuda_bwd_mma(p, w, device, stream);
+            launch_delta<T>(p, w->delta, stream);
+            if (mma) {                     /* with fold, dk/dv alone: dq comes last */
+                const int parts = fold ? LCA_BWD_DKDV : LCA_BWD_DQ | LCA_BWD_DKDV;
+                const int s = lca_cuda_bwd_mma(p, w, parts, device, stream);
                 if (s != LCA_OK) return s;
-                last_bwd_dq_kernel = lca_cuda_bwd_mma_dq_kernel();
+                if (!fold) last_bwd_dq_kernel = lca_cuda_bwd_mma_dq_kernel();
             } else {
                 last_bwd_dq_kernel = "simt";
                 const int64_t width = p->D > p->Dv ? p->D : p->Dv;
@@ -511,6 +746,7 @@ template <typename T> struct Bwd {
                 else launch_simt<32, T>(p, w, stream);
             }
         }
+        bool dq_done = false;              /* the final dq written (fold) */
         if (part == kAttend) {             /* the entries' gradients: B m rows as B "L" rows */
             if (p->L == 0) {               /* no query: zeros */
                 const size_t n = sizeof(float) * (size_t)(p->B * p->m * p->Hkv);
@@ -523,9 +759,13 @@ template <typename T> struct Bwd {
             pe.L = p->m, pe.m = 0;
             finish<T, 1>(&pe, w, w->dkb, *dkbar, p->Hkv, p->D, stream);
             if (!p->v_in_k) finish<T, 2>(&pe, w, w->dvb, *dvbar, p->Hkv, p->Dv, stream);
+            if (fold) {                    /* no condensation term */
+                const int s = folded_dq(p, w, false, device, stream, dq_done);
+                if (s != LCA_OK) return s;
+            }
             pe = *p;                       /* and dq, dk, dv with no condensation term */
             pe.m = 0;
-            finish_grads(&pe, w, stream);
+            finish_grads(&pe, w, !dq_done, stream);
             return LCA_OK;
         }
         if (part == kCondense) {           /* zero base gradients, the entries' given ones */
@@ -554,12 +794,34 @@ template <typename T> struct Bwd {
                 bwd_condense_kernel<T><<<grid, kCondBwdThreads, smem, stream>>>(*p, *w);
             }
         }
-        finish_grads(p, w, stream);
+        if (fold) {                        /* dq with the term the condensation backward made */
+            const int s = folded_dq(p, w, true, device, stream, dq_done);
+            if (s != LCA_OK) return s;
+        }
+        finish_grads(p, w, !dq_done, stream);
         return LCA_OK;
     }
 
-    static void finish_grads(const lca_params *p, const BwdWork *w, cudaStream_t stream) {
-        finish<T, 0>(p, w, w->dq, p->dq, p->H, p->D, stream);
+    /* The folded dq kernel; where it launches nothing (the driver cannot build its tensor maps),
+     * the float32 route instead: dq into w->dq, done = false, finish converts it. */
+    static int folded_dq(const lca_params *p, const BwdWork *w, bool terms, int device,
+                         cudaStream_t stream, bool &done) {
+        done = false;
+#ifndef LCA_NO_SM90A
+        const int s = lca_cuda_bwd_dq_wgmma_fold(p, w, terms, stream);
+        if (s == LCA_OK) {
+            done = true, last_bwd_dq_kernel = "wgmma", last_bwd_dq_fold = 1;
+            return LCA_OK;
+        }
+        if (s != LCA_BWD_NOT_HANDLED) return s;
+#endif
+        const int s2 = lca_cuda_bwd_mma(p, w, LCA_BWD_DQ, device, stream);
+        if (s2 == LCA_OK) last_bwd_dq_kernel = lca_cuda_bwd_mma_dq_kernel();
+        return s2;
+    }
+
+    static void finish_grads(const lca_params *p, const BwdWork *w, bool dq, cudaStream_t stream) {
+        if (dq) finish<T, 0>(p, w, w->dq, p->dq, p->H, p->D, stream);
         finish<T, 1>(p, w, w->dk, p->dk, p->Hkv, p->D, stream);
         if (!p->v_in_k) finish<T, 2>(p, w, w->dv, p->dv, p->Hkv, p->Dv, stream);
     }
@@ -598,6 +860,7 @@ int64_t carve(const lca_params *p, char *base, BwdWork *w) {
 }  // namespace lca
 
 extern "C" const char *lca_cuda_last_bwd_dq_kernel(void) { return lca::last_bwd_dq_kernel; }
+extern "C" int lca_cuda_last_bwd_dq_fold(void) { return lca::last_bwd_dq_fold; }
 
 extern "C" int64_t lca_cuda_bwd_workspace(const lca_params *p) {
     lca::BwdWork w;
