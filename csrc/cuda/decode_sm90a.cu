@@ -715,7 +715,7 @@ int launch_ws(const DecArgs &a, cudaStream_t st, bool pdl = true) {
 
 /* LCA_DECODE_VARIANT (benchmarks and tests; read at every step):
  *   unset or anything else  the default for 16-head blocks (H / Hkv <= 16): the warp-specialised
- *            kernel with 2-row copies appending the token itself ("wsa2" below); v3 otherwise
+ *            kernel appending the token itself ("wsa" below); v3 otherwise
  *   "v3"     lca_dec_partial_bulk_kernel, one tile an iteration (the default before ws)
  *   "kt2"    v3 with two tiles an iteration         (16-head blocks)
  *   "cp"     v3 with cp.async loads                 (16-head blocks)
@@ -734,8 +734,10 @@ int launch_ws(const DecArgs &a, cudaStream_t st, bool pdl = true) {
  *   "wsa2"   wsa with a tile's rows copied 2 at a time where consecutive in memory (16 bulk
  *            copies a tile instead of 32: the copy engine takes about as long for a 1,152-byte
  *            row as for two, benchmarks/bw_probe.cu; H200: partial 176.5 vs 205.5 us at 128K,
- *            B = 64).  4 rows a copy were no faster (178.9 us) and did not finish the CUDA-graph
- *            timing of bench_decode (cause not found; ws4 of the 11-30 sessions likewise) */
+ *            B = 64).  NOT THE DEFAULT: at 128K, B = 64 one of three runs failed ("unspecified
+ *            launch failure" in bench_decode, 11-30 fifth session) and another stopped answering
+ *            (memcheck at 8K, B = 4 clean; the GPU tests pass) — cause not found.  4 rows a copy
+ *            (ws4 / wsa4) were no faster and stopped answering in the CUDA-graph timing */
 enum Variant { kDefault, kV3, kKt2, kCp, kKt2Cp, kWs, kWsc, kWsm, kWsa, kWsa2 };
 static Variant variant() {
     const char *v = getenv("LCA_DECODE_VARIANT");
@@ -760,9 +762,8 @@ template <typename T, int D, int DV> int launch_one(const DecArgs &a, cudaStream
     case kKt2Cp: return launch<T, D, DV, 1, 2, false>(a, st);
     case kWsc: return launch_ws<T, D, DV>(a, st, false);
     case kWsm: return launch_ws<T, D, DV>(a, st, false);
-    case kWs: return launch_ws<T, D, DV>(a, st);
-    case kWsa: return launch_ws<T, D, DV>(a, st);
-    default: return launch_ws<T, D, DV, 2>(a, st);
+    case kWsa2: return launch_ws<T, D, DV, 2>(a, st);
+    default: return launch_ws<T, D, DV>(a, st);
     }
 }
 
