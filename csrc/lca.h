@@ -149,9 +149,6 @@ int lca_cuda_condense_bwd(const lca_params *p, const lca_view *dkbar, const lca_
 const char *lca_cuda_last_attend_kernel(void);
 /* The dq kernel the last CUDA backward call launched: "wgmma", "mma", "simt" ("": none). */
 const char *lca_cuda_last_bwd_dq_kernel(void);
-/* Whether that kernel wrote the final dq itself (the input dtype, the condensation's term added)
- * rather than float32 for a conversion kernel: 1 or 0. */
-int lca_cuda_last_bwd_dq_fold(void);
 
 #ifdef __cplusplus
 }

@@ -805,10 +805,6 @@ static PyObject *py_cuda_last_bwd_dq_kernel(PyObject *self, PyObject *noargs) {
     return PyUnicode_FromString(lca_cuda_last_bwd_dq_kernel());
 }
 
-static PyObject *py_cuda_last_bwd_dq_fold(PyObject *self, PyObject *noargs) {
-    return PyBool_FromLong(lca_cuda_last_bwd_dq_fold());
-}
-
 static PyObject *py_cuda_last_decode_kernel(PyObject *self, PyObject *noargs) {
     return PyUnicode_FromString(lca_cuda_last_decode_kernel());
 }
@@ -842,8 +838,6 @@ static PyMethodDef methods[] = {
      "'simt' ('' before any)."},
     {"cuda_last_bwd_dq_kernel", py_cuda_last_bwd_dq_kernel, METH_NOARGS,
      "The dq kernel the last CUDA backward launched: 'wgmma', 'mma' or 'simt' ('' before any)."},
-    {"cuda_last_bwd_dq_fold", py_cuda_last_bwd_dq_fold, METH_NOARGS,
-     "Whether the last CUDA backward's dq kernel wrote the final dq itself (no conversion)."},
     {"cuda_last_decode_kernel", py_cuda_last_decode_kernel, METH_NOARGS,
      "The partial kernel the last cuda_decode_step launched: 'bulk', 'mma' or 'simt' ('' before "
      "any)."},

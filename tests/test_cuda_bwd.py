@@ -24,9 +24,8 @@ pytestmark = pytest.mark.skipif(not lca.HAS_CUDA, reason="needs a CUDA device")
 torch = pytest.importorskip("torch") if lca.HAS_CUDA else None
 
 if lca.HAS_CUDA:
-    from lca import _C                                                   # noqa: E402
-    from torch_lca import (check_grads, gqa_lca, hopper, mla_lca,       # noqa: E402
-                           naive_grads, run_captured)            # (tests/ on sys.path)
+    from torch_lca import (check_grads, gqa_lca, mla_lca, naive_grads,   # noqa: E402
+                           run_captured)                         # (tests/ on sys.path)
 
 DTYPES = ["float32", "bfloat16", "float16"]
 
@@ -243,97 +242,9 @@ def test_condensation_backward_warp_and_block_agree(case, monkeypatch):
         assert rel(to_np(a), to_np(b)) <= 1e-2
 
 
-# The routes below compute the same float operations on the same values in another kernel or
-# another order of launches, so their results must be equal bit for bit (torch.equal); the
-# float32 scratch is NaN-poisoned too (LCA_POISON_WORKSPACE) so that a row a route leaves
+# The route below computes the same float operations on the same values in another kernel, so
+# its results must be equal bit for bit (torch.equal); the float32 scratch is NaN-poisoned too (LCA_POISON_WORKSPACE) so that a row a route leaves
 # unwritten, or a term read before it is made, cannot pass.
-
-FOLD_CASES = [  # B, L, H, Hkv, g, w, n, key_mode, rep_bias
-    (2, 301, 8, 2, 16, 40, None, "pool", 0.3),        # odd L, B = 2, 4 heads a kv head
-    (1, 257, 6, 3, 8, 0, 3, "anchor", 0.0),           # 2 a kv head, window 0, n = 3
-    (3, 97, 4, 4, 4, 10, 1, "pool", -0.2),            # B = 3, n = 1
-    (1, 1000, 16, 16, 16, 64, None, "anchor", 0.0),   # the benchmark's head layout
-    (2, 130, 4, 1, 1, 0, None, "anchor", 0.4),        # g = 1: every row a group's summary row
-]
-
-
-def gqa_case(case, D, dtype, gen):
-    B, L, H, Hkv, g, w, n, km, bias = case
-    q, k, v = rand(gen, (B, L, H, D), dtype), rand(gen, (B, L, Hkv, D), dtype), \
-        rand(gen, (B, L, Hkv, 128), dtype)
-    dout = rand(gen, (B, L, H, 128), dtype)
-    return q, k, v, dout, dict(group_size=g, window=w, n_summary=n, key_mode=km, rep_bias=bias)
-
-
-def run_whole_and_attend(q, k, v, dout, kw, gen):
-    """The whole backward and attend's over given entries (3 rows more than any query sees)."""
-    out, lse = lca.gqa_attention(q, k, v, return_lse=True, **kw)
-    whole = lca.gqa_attention_backward(dout, q, k, v, out, lse, **kw)
-    B, L, _, D = q.shape
-    g, w, bias = kw["group_size"], kw["window"], kw["rep_bias"]
-    m = lca.num_condensed(L - 1, g, w) + 3
-    kbar = rand(gen, (B, m, k.shape[2], D), str(q.dtype).split(".")[1])
-    vbar = rand(gen, (B, m, k.shape[2], v.shape[3]), str(q.dtype).split(".")[1])
-    akw = dict(group_size=g, window=w, rep_bias=bias)
-    aout, alse = lca.gqa_attend(q, k, v, kbar, vbar, return_lse=True, **akw)
-    attend = lca.gqa_attend_backward(dout, q, k, v, kbar, vbar, aout, alse, **akw)
-    return whole, attend
-
-
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-@pytest.mark.parametrize("D", [192, 128])
-@pytest.mark.parametrize("case", FOLD_CASES, ids=lambda c: "-".join(map(str, c)))
-def test_dq_fold_is_the_float32_route(case, D, dtype, monkeypatch):
-    """On compute 9.0 the wgmma dq kernel runs after dk/dv and the condensation backward and
-    writes the final dq itself: from_f(tau acc + term) as the conversion kernel makes it of the
-    float32 dq.  LCA_CUDA_DISABLE=dq_fold keeps the float32 route (dq kernel first, into the
-    scratch, then the conversion): every gradient, of the whole backward and of attend's, must
-    be bit-identical, and _C.cuda_last_bwd_dq_fold() says which route ran."""
-    if not hopper():
-        pytest.skip("the folded dq kernel is the sm_90a one")
-    monkeypatch.setenv("LCA_POISON_WORKSPACE", "1")
-    monkeypatch.delenv("LCA_CUDA_DISABLE", raising=False)
-    gen = torch.Generator(device="cuda").manual_seed(zlib.crc32(repr(("fold", case, D,
-                                                                      dtype)).encode()))
-    q, k, v, dout, kw = gqa_case(case, D, dtype, gen)
-    state = gen.get_state()
-    folded = run_whole_and_attend(q, k, v, dout, kw, gen)
-    assert _C.cuda_last_bwd_dq_kernel() == "wgmma" and _C.cuda_last_bwd_dq_fold()
-    monkeypatch.setenv("LCA_CUDA_DISABLE", "dq_fold")
-    gen.set_state(state)
-    plain = run_whole_and_attend(q, k, v, dout, kw, gen)
-    assert _C.cuda_last_bwd_dq_kernel() == "wgmma" and not _C.cuda_last_bwd_dq_fold()
-    for part, a_, b_ in (("whole", folded[0], plain[0]), ("attend", folded[1], plain[1])):
-        for name, a, b in zip(["dq", "dk", "dv", "dkbar", "dvbar"], a_, b_):
-            assert torch.isfinite(a.float()).all(), f"{part} {name}: unwritten elements"
-            assert torch.equal(a, b), f"{part} {name}: the folded route differs"
-
-
-def test_dq_fold_strided_views(monkeypatch):
-    """Strided q / k / v / dout (rows still 16-byte aligned) through the folded route: equal to
-    the contiguous call's and to the float32 route's."""
-    if not hopper():
-        pytest.skip("the folded dq kernel is the sm_90a one")
-    monkeypatch.setenv("LCA_POISON_WORKSPACE", "1")
-    monkeypatch.delenv("LCA_CUDA_DISABLE", raising=False)
-    gen = torch.Generator(device="cuda").manual_seed(17)
-    B, L, H, Hkv = 2, 333, 4, 2
-    qw = rand(gen, (B, L, H, 256), "bfloat16")
-    kv = rand(gen, (B, L, Hkv, 192 + 128 + 8), "bfloat16")
-    q, k, v = qw[..., :192], kv[..., :192], kv[..., 192:320]
-    dout = rand(gen, (B, L, H, 136), "bfloat16")[..., 8:]
-    kw = dict(group_size=16, window=100, n_summary=5, key_mode="pool", rep_bias=0.1)
-    out, lse = lca.gqa_attention(q, k, v, return_lse=True, **kw)
-    got = lca.gqa_attention_backward(dout, q, k, v, out, lse, **kw)
-    assert _C.cuda_last_bwd_dq_fold()
-    contig = lca.gqa_attention_backward(dout.contiguous(), q.contiguous(), k.contiguous(),
-                                        v.contiguous(), out, lse, **kw)
-    monkeypatch.setenv("LCA_CUDA_DISABLE", "dq_fold")
-    plain = lca.gqa_attention_backward(dout, q, k, v, out, lse, **kw)
-    assert not _C.cuda_last_bwd_dq_fold()
-    for a, b, c in zip(got, contig, plain):
-        assert torch.equal(a, b) and torch.equal(a, c)
-
 
 FINISH_CASES = [  # kind, B, L, H, Hkv, D, Dv, g, w, n, mode
     ("gqa", 2, 301, 8, 2, 192, 128, 16, 40, None, "pool"),    # dk 2 chunks a lane, dv 1
@@ -386,15 +297,14 @@ def test_conversion_kernels_agree(case, dtype, monkeypatch):
     """The float32 gradients into the caller's dtype with the condensation's terms by the
     vector kernel (bwd_finish_vec_kernel, rows on 4 elements, widths 4 k) and by the block
     kernel (LCA_CUDA_DISABLE=finish_vec): the same operations on every element, so every
-    gradient of the three backward calls is bit-identical.  dq takes the conversion too (the
-    Hopper fold off)."""
+    gradient of the three backward calls is bit-identical."""
     monkeypatch.setenv("LCA_POISON_WORKSPACE", "1")
     gen = torch.Generator(device="cuda").manual_seed(zlib.crc32(repr(("finish", case,
                                                                       dtype)).encode()))
     run = finish_case(case, dtype, gen)
-    monkeypatch.setenv("LCA_CUDA_DISABLE", "dq_fold")
+    monkeypatch.delenv("LCA_CUDA_DISABLE", raising=False)
     vec = run()
-    monkeypatch.setenv("LCA_CUDA_DISABLE", "dq_fold,finish_vec")
+    monkeypatch.setenv("LCA_CUDA_DISABLE", "finish_vec")
     block = run()
     assert len(vec) == len(block)
     for i, (a, b) in enumerate(zip(vec, block)):

@@ -16,9 +16,7 @@
  *      the way the group's terms: dq through qbar, dk through the scores, the pooling (alpha
  *      dkbar, alpha dvbar) and the anchor copy (kbar[d_pool:] = k_anchor[d_pool:]).
  * Steps 3 and 4 run on tensor cores for the shapes attend_bwd_mma.cu covers (step 3 on a
- * compute 9.0 device by attend_bwd_dq_sm90a.cu's wgmma kernel for 192/128 and 128/128).  That
- * wgmma kernel runs after step 5 instead and writes the final dq itself (step 6 for dq, the same
- * bits; see dq_fold).  Every
+ * compute 9.0 device by attend_bwd_dq_sm90a.cu's wgmma kernel for 192/128 and 128/128).  Every
  * output element is written by exactly one thread, sums run in a fixed order: the result is
  * bit-for-bit deterministic (no atomics).  Accumulation in float32. */
 #include <algorithm>
@@ -704,39 +702,20 @@ void launch_simt(const lca_params *p, const BwdWork *w, cudaStream_t stream) {
  * (lca_cuda_condense_bwd: step 5 and the terms of step 6 on zero base gradients). */
 enum Part { kWhole, kAttend, kCondense };
 
-/* The dq kernel the last backward call launched (lca_cuda_last_bwd_dq_kernel) and whether it
- * wrote the final dq (lca_cuda_last_bwd_dq_fold): evidence for the tests that a call took the
- * fast path. */
+/* The dq kernel the last backward call launched (lca_cuda_last_bwd_dq_kernel): evidence for the
+ * tests that a call took the fast path. */
 static const char *last_bwd_dq_kernel = "";
-static int last_bwd_dq_fold = 0;
-
-/* Host: whether the wgmma dq kernel runs last and writes the final dq itself (the input dtype
- * into p->dq, the condensation's term added: lca_cuda_bwd_dq_wgmma_fold) — after the dk/dv
- * kernel and the condensation backward that makes the term, instead of first, into w->dq, for
- * finish<T, 0> to convert: a float32 write and read of dq and a launch fewer, the same bits.
- * LCA_CUDA_DISABLE=dq_fold (or =wgmma) keeps the float32 route. */
-inline bool dq_fold(const lca_params *p, int device) {
-#ifdef LCA_NO_SM90A
-    return false;
-#else
-    return !kernel_disabled("wgmma") && !kernel_disabled("dq_fold") &&
-           lca_cuda_bwd_dq_wgmma_supported(p, device) && lca_cuda_bwd_dq_fold_supported(p);
-#endif
-}
 
 template <typename T> struct Bwd {
     static int run(const lca_params *p, const BwdWork *w, Part part, int mma,
                    const lca_view *dkbar, const lca_view *dvbar, int device,
                    cudaStream_t stream) {
-        const bool fold = mma && part != kCondense && p->L > 0 && dq_fold(p, device);
-        last_bwd_dq_fold = 0;
         if (part != kCondense && p->L > 0) {
             launch_delta<T>(p, w->delta, stream);
-            if (mma) {                     /* with fold, dk/dv alone: dq comes last */
-                const int parts = fold ? LCA_BWD_DKDV : LCA_BWD_DQ | LCA_BWD_DKDV;
-                const int s = lca_cuda_bwd_mma(p, w, parts, device, stream);
+            if (mma) {
+                const int s = lca_cuda_bwd_mma(p, w, device, stream);
                 if (s != LCA_OK) return s;
-                if (!fold) last_bwd_dq_kernel = lca_cuda_bwd_mma_dq_kernel();
+                last_bwd_dq_kernel = lca_cuda_bwd_mma_dq_kernel();
             } else {
                 last_bwd_dq_kernel = "simt";
                 const int64_t width = p->D > p->Dv ? p->D : p->Dv;
@@ -746,7 +725,6 @@ template <typename T> struct Bwd {
                 else launch_simt<32, T>(p, w, stream);
             }
         }
-        bool dq_done = false;              /* the final dq written (fold) */
         if (part == kAttend) {             /* the entries' gradients: B m rows as B "L" rows */
             if (p->L == 0) {               /* no query: zeros */
                 const size_t n = sizeof(float) * (size_t)(p->B * p->m * p->Hkv);
@@ -759,13 +737,9 @@ template <typename T> struct Bwd {
             pe.L = p->m, pe.m = 0;
             finish<T, 1>(&pe, w, w->dkb, *dkbar, p->Hkv, p->D, stream);
             if (!p->v_in_k) finish<T, 2>(&pe, w, w->dvb, *dvbar, p->Hkv, p->Dv, stream);
-            if (fold) {                    /* no condensation term */
-                const int s = folded_dq(p, w, false, device, stream, dq_done);
-                if (s != LCA_OK) return s;
-            }
             pe = *p;                       /* and dq, dk, dv with no condensation term */
             pe.m = 0;
-            finish_grads(&pe, w, !dq_done, stream);
+            finish_grads(&pe, w, stream);
             return LCA_OK;
         }
         if (part == kCondense) {           /* zero base gradients, the entries' given ones */
@@ -794,34 +768,12 @@ template <typename T> struct Bwd {
                 bwd_condense_kernel<T><<<grid, kCondBwdThreads, smem, stream>>>(*p, *w);
             }
         }
-        if (fold) {                        /* dq with the term the condensation backward made */
-            const int s = folded_dq(p, w, true, device, stream, dq_done);
-            if (s != LCA_OK) return s;
-        }
-        finish_grads(p, w, !dq_done, stream);
+        finish_grads(p, w, stream);
         return LCA_OK;
     }
 
-    /* The folded dq kernel; where it launches nothing (the driver cannot build its tensor maps),
-     * the float32 route instead: dq into w->dq, done = false, finish converts it. */
-    static int folded_dq(const lca_params *p, const BwdWork *w, bool terms, int device,
-                         cudaStream_t stream, bool &done) {
-        done = false;
-#ifndef LCA_NO_SM90A
-        const int s = lca_cuda_bwd_dq_wgmma_fold(p, w, terms, stream);
-        if (s == LCA_OK) {
-            done = true, last_bwd_dq_kernel = "wgmma", last_bwd_dq_fold = 1;
-            return LCA_OK;
-        }
-        if (s != LCA_BWD_NOT_HANDLED) return s;
-#endif
-        const int s2 = lca_cuda_bwd_mma(p, w, LCA_BWD_DQ, device, stream);
-        if (s2 == LCA_OK) last_bwd_dq_kernel = lca_cuda_bwd_mma_dq_kernel();
-        return s2;
-    }
-
-    static void finish_grads(const lca_params *p, const BwdWork *w, bool dq, cudaStream_t stream) {
-        if (dq) finish<T, 0>(p, w, w->dq, p->dq, p->H, p->D, stream);
+    static void finish_grads(const lca_params *p, const BwdWork *w, cudaStream_t stream) {
+        finish<T, 0>(p, w, w->dq, p->dq, p->H, p->D, stream);
         finish<T, 1>(p, w, w->dk, p->dk, p->Hkv, p->D, stream);
         if (!p->v_in_k) finish<T, 2>(p, w, w->dv, p->dv, p->Hkv, p->Dv, stream);
     }
@@ -860,7 +812,6 @@ int64_t carve(const lca_params *p, char *base, BwdWork *w) {
 }  // namespace lca
 
 extern "C" const char *lca_cuda_last_bwd_dq_kernel(void) { return lca::last_bwd_dq_kernel; }
-extern "C" int lca_cuda_last_bwd_dq_fold(void) { return lca::last_bwd_dq_fold; }
 
 extern "C" int64_t lca_cuda_bwd_workspace(const lca_params *p) {
     lca::BwdWork w;

@@ -5,9 +5,7 @@
  * and exact keys,
  *     P = exp2(S tau log2e + bias - lse log2e),  dP = dO V^T,  dS = P (dP - delta),  dq = tau dS K
  * — and writes every row of w->dq (float32).  attend_bwd_mma.cu runs it in place of dq_kernel
- * on a compute 9.0 device (LCA_CUDA_DISABLE=wgmma: dq_kernel).  Its FOLD variant writes the
- * final dq instead — the input dtype into p.dq, the condensation's term added, what step 6
- * makes of w->dq bit for bit — when attend_bwd.cu runs it last (dq_fold).  Not here: dk/dv.
+ * on a compute 9.0 device (LCA_CUDA_DISABLE=wgmma: dq_kernel).  Not here: dk/dv.
  *
  * The block is the forward's (attend_gqa_sm90a.cu, variant 28): 128 score rows of one (batch,
  * kv head) — rows R0 .. R0+127 of the flattened (position, head-in-group) space — walking the
@@ -80,9 +78,7 @@ __device__ __forceinline__ int ncond(int t, int g, int w) {
  * memory by each product; D = 128 only, the 192-wide accumulator leaves no room), bit 1 — dO
  * from registers likewise for dP = dO V^T.  An m64n64k16 product with both operands in shared
  * memory reads 4 KB in the 32 cycles it takes: the SM's whole shared-memory bandwidth. */
-/* FOLD: dq in the caller's dtype straight into p.dq with the condensation's term added (see the
- * epilogue); else float32 into w.dq. */
-template <typename T, int D, int VAR, bool FOLD>
+template <typename T, int D, int VAR>
 __global__ void __launch_bounds__(kThreads, 1)
     lca_bwd_dq_wgmma_kernel(lca_params p, BwdWork w, const __grid_constant__ TmaMaps tm) {
     constexpr bool kQRegs = VAR & 1, kORegs = VAR & 2;
@@ -351,40 +347,18 @@ __global__ void __launch_bounds__(kThreads, 1)
     wg_reg_fence(acc);
     release(nblocks - 1);
 
-    /* dq = tau dS K, each row's quad writing 8 consecutive elements an 8-column tile */
+    /* dq = tau dS K, each row's quad writing 8 consecutive floats an 8-column tile */
     const float scale = (float)p.scale;
 #pragma unroll
     for (int i = 0; i < 2; i++) {
         if (!live[i]) continue;
         const int R = Rw + warp * 16 + gq + 8 * i;
         const int64_t hq = h * hg + R % hg;
-        if constexpr (FOLD) {
-            /* what bwd_finish_kernel MODE 0 makes of the float32 row: from_f(tau acc + term),
-               the term dqbar / (n hg) of the row's group (w.dqb, the condensation backward's,
-               which ran before) on the group's last n rows, columns < d_score, else 0 — the
-               product rounded first (no fma) and 0 added where no term (-0 becomes +0, as
-               there), so the bits are finish's.  p.m: the rows of groups with a term (0: none) */
-            const int t = tr[i], j = t / g, ii = t - j * g;
-            const bool on = j < p.m && ii >= g - p.n;
-            const int64_t ds = p.d_score;
-            const float *term = w.dqb + (((int64_t)b * p.m + j) * p.Hkv + h) * D;
-            T *dst = row<T>(p.dq, b, t, hq);
+        float *dst = w.dq + (((int64_t)b * p.L + tr[i]) * p.H + hq) * D;
 #pragma unroll
-            for (int n = 0; n < D / 8; n++) {
-                const int c = n * 8 + 2 * tq;
-                const float t0 = on && c < ds ? term[c] : 0.0f;
-                const float t1 = on && c + 1 < ds ? term[c + 1] : 0.0f;
-                const float x0 = __fadd_rn(__fmul_rn(acc[n][2 * i], scale), t0);
-                const float x1 = __fadd_rn(__fmul_rn(acc[n][2 * i + 1], scale), t1);
-                *(uint32_t *)(dst + c) = pack2<T>(x0, x1);
-            }
-        } else {
-            float *dst = w.dq + (((int64_t)b * p.L + tr[i]) * p.H + hq) * D;
-#pragma unroll
-            for (int n = 0; n < D / 8; n++)
-                *(float2 *)(dst + n * 8 + 2 * tq) =
-                    make_float2(acc[n][2 * i] * scale, acc[n][2 * i + 1] * scale);
-        }
+        for (int n = 0; n < D / 8; n++)
+            *(float2 *)(dst + n * 8 + 2 * tq) =
+                make_float2(acc[n][2 * i] * scale, acc[n][2 * i + 1] * scale);
     }
 #endif
 }
@@ -393,9 +367,8 @@ inline int64_t tiles(const lca_params *p) {
     return (p->L * (p->H / p->Hkv) + kRows - 1) / kRows;
 }
 
-/* terms (FOLD only): whether the rows of the groups get the condensation's dq term */
-template <typename T, int D, int VAR, bool FOLD>
-int launch(const lca_params *p, const BwdWork *w, bool terms, cudaStream_t stream) {
+template <typename T, int D, int VAR>
+int launch(const lca_params *p, const BwdWork *w, cudaStream_t stream) {
     /* condensed rows past the last one any query sees arrive as zeros (a caller's kbar may
        hold more rows, never initialised) */
     const int64_t mc = std::min(p->m, lca_num_condensed(p->L - 1, p->g, p->w));
@@ -411,14 +384,12 @@ int launch(const lca_params *p, const BwdWork *w, bool terms, cudaStream_t strea
         tm.vbar = tm.v;
     }
     if (!ok) return LCA_BWD_NOT_HANDLED;               /* the caller runs dq_kernel */
-    auto kernel = lca_bwd_dq_wgmma_kernel<T, D, VAR, FOLD>;
+    auto kernel = lca_bwd_dq_wgmma_kernel<T, D, VAR>;
     const size_t smem = Layout<D>::kBytes;
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) !=
         cudaSuccess)
         return LCA_ERR_CUDA;
-    lca_params pk = *p;                                /* the kernel reads p.m only for FOLD */
-    if (!terms) pk.m = 0;
-    kernel<<<(unsigned)(tiles(p) * p->B * p->Hkv), kThreads, smem, stream>>>(pk, *w, tm);
+    kernel<<<(unsigned)(tiles(p) * p->B * p->Hkv), kThreads, smem, stream>>>(*p, *w, tm);
     return LCA_OK;
 }
 
@@ -444,52 +415,29 @@ extern "C" int lca_cuda_bwd_dq_wgmma_supported(const lca_params *p, int device) 
 /* LCA_DQ90_VARIANT (a tuning knob; the kernel's VAR: 0 .. 3 at D = 128, 0 or 2 at D = 192,
  * any other value the default) overrides the default variant: dO from registers, and Q too
  * at D = 128. */
-template <typename T, int D, bool FOLD>
-static int launch_var(const lca_params *p, const lca::BwdWork *w, bool terms, cudaStream_t s) {
+template <typename T, int D> static int launch_var(const lca_params *p, const lca::BwdWork *w,
+                                                   cudaStream_t s) {
     using namespace lca::dq90;
     const char *env = getenv("LCA_DQ90_VARIANT");
     const int var = env && *env ? atoi(env) : -1;
     if constexpr (D == 128) {
         switch (var) {
-        case 0: return launch<T, D, 0, FOLD>(p, w, terms, s);
-        case 1: return launch<T, D, 1, FOLD>(p, w, terms, s);
-        case 2: return launch<T, D, 2, FOLD>(p, w, terms, s);
-        default: return launch<T, D, 3, FOLD>(p, w, terms, s);
+        case 0: return launch<T, D, 0>(p, w, s);
+        case 1: return launch<T, D, 1>(p, w, s);
+        case 2: return launch<T, D, 2>(p, w, s);
+        default: return launch<T, D, 3>(p, w, s);
         }
     } else {
-        return var == 0 ? launch<T, D, 0, FOLD>(p, w, terms, s)
-                        : launch<T, D, 2, FOLD>(p, w, terms, s);
+        return var == 0 ? launch<T, D, 0>(p, w, s) : launch<T, D, 2>(p, w, s);
     }
-}
-
-template <bool FOLD>
-static int dispatch_dq(const lca_params *p, const lca::BwdWork *w, bool terms, void *stream) {
-    cudaStream_t s = (cudaStream_t)stream;
-    const bool bf = p->dtype == LCA_BF16;
-    if (p->D == 192)
-        return bf ? launch_var<__nv_bfloat16, 192, FOLD>(p, w, terms, s)
-                  : launch_var<__half, 192, FOLD>(p, w, terms, s);
-    return bf ? launch_var<__nv_bfloat16, 128, FOLD>(p, w, terms, s)
-              : launch_var<__half, 128, FOLD>(p, w, terms, s);
 }
 
 /* LCA_OK once launched; LCA_BWD_NOT_HANDLED (nothing launched) when the driver cannot build the
  * tensor maps; LCA_ERR_CUDA when the kernel's shared memory cannot be set. */
 extern "C" int lca_cuda_bwd_dq_wgmma(const lca_params *p, const lca::BwdWork *w, void *stream) {
-    return dispatch_dq<false>(p, w, false, stream);
-}
-
-/* Whether p->dq can take the folded kernel's stores: two elements (4 bytes) at even columns, so
- * rows on 4 bytes (the strides of dimensions of one ignored). */
-extern "C" int lca_cuda_bwd_dq_fold_supported(const lca_params *p) {
-    const lca_view &v = p->dq;
-    return (uintptr_t)v.p % 4 == 0 && (p->B == 1 || v.sb % 2 == 0) &&
-           (p->L == 1 || v.st % 2 == 0) && (p->H == 1 || v.sh % 2 == 0);
-}
-
-/* The same kernel writing dq in the input dtype into p->dq, with the condensation's term of
- * w->dqb (when terms) added; the same statuses. */
-extern "C" int lca_cuda_bwd_dq_wgmma_fold(const lca_params *p, const lca::BwdWork *w, int terms,
-                                          void *stream) {
-    return dispatch_dq<true>(p, w, terms != 0, stream);
+    cudaStream_t s = (cudaStream_t)stream;
+    const bool bf = p->dtype == LCA_BF16;
+    if (p->D == 192)
+        return bf ? launch_var<__nv_bfloat16, 192>(p, w, s) : launch_var<__half, 192>(p, w, s);
+    return bf ? launch_var<__nv_bfloat16, 128>(p, w, s) : launch_var<__half, 128>(p, w, s);
 }

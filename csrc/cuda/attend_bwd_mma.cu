@@ -434,7 +434,7 @@ inline int64_t dkdv_blocks(const lca_params *p) {
 static const char *last_dq_kernel = "";
 
 template <typename T, int D, int DV>
-int launch(const lca_params *p, const BwdWork *w, int parts, int device, cudaStream_t stream) {
+int launch(const lca_params *p, const BwdWork *w, int device, cudaStream_t stream) {
     const size_t sq = dq_smem<T, D, DV>(), sk = dkdv_smem<T, D, DV>();
     auto kq = dq_kernel<T, D, DV>;
     auto kk = dkdv_kernel<T, D, DV>;
@@ -446,19 +446,16 @@ int launch(const lca_params *p, const BwdWork *w, int parts, int device, cudaStr
 #ifndef LCA_NO_SM90A
     /* on compute 9.0 the wgmma kernels (attend_bwd_dq_sm90a.cu, attend_bwd_dkdv_sm90a.cu) */
     const bool hopper = !kernel_disabled("wgmma");
-    if ((parts & LCA_BWD_DQ) && hopper && lca_cuda_bwd_dq_wgmma_supported(p, device))
+    if (hopper && lca_cuda_bwd_dq_wgmma_supported(p, device))
         dq = lca_cuda_bwd_dq_wgmma(p, w, stream);
     if (dq != LCA_BWD_NOT_HANDLED && dq != LCA_OK) return dq;
-    if ((parts & LCA_BWD_DKDV) && hopper && lca_cuda_bwd_dkdv_wgmma_supported(p, device))
+    if (hopper && lca_cuda_bwd_dkdv_wgmma_supported(p, device))
         dkdv = lca_cuda_bwd_dkdv_wgmma(p, w, stream);
     if (dkdv != LCA_BWD_NOT_HANDLED && dkdv != LCA_OK) return dkdv;
 #endif
-    if (parts & LCA_BWD_DQ) {
-        last_dq_kernel = dq == LCA_OK ? "wgmma" : "mma";
-        if (dq != LCA_OK) kq<<<(unsigned)(dq_tiles(p) * nbh), 32 * kQWarps, sq, stream>>>(*p, *w);
-    }
-    if ((parts & LCA_BWD_DKDV) && dkdv != LCA_OK)
-        kk<<<(unsigned)(dkdv_blocks(p) * nbh), 32 * kKWarps, sk, stream>>>(*p, *w);
+    last_dq_kernel = dq == LCA_OK ? "wgmma" : "mma";
+    if (dq != LCA_OK) kq<<<(unsigned)(dq_tiles(p) * nbh), 32 * kQWarps, sq, stream>>>(*p, *w);
+    if (dkdv != LCA_OK) kk<<<(unsigned)(dkdv_blocks(p) * nbh), 32 * kKWarps, sk, stream>>>(*p, *w);
     return LCA_OK;
 }
 
@@ -485,20 +482,18 @@ extern "C" int lca_cuda_bwd_mma_supported(const lca_params *p, int device) {
     return lca::device_fits(device, need, false);
 }
 
-extern "C" int lca_cuda_bwd_mma(const lca_params *p, const lca::BwdWork *w, int parts, int device,
+extern "C" int lca_cuda_bwd_mma(const lca_params *p, const lca::BwdWork *w, int device,
                                 void *stream) {
     using namespace lca::bwdmma;
     cudaStream_t s = (cudaStream_t)stream;
     const bool bf = p->dtype == LCA_BF16;
-    const int q = parts;
     if (p->D == 64)
-        return bf ? launch<__nv_bfloat16, 64, 64>(p, w, q, device, s)
-                  : launch<__half, 64, 64>(p, w, q, device, s);
+        return bf ? launch<__nv_bfloat16, 64, 64>(p, w, device, s) : launch<__half, 64, 64>(p, w, device, s);
     if (p->D == 128)
-        return bf ? launch<__nv_bfloat16, 128, 128>(p, w, q, device, s)
-                  : launch<__half, 128, 128>(p, w, q, device, s);
-    return bf ? launch<__nv_bfloat16, 192, 128>(p, w, q, device, s)
-              : launch<__half, 192, 128>(p, w, q, device, s);
+        return bf ? launch<__nv_bfloat16, 128, 128>(p, w, device, s)
+                  : launch<__half, 128, 128>(p, w, device, s);
+    return bf ? launch<__nv_bfloat16, 192, 128>(p, w, device, s)
+              : launch<__half, 192, 128>(p, w, device, s);
 }
 
 extern "C" const char *lca_cuda_bwd_mma_dq_kernel(void) { return lca::bwdmma::last_dq_kernel; }

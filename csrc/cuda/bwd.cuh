@@ -39,10 +39,7 @@ __device__ __forceinline__ int ncond32(int t, int g, int w) {
 /* attend_bwd_mma.cu: tensor-core dq and dk/dv kernels, and the calls they cover (on a compute
  * 9.0 device the two wgmma kernels below run instead where they apply). */
 extern "C" int lca_cuda_bwd_mma_supported(const lca_params *p, int device);
-/* parts: which products to launch, LCA_BWD_DQ (dq into w->dq) and/or LCA_BWD_DKDV. */
-#define LCA_BWD_DQ 1
-#define LCA_BWD_DKDV 2
-extern "C" int lca_cuda_bwd_mma(const lca_params *p, const lca::BwdWork *w, int parts, int device,
+extern "C" int lca_cuda_bwd_mma(const lca_params *p, const lca::BwdWork *w, int device,
                                 void *stream);
 /* The dq kernel the last lca_cuda_bwd_mma call launched: "wgmma" or "mma". */
 extern "C" const char *lca_cuda_bwd_mma_dq_kernel(void);
@@ -52,13 +49,6 @@ extern "C" const char *lca_cuda_bwd_mma_dq_kernel(void);
  * LCA_BWD_NOT_HANDLED or an error. */
 extern "C" int lca_cuda_bwd_dq_wgmma_supported(const lca_params *p, int device);
 extern "C" int lca_cuda_bwd_dq_wgmma(const lca_params *p, const lca::BwdWork *w, void *stream);
-/* The same kernel writing the final dq: the input dtype into p->dq, with the condensation's
- * term (w->dqb, on the groups' last n rows) when terms — what bwd_finish_kernel MODE 0 makes of
- * w->dq, bit for bit, without the float32 round trip.  For p->dq rows on 4 bytes
- * (lca_cuda_bwd_dq_fold_supported). */
-extern "C" int lca_cuda_bwd_dq_fold_supported(const lca_params *p);
-extern "C" int lca_cuda_bwd_dq_wgmma_fold(const lca_params *p, const lca::BwdWork *w, int terms,
-                                          void *stream);
 
 /* attend_bwd_dkdv_sm90a.cu (likewise): the wgmma dk/dv kernel for the same shapes when H / Hkv
  * divides 64; LCA_OK, LCA_BWD_NOT_HANDLED or an error. */
