@@ -120,7 +120,8 @@ inline int launch_row_tiles(Kernel kernel, const lca_params *p, int rows, int th
 /* LCA_CUDA_DISABLE names kernels to skip, so the tests reach every path on the same cases:
  * comma-separated names matched whole — "wgmma" the Hopper kernels of the forward and the
  * backward (the mma.sync kernels run instead), "mma" every tensor-core kernel, "dec_bulk" the
- * Hopper decode partial, "cond_warp" the warp-per-group condensation.  Read at each call. */
+ * Hopper decode partial, "cond_warp" the warp-per-group condensation, "finish_vec" the
+ * backward's vector conversion kernel (bwd_finish_vec_kernel).  Read at each call. */
 inline bool kernel_disabled(const char *kernel) {
     const char *off = getenv("LCA_CUDA_DISABLE");
     const size_t n = strlen(kernel);
