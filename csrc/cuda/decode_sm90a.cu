@@ -560,6 +560,15 @@ __global__ void __launch_bounds__(kWsThreads, 1) lca_dec_partial_ws_kernel(DecAr
         const int64_t k0 = i0 + (int64_t)t * kDecKeys, nv = i1 - k0, nb = a.G - k0;
         const int kv = nv < kDecKeys ? (int)nv : kDecKeys;          /* keys < kv: in range */
         const int kb = nb <= 0 ? 0 : nb < kDecKeys ? (int)nb : kDecKeys;   /* < kb: condensed */
+        /* The stages alternate between the groups (NST is odd), so stage st's previous phase
+           (tile t - NST) was the other group's: wait for its release first.  Without it a
+           group that runs NST tiles ahead of the other — its own tiles t - 4, t - 2 landed
+           and consumed while tile t - NST is still in flight — asks `full` for phase t / NST
+           while the barrier is still in phase t / NST - 1, whose parity is that of the phase
+           before it, complete: the wait passes at once and the group reads a stage being
+           written (and releases it early).  Waiting for `empty` is unambiguous: its phase
+           t / NST - 2 was this group's own release. */
+        if (t >= NST) mbar_wait(&empty[st], (uint32_t)((t / NST + 1) & 1));
         mbar_wait(&full[st], (uint32_t)((t / NST) & 1));
         const T *Ks = stage0 + st * STG;
 
@@ -736,8 +745,11 @@ int launch_ws(const DecArgs &a, cudaStream_t st, bool pdl = true) {
  *            row as for two, benchmarks/bw_probe.cu; H200: partial 176.5 vs 205.5 us at 128K,
  *            B = 64).  NOT THE DEFAULT: at 128K, B = 64 one of three runs failed ("unspecified
  *            launch failure" in bench_decode, 11-30 fifth session) and another stopped answering
- *            (memcheck at 8K, B = 4 clean; the GPU tests pass) — cause not found.  4 rows a copy
- *            (ws4 / wsa4) were no faster and stopped answering in the CUDA-graph timing */
+ *            (memcheck clean; the GPU tests pass).  4 rows a copy (ws4 / wsa4) were no faster
+ *            and stopped answering in the CUDA-graph timing.  The likely cause, found after
+ *            those runs: a consumer group waiting on a stage's `full` barrier one phase too
+ *            early (the wait before it in lca_dec_partial_ws_kernel), likelier the faster the
+ *            producer runs ahead — fixed, not yet run on a GPU */
 enum Variant { kDefault, kV3, kKt2, kCp, kKt2Cp, kWs, kWsc, kWsm, kWsa, kWsa2 };
 static Variant variant() {
     const char *v = getenv("LCA_DECODE_VARIANT");
