@@ -127,7 +127,9 @@ int main() {
         float ms = time([&] { ldg_kernel<<<blocks, 512>>>((const uint4 *)src, bytes / 16, sink); });
         printf("ldg  blocks %d x 512: %.4f ms %.0f GB/s\n", blocks, ms, bytes / ms / 1e6);
     }
-    float ms = time([&] { cudaMemcpyAsync(src + bytes / 2, src, bytes / 2, cudaMemcpyDeviceToDevice); });
+    float ms = time([&] {
+        cudaMemcpyAsync(src + bytes / 2, src, bytes / 2, cudaMemcpyDeviceToDevice);
+    });
     printf("d2d copy of %lld bytes: %.4f ms %.0f GB/s (read + write)\n", (long long)(bytes / 2), ms,
            bytes / ms / 1e6);
     cudaError_t e = cudaDeviceSynchronize();

@@ -242,9 +242,10 @@ def test_condensation_backward_warp_and_block_agree(case, monkeypatch):
         assert rel(to_np(a), to_np(b)) <= 1e-2
 
 
-# The route below computes the same float operations on the same values in another kernel, so
-# its results must be equal bit for bit (torch.equal); the float32 scratch is NaN-poisoned too (LCA_POISON_WORKSPACE) so that a row a route leaves
-# unwritten, or a term read before it is made, cannot pass.
+# The route below computes the same float operations on the same values in another kernel, so its
+# results must be equal bit for bit (torch.equal); the float32 scratch is NaN-poisoned too
+# (LCA_POISON_WORKSPACE) so that a row a route leaves unwritten, or a term read before it is made,
+# cannot pass.
 
 FINISH_CASES = [  # kind, B, L, H, Hkv, D, Dv, g, w, n, mode
     ("gqa", 2, 301, 8, 2, 192, 128, 16, 40, None, "pool"),    # dk 2 chunks a lane, dv 1

@@ -461,7 +461,8 @@ __global__ void __launch_bounds__(kWsThreads, 1) lca_dec_partial_ws_kernel(DecAr
                write the token's key into its ring slot and its summary sum, as
                lca_dec_append_kernel does; the producer reads the new key row from k */
             if (a.append && s == a.nsplit - 1 && blockIdx.x == 0)
-                for (int64_t d = threadIdx.x - 32; d < p.D; d += 96) dec_append_key<T, 2>(p, b, h, d);
+                for (int64_t d = threadIdx.x - 32; d < p.D; d += 96)
+                    dec_append_key<T, 2>(p, b, h, d);
             return;
         }
         /* Row r of tile t: entry k = k0 + r, condensed row k while k < G, else ring slot
