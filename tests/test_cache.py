@@ -446,13 +446,12 @@ GPU_MLA = [  # B, L, H, Dc, Dr, g, w, n, score, rep_bias, P
 
 
 # The Hopper kernel's variants (csrc/cuda/decode_sm90a.cu, LCA_DECODE_VARIANT): "ws" the
-# warp-specialised kernel (the default for 16-head blocks; forced, it takes 16-head blocks at
-# any H: H = 128 is 8 blocks; it merges the splits itself), "wsc" the same with the combine
-# kernel after the append kernel, "wsa" (the default) the same appending the token itself,
-# "wsa2" that with 2 rows a copy and the keys permuted within a tile (not the default: see
-# decode_sm90a.cu), "v3" the one-tile-an-iteration kernel
-# (16/32/64-head blocks).  Only the bf16/fp16 MLA
-# 576/512 and 288/256 steps run it; elsewhere the others would repeat "ws".
+# warp-specialised kernel after the append kernel (forced, it takes 16-head blocks at any H:
+# H = 128 is 8 blocks; it merges the splits itself), "wsc" the same with the combine kernel,
+# "wsa" (the default for 16-head blocks) ws appending the token itself, "wsa2" that with 2 rows
+# a copy and the keys permuted within a tile (not the default: see decode_sm90a.cu), "v3" the
+# one-tile-an-iteration kernel (16/32/64-head blocks).  Only the bf16/fp16 MLA 576/512 and
+# 288/256 steps run it; elsewhere the others would repeat the first.
 DEC_VARIANTS = ["wsa", "ws", "wsc", "wsa2", "v3"]
 
 
@@ -565,7 +564,7 @@ def test_gpu_mla_decode_long(case, kernel, dtype, monkeypatch):
 def test_gpu_fused_append_is_exact(case, monkeypatch):
     """The Hopper kernel appending the step's token itself ("wsa": no append kernel, the new key
     row read from k) gives the same bits as the append kernel before it ("ws"): every output
-    row and the whole cache state (ring, condensed rows, summary sums) after every step; the
+    row and the whole cache state (ring, condensed rows, summary sums) after every step;
     "wsa2" (2 rows a copy, keys permuted within a tile) the same cache state and outputs within
     rounding.  w = 0 makes the token complete its own group (a condensation before the
     attention: the append kernel then runs)."""
