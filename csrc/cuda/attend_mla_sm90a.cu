@@ -27,6 +27,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <algorithm>
+
 #include "wgmma.cuh"
 
 namespace lca {
@@ -717,20 +719,24 @@ __global__ void __launch_bounds__(kWsThreads, 1)
 #endif
 }
 
+/* Host: the tensor maps of the key tiles of variants 1 and 2 (false: strides TMA cannot
+ * express).  Condensed rows past the last one any query sees arrive as zeros. */
+template <typename T> bool key_maps(const lca_params *p, MlaMaps *tm) {
+    memset(tm, 0, sizeof *tm);
+    const int64_t mc = std::min(p->m, lca_num_condensed(p->L - 1, p->g, p->w));
+    if (!make_map<T>(&tm->k, p->k, kD, p->L, p->Hkv, p->B, 64)) return false;
+    if (mc == 0) {
+        tm->kbar = tm->k;                                  /* no condensed rows: never read */
+        return true;
+    }
+    return make_map<T>(&tm->kbar, p->kbar, kD, mc, p->Hkv, p->B, 64);
+}
+
 template <typename T, bool kTma> int launch(const lca_params *p, cudaStream_t stream) {
     MlaMaps tm;
     memset(&tm, 0, sizeof tm);
-    if constexpr (kTma) {
-        /* condensed rows past the last one any query sees arrive as zeros */
-        const int64_t mc = p->m < lca_num_condensed(p->L - 1, p->g, p->w)
-                               ? p->m : lca_num_condensed(p->L - 1, p->g, p->w);
-        bool ok = make_map<T>(&tm.k, p->k, kD, p->L, p->Hkv, p->B, 64);
-        if (ok && mc > 0)
-            ok = make_map<T>(&tm.kbar, p->kbar, kD, mc, p->Hkv, p->B, 64);
-        else if (ok)
-            tm.kbar = tm.k;                                /* no condensed rows: never read */
-        if (!ok) return launch<T, false>(p, stream);      /* strides TMA cannot express */
-    }
+    if constexpr (kTma)
+        if (!key_maps<T>(p, &tm)) return launch<T, false>(p, stream);
     return launch_row_tiles(lca_attend_mla_wgmma_kernel<T, kTma>, p, kRows, kThreads, kSmem,
                             stream, tm);
 }
@@ -741,15 +747,7 @@ template <typename T> int launch_ws(const lca_params *p, cudaStream_t stream) {
     const int64_t lim = 2147483647 - 65;
     if (p->H > lim || p->g > lim || p->L * (p->H / p->Hkv) > lim) return launch<T, true>(p, stream);
     MlaMaps tm;
-    memset(&tm, 0, sizeof tm);
-    const int64_t mc = p->m < lca_num_condensed(p->L - 1, p->g, p->w)
-                           ? p->m : lca_num_condensed(p->L - 1, p->g, p->w);
-    bool ok = make_map<T>(&tm.k, p->k, kD, p->L, p->Hkv, p->B, 64);
-    if (ok && mc > 0)
-        ok = make_map<T>(&tm.kbar, p->kbar, kD, mc, p->Hkv, p->B, 64);
-    else if (ok)
-        tm.kbar = tm.k;                                    /* no condensed rows: never read */
-    if (!ok) return launch<T, false>(p, stream);
+    if (!key_maps<T>(p, &tm)) return launch<T, false>(p, stream);
     return launch_row_tiles(lca_attend_mla_ws_kernel<T>, p, kRows, kWsThreads, kWsSmem, stream,
                             tm);
 }
