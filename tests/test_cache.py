@@ -448,11 +448,11 @@ GPU_MLA = [  # B, L, H, Dc, Dr, g, w, n, score, rep_bias, P
 # The Hopper kernel's variants (csrc/cuda/decode_sm90a.cu, LCA_DECODE_VARIANT): "ws" the
 # warp-specialised kernel after the append kernel (forced, it takes 16-head blocks at any H:
 # H = 128 is 8 blocks; it merges the splits itself), "wsc" the same with the combine kernel,
-# "wsa" (the default for 16-head blocks) ws appending the token itself, "wsa2" that with 2 rows
-# a copy and the keys permuted within a tile (not the default: see decode_sm90a.cu), "v3" the
+# "wsa" ws appending the token itself, "wsa2" (the default for 16-head blocks) that with 2 rows
+# a copy and the keys permuted within a tile, "v3" the
 # one-tile-an-iteration kernel (16/32/64-head blocks).  Only the bf16/fp16 MLA 576/512 and
 # 288/256 steps run it; elsewhere the others would repeat the first.
-DEC_VARIANTS = ["wsa", "ws", "wsc", "wsa2", "v3"]
+DEC_VARIANTS = ["wsa2", "wsa", "ws", "wsc", "v3"]
 
 
 @gpu

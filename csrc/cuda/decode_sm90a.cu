@@ -725,7 +725,7 @@ int launch_ws(const DecArgs &a, cudaStream_t st, bool pdl = true) {
 
 /* LCA_DECODE_VARIANT (benchmarks and tests; read at every step):
  *   unset or anything else  the default for 16-head blocks (H / Hkv <= 16): the warp-specialised
- *            kernel appending the token itself ("wsa" below); v3 otherwise
+ *            kernel appending the token itself, two rows a copy ("wsa2" below); v3 otherwise
  *   "v3"     lca_dec_partial_bulk_kernel, one tile an iteration (the default before ws)
  *   "kt2"    v3 with two tiles an iteration         (16-head blocks)
  *   "cp"     v3 with cp.async loads                 (16-head blocks)
@@ -740,17 +740,16 @@ int launch_ws(const DecArgs &a, cudaStream_t st, bool pdl = true) {
  *   "wsm"    ws merging its splits, with a plain launch
  *   "wsa"    ws appending the step's token itself (no append kernel: warps 1..3 of the last
  *            split's block write the ring slot and the summary sum; the new key row is copied
- *            from k), when no condensation runs before the partial kernel
+ *            from k), when no condensation runs before the partial kernel; one bulk copy a row
+ *            (the default of the fifth 11-30 session)
  *   "wsa2"   wsa with a tile's rows copied 2 at a time where consecutive in memory (16 bulk
  *            copies a tile instead of 32: the copy engine takes about as long for a 1,152-byte
- *            row as for two, benchmarks/bw_probe.cu; H200: partial 176.5 vs 205.5 us at 128K,
- *            B = 64).  NOT THE DEFAULT: at 128K, B = 64 one of three runs failed ("unspecified
- *            launch failure" in bench_decode, 11-30 fifth session) and another stopped answering
- *            (memcheck clean; the GPU tests pass).  4 rows a copy (ws4 / wsa4) were no faster
- *            and stopped answering in the CUDA-graph timing.  The likely cause, found after
- *            those runs: a consumer group waiting on a stage's `full` barrier one phase too
- *            early (the wait before it in lca_dec_partial_ws_kernel), likelier the faster the
- *            producer runs ahead — fixed, not yet run on a GPU */
+ *            row as for two, benchmarks/bw_probe.cu), the keys permuted within a tile so that
+ *            an ldmatrix's 8 rows lie in 8 units; the default.  H200 at 128K, B = 64: a step of
+ *            0.180-0.182 ms against wsa's 0.210-0.212 (three processes each, 11-30 sixth
+ *            session).  Before the stage-phase fix (the wait on `empty` ahead of `full` in
+ *            lca_dec_partial_ws_kernel) it failed once and hung once in three runs; 4 rows a
+ *            copy (ws4 / wsa4) were no faster than 2 and hung in the CUDA-graph timing then */
 enum Variant { kDefault, kV3, kKt2, kCp, kKt2Cp, kWs, kWsc, kWsm, kWsa, kWsa2 };
 static Variant variant() {
     const char *v = getenv("LCA_DECODE_VARIANT");
@@ -775,8 +774,9 @@ template <typename T, int D, int DV> int launch_one(const DecArgs &a, cudaStream
     case kKt2Cp: return launch<T, D, DV, 1, 2, false>(a, st);
     case kWsc: return launch_ws<T, D, DV>(a, st, false);
     case kWsm: return launch_ws<T, D, DV>(a, st, false);
-    case kWsa2: return launch_ws<T, D, DV, 2>(a, st);
-    default: return launch_ws<T, D, DV>(a, st);
+    case kWs:
+    case kWsa: return launch_ws<T, D, DV, 1>(a, st);    /* the append: a.append (appends()) */
+    default: return launch_ws<T, D, DV, 2>(a, st);      /* kDefault, kWsa2 */
     }
 }
 
