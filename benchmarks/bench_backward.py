@@ -4,6 +4,12 @@ form (Dc = 512, Dr = 64, one kv head).  CUDA-event medians, TFLOP/s on the atten
 (forward 2·192 + 2·128, absorbed 2·576 + 2·512 per pair per head; backward counted as 2.5×
 forward, as issue 5 asks), and with --profile the per-kernel split of one backward.
 
+The bf16 matrix-product ceiling is measured in the same run twice: "burst", ten 8192^3 products
+timed one by one (as bench_prefill.py and SPEC §9's 730-773 TFLOP/s), and "sustained", the
+products back to back for as long as one backward, timed in the same pattern as the backward
+(the H200's clocks fall under a long tensor-core load: a backward timed after a pause runs ~7%
+faster than one in a series).
+
     PYTHONPATH=. python3 benchmarks/bench_backward.py --L 8192 32768 [--profile] [--absorbed]
 """
 import argparse
@@ -37,6 +43,23 @@ def timed(fn, reps):
     return statistics.median(ts)
 
 
+def matmul_ceilings(t_ms, reps):
+    """(burst, sustained) TFLOP/s of 8192^3 bf16 products: ten timed one at a time, and runs
+    of back-to-back products lasting ~t_ms each, timed like the backward (median of reps)."""
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    c = torch.empty(n, n, device="cuda", dtype=torch.bfloat16)
+    t1 = timed(lambda: torch.matmul(a, b, out=c), 10)
+    k = max(1, round(t_ms / t1))
+
+    def run():
+        for _ in range(k):
+            torch.matmul(a, b, out=c)
+    tk = timed(run, reps)
+    return 2 * n ** 3 / t1 / 1e9, k * 2 * n ** 3 / tk / 1e9
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--L", type=int, nargs="+", default=[32768])
@@ -66,8 +89,13 @@ def main():
             bwd = lambda: lca.gqa_attention_backward(dout, q, k, v, out, lse, **kw)    # noqa: E731
         tf, tb = timed(fwd, a.reps), timed(bwd, a.reps)
         fl = pairs(L, g, w) * H * (2 * D + 2 * Dv)
-        print(f"{L:>7} {tf:8.3f} {fl / tf / 1e9:6.0f} {tb:8.3f} {2.5 * fl / tb / 1e9:6.0f} "
-              f"{100 * 2.5 * fl / (tb * 1e-3) / PEAK:5.1f}% {tf + tb:8.3f}")
+        tfs = 2.5 * fl / tb / 1e9
+        print(f"{L:>7} {tf:8.3f} {fl / tf / 1e9:6.0f} {tb:8.3f} {tfs:6.0f} "
+              f"{100 * tfs * 1e12 / PEAK:5.1f}% {tf + tb:8.3f}", flush=True)
+        burst, sustained = matmul_ceilings(tb, a.reps)
+        print(f"        bf16 matmul ceiling in this run: burst {burst:.0f} TFLOP/s (backward "
+              f"{100 * tfs / burst:.1f}%), sustained for {tb:.0f} ms {sustained:.0f} TFLOP/s "
+              f"(backward {100 * tfs / sustained:.1f}%)", flush=True)
         if a.profile:
             from torch.profiler import ProfilerActivity, profile
             with profile(activities=[ProfilerActivity.CUDA]) as prof:

@@ -6,6 +6,8 @@
 // (bar.sync orders the participating threads' shared-memory accesses).  Modes (argv[1]):
 //   0  as described      1  no setmaxnreg      3  __syncthreads() instead of the named barrier
 //   2  a block of the two groups alone (256 threads: the named barrier is the whole block)
+//   4  mode 0, and each reading warp's lane 0 arrives on an mbarrier after its reads (the ws
+//      kernel's release of a stage; warp 0 waits for the 4 arrivals before it leaves)
 // A hazard reported for mode 0 or 1 and none for modes 2 and 3 means racecheck does not model
 // a named barrier of part of the block: its reports on the ws kernel's merge are not races.
 //   nvcc -O2 -gencode=arch=compute_90a,code=sm_90a benchmarks/racecheck_probe.cu -o /tmp/rp
@@ -16,10 +18,14 @@
 
 __global__ void __launch_bounds__(384, 1) probe(int mode, float *out) {
     __shared__ __align__(16) uint16_t buf[64 * 64];
+    __shared__ __align__(8) uint64_t mbar;
     /* mode 2 runs 256 threads, its warps numbered from 4 */
     const int warp = (threadIdx.x >> 5) + (mode == 2 ? 4 : 0), lane = threadIdx.x & 31;
     const int tid = threadIdx.x + (mode == 2 ? 128 : 0);
     for (int i = threadIdx.x; i < 64 * 64; i += blockDim.x) buf[i] = (uint16_t)i;
+    const uint32_t mb = (uint32_t)__cvta_generic_to_shared(&mbar);
+    if (threadIdx.x == 0)
+        asm volatile("mbarrier.init.shared::cta.b64 [%0], 4;\n" ::"r"(mb) : "memory");
     __syncthreads();
     if (mode == 3) {
         uint32_t r0 = 0, r1 = 0, r2 = 0, r3 = 0;
@@ -37,15 +43,18 @@ __global__ void __launch_bounds__(384, 1) probe(int mode, float *out) {
         return;
     }
     if (warp < 4) {
-        if (mode == 0) asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+        if (mode == 0 || mode == 4) asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
         if (warp == 0) {
             long long t0 = clock64();
             while (clock64() - t0 < 20000) {
             }
+            if (mode == 4)
+                asm volatile("{\n.reg .pred p;\nW: mbarrier.try_wait.parity.shared::cta.b64 p, "
+                             "[%0], 0;\n@!p bra W;\n}\n" ::"r"(mb) : "memory");
         }
         return;
     }
-    if (mode == 0) asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+    if (mode == 0 || mode == 4) asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
     const int gi = (warp >> 2) - 1;
     uint32_t r0 = 0, r1 = 0, r2 = 0, r3 = 0;
     if (gi == 0) {
@@ -53,6 +62,9 @@ __global__ void __launch_bounds__(384, 1) probe(int mode, float *out) {
                                                               (warp & 3) * 16);
         asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                      : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(a));
+        __syncwarp();
+        if (mode == 4 && lane == 0)
+            asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(mb) : "memory");
     }
     asm volatile("bar.sync 1, 256;\n" ::: "memory");
     if (gi == 1)

@@ -805,6 +805,10 @@ static PyObject *py_cuda_last_bwd_dq_kernel(PyObject *self, PyObject *noargs) {
     return PyUnicode_FromString(lca_cuda_last_bwd_dq_kernel());
 }
 
+static PyObject *py_cuda_last_bwd_folded(PyObject *self, PyObject *noargs) {
+    return PyBool_FromLong(lca_cuda_last_bwd_folded());
+}
+
 static PyObject *py_cuda_last_decode_kernel(PyObject *self, PyObject *noargs) {
     return PyUnicode_FromString(lca_cuda_last_decode_kernel());
 }
@@ -838,6 +842,9 @@ static PyMethodDef methods[] = {
      "'simt' ('' before any)."},
     {"cuda_last_bwd_dq_kernel", py_cuda_last_bwd_dq_kernel, METH_NOARGS,
      "The dq kernel the last CUDA backward launched: 'wgmma', 'mma' or 'simt' ('' before any)."},
+    {"cuda_last_bwd_folded", py_cuda_last_bwd_folded, METH_NOARGS,
+     "Whether the last CUDA backward's exact-key dk/dv kernel blocks wrote the final dk, dv "
+     "(the Hopper kernel's folded epilogue)."},
     {"cuda_last_decode_kernel", py_cuda_last_decode_kernel, METH_NOARGS,
      "The partial kernel the last cuda_decode_step launched: 'bulk', 'mma' or 'simt' ('' before "
      "any)."},

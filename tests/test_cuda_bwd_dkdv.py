@@ -119,3 +119,35 @@ def test_rows_past_the_range_never_reach_dk_dv(D):
         assert torch.isfinite(b.float()).all()
         assert torch.equal(a[:, :128], b[:, :128]), nm
         assert not torch.isfinite(a[:, 128:].float()).all(), nm     # the Inf rows do reach these
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def test_folded_epilogue_is_bit_identical(case, dtype, monkeypatch):
+    """The whole backward on Hopper runs the condensed entries' dk/dv blocks, the condensation's
+    backward, then the exact tokens' blocks, whose epilogue writes the final dk, dv in the input
+    dtype with the condensation's terms (_C.cuda_last_bwd_folded()).  It performs the float
+    operations of the float32 route through the workspace and the conversion kernel
+    (LCA_CUDA_DISABLE=dkdv_fold) in the same order, so every gradient is equal bit for bit; the
+    scratch and the outputs are NaN-poisoned, so a key the fold leaves unwritten, or a term read
+    before it is made, cannot pass."""
+    from lca import _C
+    monkeypatch.setenv("LCA_POISON_WORKSPACE", "1")
+    B, L, H, Hkv, D, g, w, n, km, bias = case
+    gen = torch.Generator(device="cuda").manual_seed(zlib.crc32(repr(("fold", case, dtype))
+                                                                .encode()))
+    q, k, v = (rand(gen, (B, L, H, D), dtype), rand(gen, (B, L, Hkv, D), dtype),
+               rand(gen, (B, L, Hkv, 128), dtype))
+    dout = rand(gen, (B, L, H, 128), dtype)
+    kw = dict(group_size=g, window=w, n_summary=n, key_mode=km, rep_bias=bias)
+    out, lse = lca.gqa_attention(q, k, v, return_lse=True, **kw)
+    monkeypatch.delenv("LCA_CUDA_DISABLE", raising=False)
+    folded = lca.gqa_attention_backward(dout, q, k, v, out, lse, **kw)
+    hopper = torch.cuda.get_device_capability() == (9, 0)
+    assert _C.cuda_last_bwd_folded() == hopper
+    monkeypatch.setenv("LCA_CUDA_DISABLE", "dkdv_fold")
+    plain = lca.gqa_attention_backward(dout, q, k, v, out, lse, **kw)
+    assert not _C.cuda_last_bwd_folded()
+    for a, b, nm in zip(folded, plain, ["dq", "dk", "dv"]):
+        assert torch.isfinite(a.float()).all(), f"{nm}: unwritten elements"
+        assert torch.equal(a, b), f"{nm}: the folded epilogue differs"

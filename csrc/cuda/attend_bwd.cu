@@ -705,15 +705,18 @@ enum Part { kWhole, kAttend, kCondense };
 /* The dq kernel the last backward call launched (lca_cuda_last_bwd_dq_kernel): evidence for the
  * tests that a call took the fast path. */
 static const char *last_bwd_dq_kernel = "";
+static int last_bwd_folded = 0;         /* lca_cuda_last_bwd_folded */
 
 template <typename T> struct Bwd {
     static int run(const lca_params *p, const BwdWork *w, Part part, int mma,
                    const lca_view *dkbar, const lca_view *dvbar, int device,
                    cudaStream_t stream) {
+        int folded = 0;                    /* the exact keys' dk/dv: after step 5 (below) */
+        last_bwd_folded = 0;
         if (part != kCondense && p->L > 0) {
             launch_delta<T>(p, w->delta, stream);
             if (mma) {
-                const int s = lca_cuda_bwd_mma(p, w, device, stream);
+                const int s = lca_cuda_bwd_mma(p, w, device, stream, part == kWhole, &folded);
                 if (s != LCA_OK) return s;
                 last_bwd_dq_kernel = lca_cuda_bwd_mma_dq_kernel();
             } else {
@@ -768,6 +771,15 @@ template <typename T> struct Bwd {
                 bwd_condense_kernel<T><<<grid, kCondBwdThreads, smem, stream>>>(*p, *w);
             }
         }
+#ifndef LCA_NO_SM90A
+        if (folded) {                      /* the exact blocks write the final dk and dv */
+            const int s = lca_cuda_bwd_dkdv_wgmma(p, w, stream, kDkdvExactFold);
+            if (s != LCA_OK) return s == LCA_BWD_NOT_HANDLED ? LCA_ERR_CUDA : s;
+            last_bwd_folded = 1;
+            finish<T, 0>(p, w, w->dq, p->dq, p->H, p->D, stream);
+            return LCA_OK;
+        }
+#endif
         finish_grads(p, w, stream);
         return LCA_OK;
     }
@@ -812,6 +824,7 @@ int64_t carve(const lca_params *p, char *base, BwdWork *w) {
 }  // namespace lca
 
 extern "C" const char *lca_cuda_last_bwd_dq_kernel(void) { return lca::last_bwd_dq_kernel; }
+extern "C" int lca_cuda_last_bwd_folded(void) { return lca::last_bwd_folded; }
 
 extern "C" int64_t lca_cuda_bwd_workspace(const lca_params *p) {
     lca::BwdWork w;

@@ -89,9 +89,11 @@ __device__ __forceinline__ void pack_frags(uint32_t (&a)[kRows / 16][4],
     }
 }
 
-template <typename T, int D>
+/* kFold: the exact blocks' epilogue finishes their keys' gradients itself (see launch) */
+template <typename T, int D, bool kFold>
 __global__ void __launch_bounds__(kThreads, 1)
-    lca_bwd_dkdv_wgmma_kernel(lca_params p, BwdWork w, const __grid_constant__ Maps tm) {
+    lca_bwd_dkdv_wgmma_kernel(lca_params p, BwdWork w, const __grid_constant__ Maps tm,
+                              uint32_t blk0) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
     using Ly = Layout<D>;
     constexpr int kStages = Ly::kStages;
@@ -106,7 +108,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int hg = p.H / p.Hkv, g = (int)p.g, win = (int)p.w;
     /* blockIdx.x = key block x (batch, kv head), the (batch, kv head) fastest, the condensed
      * blocks (every row after a point sees them: the longest) first */
-    const uint32_t nbh = (uint32_t)(p.B * p.Hkv), kb = blockIdx.x / nbh, bh = blockIdx.x - kb * nbh;
+    const uint32_t nbh = (uint32_t)(p.B * p.Hkv), bx = blockIdx.x + blk0, kb = bx / nbh,
+                   bh = bx - kb * nbh;
     const int b = (int)(bh / (uint32_t)p.Hkv), h = (int)(bh - (uint32_t)b * (uint32_t)p.Hkv);
     const int ncb = (int)((p.m + kKeys - 1) / kKeys);
     const bool cond = (int)kb < ncb;
@@ -332,6 +335,58 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     /* dK (times tau) and dV of this thread's two keys, float32 */
     const float scale = (float)p.scale;
+    if constexpr (kFold) {
+        /* an exact block after the condensation's backward: the keys' final gradients in the
+           input dtype, with the condensation's terms — the same float operations, in the same
+           order, as bwd_finish_vec_kernel's MODE 1 and 2 on the float32 values the plain
+           epilogue would have stored (bit-identical; intrinsics: nothing left to contract) */
+        const int64_t g = p.g, m = p.m;
+        const int ds = (int)p.d_score, dpool = (int)p.d_pool;
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            const int kr = kfirst - key0 + 8 * i;
+            if (kr >= nk) continue;
+            const int64_t t = key0 + kr, j = m > 0 ? t / g : 0, ii = t - j * g;
+            const bool grp = j < m;
+            const int64_t e = ((int64_t)b * m + (grp ? j : 0)) * p.Hkv + h;
+            const bool on = grp && w.anchor[e] == (int)ii;
+            const float ra = grp ? w.alpha[e * g + ii] : 0.0f, rd = grp ? w.dsc[e * g + ii] : 0.0f;
+            const float *dkb = w.dkb + e * D, *qb = w.qbar + e * D, *dvb = w.dvb + e * w.ldv;
+            T *dkd = row<T>(p.dk, b, t, h), *dvd = row<T>(p.dv, b, t, h);
+#pragma unroll
+            for (int n = 0; n < D / 8; n++) {
+                const int c = n * 8 + 2 * tq;
+                float x[2] = {__fmul_rn(dk[n][2 * i], scale), __fmul_rn(dk[n][2 * i + 1], scale)};
+                if (grp) {
+                    const float2 u2 = *(const float2 *)(dkb + c);
+                    const float2 v2 = c < ds ? *(const float2 *)(qb + c) : make_float2(0, 0);
+                    const float u[2] = {u2.x, u2.y}, v[2] = {v2.x, v2.y};
+#pragma unroll
+                    for (int y = 0; y < 2; y++) {
+                        float add = c + y < dpool ? __fmul_rn(ra, u[y]) : (on ? u[y] : 0.0f);
+                        if (c + y < ds) add = __fmaf_rn(rd, v[y], add);
+                        x[y] = __fadd_rn(x[y], add);
+                    }
+                } else {
+                    x[0] = __fadd_rn(x[0], 0.0f), x[1] = __fadd_rn(x[1], 0.0f);
+                }
+                *(uint32_t *)(dkd + c) = pack2<T>(x[0], x[1]);
+            }
+#pragma unroll
+            for (int n = 0; n < kDV / 8; n++) {
+                const int c = n * 8 + 2 * tq;
+                float x[2] = {dv[n][2 * i], dv[n][2 * i + 1]};
+                if (grp) {
+                    const float2 u2 = *(const float2 *)(dvb + c);
+                    x[0] = __fmaf_rn(ra, u2.x, x[0]), x[1] = __fmaf_rn(ra, u2.y, x[1]);
+                } else {
+                    x[0] = __fadd_rn(x[0], 0.0f), x[1] = __fadd_rn(x[1], 0.0f);
+                }
+                *(uint32_t *)(dvd + c) = pack2<T>(x[0], x[1]);
+            }
+        }
+        return;
+    }
 #pragma unroll
     for (int i = 0; i < 2; i++) {
         const int kr = kfirst - key0 + 8 * i;
@@ -385,9 +440,12 @@ inline int64_t nblocks(const lca_params *p) {
 }
 
 /* LCA_OK, or LCA_BWD_NOT_HANDLED when a tensor map cannot express the views (the caller then
- * runs the mma.sync kernel), or LCA_ERR_CUDA */
+ * runs the mma.sync kernel), or LCA_ERR_CUDA.  part: kDkdvAll every block, float32 gradients into
+ * the workspace; kDkdvCondensed the condensed entries' blocks alone; kDkdvExactFold the exact tokens'
+ * blocks alone, finishing their keys' dk and dv in the input dtype (the caller runs the
+ * condensation's backward between the two: their epilogue reads its per-group terms). */
 template <typename T, int D>
-int launch(const lca_params *p, const BwdWork *w, cudaStream_t stream) {
+int launch(const lca_params *p, const BwdWork *w, cudaStream_t stream, int part) {
     Maps tm;
     memset(&tm, 0, sizeof tm);
     const int64_t hg = p->H / p->Hkv;
@@ -403,12 +461,17 @@ int launch(const lca_params *p, const BwdWork *w, cudaStream_t stream) {
         tm.vbar = tm.v;
     }
     if (!ok) return LCA_BWD_NOT_HANDLED;
-    auto kernel = lca_bwd_dkdv_wgmma_kernel<T, D>;
+    auto kernel = part == kDkdvExactFold ? lca_bwd_dkdv_wgmma_kernel<T, D, true>
+                                     : lca_bwd_dkdv_wgmma_kernel<T, D, false>;
     const size_t smem = Layout<D>::kBytes;
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) !=
         cudaSuccess)
         return LCA_ERR_CUDA;
-    kernel<<<(unsigned)(nblocks(p) * p->B * p->Hkv), kThreads, smem, stream>>>(*p, *w, tm);
+    const int64_t nbh = p->B * p->Hkv, ncb = (p->m + kKeys - 1) / kKeys;
+    const int64_t b0 = part == kDkdvExactFold ? ncb * nbh : 0;
+    const int64_t nb = part == kDkdvAll ? nblocks(p) * nbh : part == kDkdvCondensed ? ncb * nbh
+                                                       : nblocks(p) * nbh - b0;
+    if (nb > 0) kernel<<<(unsigned)nb, kThreads, smem, stream>>>(*p, *w, tm, (uint32_t)b0);
     return LCA_OK;
 }
 
@@ -433,10 +496,23 @@ extern "C" int lca_cuda_bwd_dkdv_wgmma_supported(const lca_params *p, int device
     return lca::device_fits(device, need, true);
 }
 
-extern "C" int lca_cuda_bwd_dkdv_wgmma(const lca_params *p, const lca::BwdWork *w, void *stream) {
+/* Whether the exact blocks can finish their keys' gradients (kDkdvExactFold): dk and dv written two
+ * elements at a time (4-byte aligned rows), LCA_CUDA_DISABLE=dkdv_fold not set. */
+extern "C" int lca_cuda_bwd_dkdv_wgmma_folds(const lca_params *p) {
+    const lca_view *vs[] = {&p->dk, &p->dv};
+    for (const lca_view *v : vs)
+        if ((uintptr_t)v->p % 4 || (p->B > 1 && v->sb % 2) || (p->L > 1 && v->st % 2) ||
+            (p->Hkv > 1 && v->sh % 2))
+            return 0;
+    return !lca::kernel_disabled("dkdv_fold");
+}
+
+extern "C" int lca_cuda_bwd_dkdv_wgmma(const lca_params *p, const lca::BwdWork *w, void *stream,
+                                       int part) {
     using namespace lca::dkdv90;
     cudaStream_t s = (cudaStream_t)stream;
     const bool bf = p->dtype == LCA_BF16;
-    if (p->D == 192) return bf ? launch<__nv_bfloat16, 192>(p, w, s) : launch<__half, 192>(p, w, s);
-    return bf ? launch<__nv_bfloat16, 128>(p, w, s) : launch<__half, 128>(p, w, s);
+    if (p->D == 192)
+        return bf ? launch<__nv_bfloat16, 192>(p, w, s, part) : launch<__half, 192>(p, w, s, part);
+    return bf ? launch<__nv_bfloat16, 128>(p, w, s, part) : launch<__half, 128>(p, w, s, part);
 }

@@ -433,8 +433,11 @@ inline int64_t dkdv_blocks(const lca_params *p) {
 /* which dq kernel the last launch ran (lca_cuda_bwd_mma_dq_kernel) */
 static const char *last_dq_kernel = "";
 
+/* fold: the caller runs the condensation's backward next and then, when *folded is set, the
+ * wgmma dk/dv kernel's exact blocks (kDkdvExactFold): only the condensed blocks run here */
 template <typename T, int D, int DV>
-int launch(const lca_params *p, const BwdWork *w, int device, cudaStream_t stream) {
+int launch(const lca_params *p, const BwdWork *w, int device, cudaStream_t stream, int fold,
+           int *folded) {
     const size_t sq = dq_smem<T, D, DV>(), sk = dkdv_smem<T, D, DV>();
     auto kq = dq_kernel<T, D, DV>;
     auto kk = dkdv_kernel<T, D, DV>;
@@ -449,8 +452,11 @@ int launch(const lca_params *p, const BwdWork *w, int device, cudaStream_t strea
     if (hopper && lca_cuda_bwd_dq_wgmma_supported(p, device))
         dq = lca_cuda_bwd_dq_wgmma(p, w, stream);
     if (dq != LCA_BWD_NOT_HANDLED && dq != LCA_OK) return dq;
-    if (hopper && lca_cuda_bwd_dkdv_wgmma_supported(p, device))
-        dkdv = lca_cuda_bwd_dkdv_wgmma(p, w, stream);
+    if (hopper && lca_cuda_bwd_dkdv_wgmma_supported(p, device)) {
+        const int part = fold && lca_cuda_bwd_dkdv_wgmma_folds(p) ? kDkdvCondensed : kDkdvAll;
+        dkdv = lca_cuda_bwd_dkdv_wgmma(p, w, stream, part);
+        *folded = dkdv == LCA_OK && part == kDkdvCondensed;
+    }
     if (dkdv != LCA_BWD_NOT_HANDLED && dkdv != LCA_OK) return dkdv;
 #endif
     last_dq_kernel = dq == LCA_OK ? "wgmma" : "mma";
@@ -483,17 +489,18 @@ extern "C" int lca_cuda_bwd_mma_supported(const lca_params *p, int device) {
 }
 
 extern "C" int lca_cuda_bwd_mma(const lca_params *p, const lca::BwdWork *w, int device,
-                                void *stream) {
+                                void *stream, int fold, int *folded) {
     using namespace lca::bwdmma;
     cudaStream_t s = (cudaStream_t)stream;
+    *folded = 0;
     const bool bf = p->dtype == LCA_BF16;
     if (p->D == 64)
-        return bf ? launch<__nv_bfloat16, 64, 64>(p, w, device, s) : launch<__half, 64, 64>(p, w, device, s);
+        return bf ? launch<__nv_bfloat16, 64, 64>(p, w, device, s, fold, folded) : launch<__half, 64, 64>(p, w, device, s, fold, folded);
     if (p->D == 128)
-        return bf ? launch<__nv_bfloat16, 128, 128>(p, w, device, s)
-                  : launch<__half, 128, 128>(p, w, device, s);
-    return bf ? launch<__nv_bfloat16, 192, 128>(p, w, device, s)
-              : launch<__half, 192, 128>(p, w, device, s);
+        return bf ? launch<__nv_bfloat16, 128, 128>(p, w, device, s, fold, folded)
+                  : launch<__half, 128, 128>(p, w, device, s, fold, folded);
+    return bf ? launch<__nv_bfloat16, 192, 128>(p, w, device, s, fold, folded)
+              : launch<__half, 192, 128>(p, w, device, s, fold, folded);
 }
 
 extern "C" const char *lca_cuda_bwd_mma_dq_kernel(void) { return lca::bwdmma::last_dq_kernel; }

@@ -40,7 +40,7 @@ __device__ __forceinline__ int ncond32(int t, int g, int w) {
  * 9.0 device the two wgmma kernels below run instead where they apply). */
 extern "C" int lca_cuda_bwd_mma_supported(const lca_params *p, int device);
 extern "C" int lca_cuda_bwd_mma(const lca_params *p, const lca::BwdWork *w, int device,
-                                void *stream);
+                                void *stream, int fold, int *folded);
 /* The dq kernel the last lca_cuda_bwd_mma call launched: "wgmma" or "mma". */
 extern "C" const char *lca_cuda_bwd_mma_dq_kernel(void);
 
@@ -51,6 +51,10 @@ extern "C" int lca_cuda_bwd_dq_wgmma_supported(const lca_params *p, int device);
 extern "C" int lca_cuda_bwd_dq_wgmma(const lca_params *p, const lca::BwdWork *w, void *stream);
 
 /* attend_bwd_dkdv_sm90a.cu (likewise): the wgmma dk/dv kernel for the same shapes when H / Hkv
- * divides 64; LCA_OK, LCA_BWD_NOT_HANDLED or an error. */
+ * divides 64; LCA_OK, LCA_BWD_NOT_HANDLED or an error.  part: which blocks (kDkdvAll; kDkdvCondensed,
+ * then after the condensation's backward kDkdvExactFold, whose blocks write the final dk, dv). */
+enum { kDkdvAll = 0, kDkdvCondensed = 1, kDkdvExactFold = 2 };
 extern "C" int lca_cuda_bwd_dkdv_wgmma_supported(const lca_params *p, int device);
-extern "C" int lca_cuda_bwd_dkdv_wgmma(const lca_params *p, const lca::BwdWork *w, void *stream);
+extern "C" int lca_cuda_bwd_dkdv_wgmma_folds(const lca_params *p);
+extern "C" int lca_cuda_bwd_dkdv_wgmma(const lca_params *p, const lca::BwdWork *w, void *stream,
+                                       int part);
