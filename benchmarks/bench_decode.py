@@ -21,7 +21,8 @@ Routing knobs for comparisons (csrc/cuda/decode.cu): LCA_CUDA_DISABLE=dec_bulk (
 mma.sync partial instead of the Hopper one), LCA_DECODE_NSPLIT=n (the Hopper kernel's split
 count), LCA_DECODE_VARIANT=wsa2|wsa|ws|wsc|wsm|v3|kt2|cp|kt2cp (the Hopper kernel's variants:
 wsa2 the default for 16-head blocks, warp-specialised, appending the token and merging its
-splits itself, 2 rows a bulk copy; wsa the same with a row a copy; ws wsa after the append kernel; wsc with the combine kernel; v3 the one before them; the list in
+splits itself, 2 rows a bulk copy; wsa the same with a row a copy; ws wsa after the append
+kernel; wsc with the combine kernel; v3 the one before them; the list in
 csrc/cuda/decode_sm90a.cu).
 --variants times each named
 variant on the same cache in the same run (LCA_DECODE_VARIANT set before each; "default"

@@ -8,6 +8,9 @@
 //   2  a block of the two groups alone (256 threads: the named barrier is the whole block)
 //   4  mode 0, and each reading warp's lane 0 arrives on an mbarrier after its reads (the ws
 //      kernel's release of a stage; warp 0 waits for the 4 arrivals before it leaves)
+//   5  mode 0 with a second read by group 0 after a barrier of each group alone, its id
+//      2 + group in a register (`bar.sync %r, 128`: the ws kernel's per-group barrier)
+//   6  mode 5 with the group barrier's id an immediate (a branch on the group)
 // A hazard reported for mode 0 or 1 and none for modes 2 and 3 means racecheck does not model
 // a named barrier of part of the block: its reports on the ws kernel's merge are not races.
 //   nvcc -O2 -gencode=arch=compute_90a,code=sm_90a benchmarks/racecheck_probe.cu -o /tmp/rp
@@ -43,7 +46,7 @@ __global__ void __launch_bounds__(384, 1) probe(int mode, float *out) {
         return;
     }
     if (warp < 4) {
-        if (mode == 0 || mode == 4) asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+        if (mode == 0 || mode >= 4) asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
         if (warp == 0) {
             long long t0 = clock64();
             while (clock64() - t0 < 20000) {
@@ -54,7 +57,7 @@ __global__ void __launch_bounds__(384, 1) probe(int mode, float *out) {
         }
         return;
     }
-    if (mode == 0 || mode == 4) asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+    if (mode == 0 || mode >= 4) asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
     const int gi = (warp >> 2) - 1;
     uint32_t r0 = 0, r1 = 0, r2 = 0, r3 = 0;
     if (gi == 0) {
@@ -62,6 +65,22 @@ __global__ void __launch_bounds__(384, 1) probe(int mode, float *out) {
                                                               (warp & 3) * 16);
         asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                      : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(a));
+    }
+    if (mode == 5) {                     /* the id from the thread index: not folded */
+        asm volatile("bar.sync %0, 128;\n" ::"r"(1 + (int)(threadIdx.x >> 7)) : "memory");
+    } else if (mode == 6) {
+        if (gi == 0) asm volatile("bar.sync 2, 128;\n" ::: "memory");
+        else asm volatile("bar.sync 3, 128;\n" ::: "memory");
+    }
+    if (gi == 0 && mode >= 5) {          /* the second read, after the group's barrier */
+        const uint32_t a = (uint32_t)__cvta_generic_to_shared(buf + 16 * 64 + (lane & 15) * 64 +
+                                                              (warp & 3) * 16);
+        uint32_t x0, x1, x2, x3;
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                     : "=r"(x0), "=r"(x1), "=r"(x2), "=r"(x3) : "r"(a));
+        r0 += x0, r1 += x1, r2 += x2, r3 += x3;
+    }
+    if (gi == 0) {
         __syncwarp();
         if (mode == 4 && lane == 0)
             asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(mb) : "memory");

@@ -339,9 +339,12 @@ __global__ void __launch_bounds__(kThreads, 1)
         /* an exact block after the condensation's backward: the keys' final gradients in the
            input dtype, with the condensation's terms — the same float operations, in the same
            order, as bwd_finish_vec_kernel's MODE 1 and 2 on the float32 values the plain
-           epilogue would have stored (bit-identical; intrinsics: nothing left to contract) */
+           epilogue would have stored (bit-identical; intrinsics: nothing left to contract).
+           The terms' vectors are read (read-only, through the texture path) 4 column pairs at
+           a time before any of their stores: loads behind stores would each wait out L2. */
         const int64_t g = p.g, m = p.m;
         const int ds = (int)p.d_score, dpool = (int)p.d_pool;
+        constexpr int kC = 4;                              /* column pairs a batch of loads */
 #pragma unroll
         for (int i = 0; i < 2; i++) {
             const int kr = kfirst - key0 + 8 * i;
@@ -349,40 +352,58 @@ __global__ void __launch_bounds__(kThreads, 1)
             const int64_t t = key0 + kr, j = m > 0 ? t / g : 0, ii = t - j * g;
             const bool grp = j < m;
             const int64_t e = ((int64_t)b * m + (grp ? j : 0)) * p.Hkv + h;
-            const bool on = grp && w.anchor[e] == (int)ii;
-            const float ra = grp ? w.alpha[e * g + ii] : 0.0f, rd = grp ? w.dsc[e * g + ii] : 0.0f;
+            const bool on = grp && __ldg(w.anchor + e) == (int)ii;
+            const float ra = grp ? __ldg(w.alpha + e * g + ii) : 0.0f;
+            const float rd = grp ? __ldg(w.dsc + e * g + ii) : 0.0f;
             const float *dkb = w.dkb + e * D, *qb = w.qbar + e * D, *dvb = w.dvb + e * w.ldv;
             T *dkd = row<T>(p.dk, b, t, h), *dvd = row<T>(p.dv, b, t, h);
 #pragma unroll
-            for (int n = 0; n < D / 8; n++) {
-                const int c = n * 8 + 2 * tq;
-                float x[2] = {__fmul_rn(dk[n][2 * i], scale), __fmul_rn(dk[n][2 * i + 1], scale)};
-                if (grp) {
-                    const float2 u2 = *(const float2 *)(dkb + c);
-                    const float2 v2 = c < ds ? *(const float2 *)(qb + c) : make_float2(0, 0);
-                    const float u[2] = {u2.x, u2.y}, v[2] = {v2.x, v2.y};
+            for (int n0 = 0; n0 < D / 8; n0 += kC) {
+                float2 u[kC], v[kC];
+#pragma unroll
+                for (int n = 0; n < kC; n++) {
+                    const int c = (n0 + n) * 8 + 2 * tq;
+                    u[n] = grp ? __ldg((const float2 *)(dkb + c)) : make_float2(0.0f, 0.0f);
+                    v[n] = grp && c < ds ? __ldg((const float2 *)(qb + c))
+                                         : make_float2(0.0f, 0.0f);
+                }
+#pragma unroll
+                for (int n = 0; n < kC; n++) {
+                    const int c = (n0 + n) * 8 + 2 * tq;
+                    float x[2] = {__fmul_rn(dk[n0 + n][2 * i], scale),
+                                  __fmul_rn(dk[n0 + n][2 * i + 1], scale)};
+                    const float uu[2] = {u[n].x, u[n].y}, vv[2] = {v[n].x, v[n].y};
 #pragma unroll
                     for (int y = 0; y < 2; y++) {
-                        float add = c + y < dpool ? __fmul_rn(ra, u[y]) : (on ? u[y] : 0.0f);
-                        if (c + y < ds) add = __fmaf_rn(rd, v[y], add);
-                        x[y] = __fadd_rn(x[y], add);
+                        if (grp) {
+                            float add = c + y < dpool ? __fmul_rn(ra, uu[y]) : (on ? uu[y] : 0.0f);
+                            if (c + y < ds) add = __fmaf_rn(rd, vv[y], add);
+                            x[y] = __fadd_rn(x[y], add);
+                        } else {
+                            x[y] = __fadd_rn(x[y], 0.0f);
+                        }
                     }
-                } else {
-                    x[0] = __fadd_rn(x[0], 0.0f), x[1] = __fadd_rn(x[1], 0.0f);
+                    *(uint32_t *)(dkd + c) = pack2<T>(x[0], x[1]);
                 }
-                *(uint32_t *)(dkd + c) = pack2<T>(x[0], x[1]);
             }
 #pragma unroll
-            for (int n = 0; n < kDV / 8; n++) {
-                const int c = n * 8 + 2 * tq;
-                float x[2] = {dv[n][2 * i], dv[n][2 * i + 1]};
-                if (grp) {
-                    const float2 u2 = *(const float2 *)(dvb + c);
-                    x[0] = __fmaf_rn(ra, u2.x, x[0]), x[1] = __fmaf_rn(ra, u2.y, x[1]);
-                } else {
-                    x[0] = __fadd_rn(x[0], 0.0f), x[1] = __fadd_rn(x[1], 0.0f);
+            for (int n0 = 0; n0 < kDV / 8; n0 += kC) {
+                float2 u[kC];
+#pragma unroll
+                for (int n = 0; n < kC; n++)
+                    u[n] = grp ? __ldg((const float2 *)(dvb + (n0 + n) * 8 + 2 * tq))
+                               : make_float2(0.0f, 0.0f);
+#pragma unroll
+                for (int n = 0; n < kC; n++) {
+                    const int c = (n0 + n) * 8 + 2 * tq;
+                    float x[2] = {dv[n0 + n][2 * i], dv[n0 + n][2 * i + 1]};
+                    if (grp) {
+                        x[0] = __fmaf_rn(ra, u[n].x, x[0]), x[1] = __fmaf_rn(ra, u[n].y, x[1]);
+                    } else {
+                        x[0] = __fadd_rn(x[0], 0.0f), x[1] = __fadd_rn(x[1], 0.0f);
+                    }
+                    *(uint32_t *)(dvd + c) = pack2<T>(x[0], x[1]);
                 }
-                *(uint32_t *)(dvd + c) = pack2<T>(x[0], x[1]);
             }
         }
         return;
@@ -440,10 +461,10 @@ inline int64_t nblocks(const lca_params *p) {
 }
 
 /* LCA_OK, or LCA_BWD_NOT_HANDLED when a tensor map cannot express the views (the caller then
- * runs the mma.sync kernel), or LCA_ERR_CUDA.  part: kDkdvAll every block, float32 gradients into
- * the workspace; kDkdvCondensed the condensed entries' blocks alone; kDkdvExactFold the exact tokens'
- * blocks alone, finishing their keys' dk and dv in the input dtype (the caller runs the
- * condensation's backward between the two: their epilogue reads its per-group terms). */
+ * runs the mma.sync kernel), or LCA_ERR_CUDA.  part: kDkdvAll every block, float32 gradients
+ * into the workspace; kDkdvCondensed the condensed entries' blocks alone; kDkdvExactFold the
+ * exact tokens' blocks alone, finishing their keys' dk and dv in the input dtype (the caller
+ * runs the condensation's backward between the two: their epilogue reads its per-group terms). */
 template <typename T, int D>
 int launch(const lca_params *p, const BwdWork *w, cudaStream_t stream, int part) {
     Maps tm;

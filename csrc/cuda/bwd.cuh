@@ -51,8 +51,9 @@ extern "C" int lca_cuda_bwd_dq_wgmma_supported(const lca_params *p, int device);
 extern "C" int lca_cuda_bwd_dq_wgmma(const lca_params *p, const lca::BwdWork *w, void *stream);
 
 /* attend_bwd_dkdv_sm90a.cu (likewise): the wgmma dk/dv kernel for the same shapes when H / Hkv
- * divides 64; LCA_OK, LCA_BWD_NOT_HANDLED or an error.  part: which blocks (kDkdvAll; kDkdvCondensed,
- * then after the condensation's backward kDkdvExactFold, whose blocks write the final dk, dv). */
+ * divides 64; LCA_OK, LCA_BWD_NOT_HANDLED or an error.  part: which blocks (kDkdvAll; or
+ * kDkdvCondensed, then after the condensation's backward kDkdvExactFold, whose blocks write the
+ * final dk, dv). */
 enum { kDkdvAll = 0, kDkdvCondensed = 1, kDkdvExactFold = 2 };
 extern "C" int lca_cuda_bwd_dkdv_wgmma_supported(const lca_params *p, int device);
 extern "C" int lca_cuda_bwd_dkdv_wgmma_folds(const lca_params *p);
