@@ -50,6 +50,15 @@ namespace dkdv90 {
 constexpr int kKeys = 128, kRows = 64, kDV = 128, kThreads = 384;
 constexpr float kLog2e = 1.4426950408889634f;
 
+/* The folded epilogue's terms, staged in shared memory per consumer warpgroup before its main
+ * loop (their loads behind the epilogue's stores would each wait out L2): the dkbar, qbar and
+ * dvbar rows of the (at most kTermGroups) groups its 64 keys fall in, then each key's alpha,
+ * dscore and anchor flag.  kTermGroups bounds the groups 64 consecutive keys span: g >= 16. */
+constexpr int kTermGroups = 5;
+template <int D> __host__ __device__ constexpr int term_floats() {
+    return kTermGroups * (2 * D + 128) + 3 * 64;
+}
+
 template <int D> struct Layout {
     static constexpr int kStages = D == 192 ? 3 : 4;
     static constexpr int kK = kKeys * D, kV = kKeys * kDV;      /* elements */
@@ -58,6 +67,7 @@ template <int D> struct Layout {
     static constexpr size_t kInfo = (size_t)kStages * kRows * sizeof(float4);
     static constexpr size_t kBytes =
         2 * (size_t)(kK + kV + kStages * kStage) + kInfo + (2 * kStages + 1) * 8 + 1024;
+    static constexpr size_t kFoldBytes = kBytes + 16 + 2 * sizeof(float) * term_floats<D>();
 };
 
 /* k, v (rows L), kbar, vbar (rows m) as in the forward's maps, boxes of 128 rows; q and dout as
@@ -191,6 +201,34 @@ __global__ void __launch_bounds__(kThreads, 1)
     /* consumer warpgroup cw: keys key0 + 64 cw .. + 63 */
     asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n" ::: "memory");
     const int cw = wg - 1, warp = tid >> 5, lane = tid & 31, gq = lane >> 2, tq = lane & 3;
+    /* kFold: this warpgroup's terms (see kTermGroups), read while K and V land */
+    float *terms = (float *)(((uintptr_t)(kv_full + 1) + 15) & ~(uintptr_t)15) +
+                   cw * term_floats<D>();
+    constexpr int kRowF = 2 * D + kDV;                           /* dkbar | qbar | dvbar */
+    const int kw0 = key0 + cw * 64;                              /* this warpgroup's first key */
+    if constexpr (kFold) {
+        const int g = (int)p.g, j0 = kw0 / g, m = (int)p.m;
+        for (int x = tid; x < kTermGroups * kRowF / 4; x += 128) {
+            const int sl = x / (kRowF / 4), c = 4 * (x - sl * (kRowF / 4)), j = j0 + sl;
+            if (j >= m) continue;
+            const int64_t e = ((int64_t)b * m + j) * p.Hkv + h;
+            const float *src = c < D       ? w.dkb + e * D + c
+                               : c < 2 * D ? w.qbar + e * D + c - D
+                                           : w.dvb + e * w.ldv + c - 2 * D;
+            *(float4 *)(terms + sl * kRowF + c) = __ldg((const float4 *)src);
+        }
+        if (tid < 64) {
+            const int t = kw0 + tid, j = t / g, ii = t - j * g;
+            const int64_t e = ((int64_t)b * m + j) * p.Hkv + h;
+            const bool grp = t < nk + key0 && j < m;
+            float *kt = terms + kTermGroups * kRowF;
+            kt[tid] = grp ? __ldg(w.alpha + e * g + ii) : 0.0f;
+            kt[64 + tid] = grp ? __ldg(w.dsc + e * g + ii) : 0.0f;
+            kt[128 + tid] = grp && __ldg(w.anchor + e) == ii ? 1.0f : 0.0f;
+        }
+        if (cw == 0) asm volatile("bar.sync 2, 128;\n" ::: "memory");
+        else asm volatile("bar.sync 3, 128;\n" ::: "memory");
+    }
     const T *Kw = Ks + cw * 64 * 64, *Vw = Vs + cw * 64 * 64;    /* 64-column blocks of 128 rows */
     const int kfirst = key0 + cw * 64 + warp * 16 + gq;          /* this thread's: +0, +8 */
     const float sl2 = (float)p.scale * kLog2e;
@@ -337,73 +375,51 @@ __global__ void __launch_bounds__(kThreads, 1)
     const float scale = (float)p.scale;
     if constexpr (kFold) {
         /* an exact block after the condensation's backward: the keys' final gradients in the
-           input dtype, with the condensation's terms — the same float operations, in the same
-           order, as bwd_finish_vec_kernel's MODE 1 and 2 on the float32 values the plain
-           epilogue would have stored (bit-identical; intrinsics: nothing left to contract).
-           The terms' vectors are read (read-only, through the texture path) 4 column pairs at
-           a time before any of their stores: loads behind stores would each wait out L2. */
-        const int64_t g = p.g, m = p.m;
+           input dtype, with the condensation's terms (staged in shared memory before the main
+           loop) — the same float operations, in the same order, as bwd_finish_vec_kernel's
+           MODE 1 and 2 on the float32 values the plain epilogue would have stored
+           (bit-identical; intrinsics: nothing left to contract) */
+        const int g = (int)p.g, m = (int)p.m, j0 = kw0 / g;
         const int ds = (int)p.d_score, dpool = (int)p.d_pool;
-        constexpr int kC = 4;                              /* column pairs a batch of loads */
+        const float *kt = terms + kTermGroups * kRowF;
 #pragma unroll
         for (int i = 0; i < 2; i++) {
             const int kr = kfirst - key0 + 8 * i;
             if (kr >= nk) continue;
-            const int64_t t = key0 + kr, j = m > 0 ? t / g : 0, ii = t - j * g;
-            const bool grp = j < m;
-            const int64_t e = ((int64_t)b * m + (grp ? j : 0)) * p.Hkv + h;
-            const bool on = grp && __ldg(w.anchor + e) == (int)ii;
-            const float ra = grp ? __ldg(w.alpha + e * g + ii) : 0.0f;
-            const float rd = grp ? __ldg(w.dsc + e * g + ii) : 0.0f;
-            const float *dkb = w.dkb + e * D, *qb = w.qbar + e * D, *dvb = w.dvb + e * w.ldv;
+            const int t = key0 + kr, kl = t - kw0, j = t / g;
+            const bool grp = j < m, on = kt[128 + kl] != 0.0f;
+            const float ra = kt[kl], rd = kt[64 + kl];
+            const float *tv = terms + (j - j0) * kRowF;          /* read only where grp */
             T *dkd = row<T>(p.dk, b, t, h), *dvd = row<T>(p.dv, b, t, h);
 #pragma unroll
-            for (int n0 = 0; n0 < D / 8; n0 += kC) {
-                float2 u[kC], v[kC];
-#pragma unroll
-                for (int n = 0; n < kC; n++) {
-                    const int c = (n0 + n) * 8 + 2 * tq;
-                    u[n] = grp ? __ldg((const float2 *)(dkb + c)) : make_float2(0.0f, 0.0f);
-                    v[n] = grp && c < ds ? __ldg((const float2 *)(qb + c))
-                                         : make_float2(0.0f, 0.0f);
-                }
-#pragma unroll
-                for (int n = 0; n < kC; n++) {
-                    const int c = (n0 + n) * 8 + 2 * tq;
-                    float x[2] = {__fmul_rn(dk[n0 + n][2 * i], scale),
-                                  __fmul_rn(dk[n0 + n][2 * i + 1], scale)};
-                    const float uu[2] = {u[n].x, u[n].y}, vv[2] = {v[n].x, v[n].y};
+            for (int n = 0; n < D / 8; n++) {
+                const int c = n * 8 + 2 * tq;
+                float x[2] = {__fmul_rn(dk[n][2 * i], scale), __fmul_rn(dk[n][2 * i + 1], scale)};
+                if (grp) {
+                    const float2 u = *(const float2 *)(tv + c), v = *(const float2 *)(tv + D + c);
+                    const float uu[2] = {u.x, u.y}, vv[2] = {v.x, v.y};
 #pragma unroll
                     for (int y = 0; y < 2; y++) {
-                        if (grp) {
-                            float add = c + y < dpool ? __fmul_rn(ra, uu[y]) : (on ? uu[y] : 0.0f);
-                            if (c + y < ds) add = __fmaf_rn(rd, vv[y], add);
-                            x[y] = __fadd_rn(x[y], add);
-                        } else {
-                            x[y] = __fadd_rn(x[y], 0.0f);
-                        }
+                        float add = c + y < dpool ? __fmul_rn(ra, uu[y]) : (on ? uu[y] : 0.0f);
+                        if (c + y < ds) add = __fmaf_rn(rd, vv[y], add);
+                        x[y] = __fadd_rn(x[y], add);
                     }
-                    *(uint32_t *)(dkd + c) = pack2<T>(x[0], x[1]);
+                } else {
+                    x[0] = __fadd_rn(x[0], 0.0f), x[1] = __fadd_rn(x[1], 0.0f);
                 }
+                *(uint32_t *)(dkd + c) = pack2<T>(x[0], x[1]);
             }
 #pragma unroll
-            for (int n0 = 0; n0 < kDV / 8; n0 += kC) {
-                float2 u[kC];
-#pragma unroll
-                for (int n = 0; n < kC; n++)
-                    u[n] = grp ? __ldg((const float2 *)(dvb + (n0 + n) * 8 + 2 * tq))
-                               : make_float2(0.0f, 0.0f);
-#pragma unroll
-                for (int n = 0; n < kC; n++) {
-                    const int c = (n0 + n) * 8 + 2 * tq;
-                    float x[2] = {dv[n0 + n][2 * i], dv[n0 + n][2 * i + 1]};
-                    if (grp) {
-                        x[0] = __fmaf_rn(ra, u[n].x, x[0]), x[1] = __fmaf_rn(ra, u[n].y, x[1]);
-                    } else {
-                        x[0] = __fadd_rn(x[0], 0.0f), x[1] = __fadd_rn(x[1], 0.0f);
-                    }
-                    *(uint32_t *)(dvd + c) = pack2<T>(x[0], x[1]);
+            for (int n = 0; n < kDV / 8; n++) {
+                const int c = n * 8 + 2 * tq;
+                float x[2] = {dv[n][2 * i], dv[n][2 * i + 1]};
+                if (grp) {
+                    const float2 u = *(const float2 *)(tv + 2 * D + c);
+                    x[0] = __fmaf_rn(ra, u.x, x[0]), x[1] = __fmaf_rn(ra, u.y, x[1]);
+                } else {
+                    x[0] = __fadd_rn(x[0], 0.0f), x[1] = __fadd_rn(x[1], 0.0f);
                 }
+                *(uint32_t *)(dvd + c) = pack2<T>(x[0], x[1]);
             }
         }
         return;
@@ -484,7 +500,7 @@ int launch(const lca_params *p, const BwdWork *w, cudaStream_t stream, int part)
     if (!ok) return LCA_BWD_NOT_HANDLED;
     auto kernel = part == kDkdvExactFold ? lca_bwd_dkdv_wgmma_kernel<T, D, true>
                                      : lca_bwd_dkdv_wgmma_kernel<T, D, false>;
-    const size_t smem = Layout<D>::kBytes;
+    const size_t smem = part == kDkdvExactFold ? Layout<D>::kFoldBytes : Layout<D>::kBytes;
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) !=
         cudaSuccess)
         return LCA_ERR_CUDA;
@@ -518,8 +534,13 @@ extern "C" int lca_cuda_bwd_dkdv_wgmma_supported(const lca_params *p, int device
 }
 
 /* Whether the exact blocks can finish their keys' gradients (kDkdvExactFold): dk and dv written two
- * elements at a time (4-byte aligned rows), LCA_CUDA_DISABLE=dkdv_fold not set. */
-extern "C" int lca_cuda_bwd_dkdv_wgmma_folds(const lca_params *p) {
+ * elements at a time (4-byte aligned rows), groups of 16 or more (kTermGroups), the shared
+ * memory with the terms, LCA_CUDA_DISABLE=dkdv_fold not set. */
+extern "C" int lca_cuda_bwd_dkdv_wgmma_folds(const lca_params *p, int device) {
+    using namespace lca::dkdv90;
+    if (p->g < 16) return 0;
+    const size_t need = p->D == 192 ? Layout<192>::kFoldBytes : Layout<128>::kFoldBytes;
+    if (!lca::device_fits(device, need, true)) return 0;
     const lca_view *vs[] = {&p->dk, &p->dv};
     for (const lca_view *v : vs)
         if ((uintptr_t)v->p % 4 || (p->B > 1 && v->sb % 2) || (p->L > 1 && v->st % 2) ||

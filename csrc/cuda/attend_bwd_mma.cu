@@ -453,7 +453,7 @@ int launch(const lca_params *p, const BwdWork *w, int device, cudaStream_t strea
         dq = lca_cuda_bwd_dq_wgmma(p, w, stream);
     if (dq != LCA_BWD_NOT_HANDLED && dq != LCA_OK) return dq;
     if (hopper && lca_cuda_bwd_dkdv_wgmma_supported(p, device)) {
-        const int part = fold && lca_cuda_bwd_dkdv_wgmma_folds(p) ? kDkdvCondensed : kDkdvAll;
+        const int part = fold && lca_cuda_bwd_dkdv_wgmma_folds(p, device) ? kDkdvCondensed : kDkdvAll;
         dkdv = lca_cuda_bwd_dkdv_wgmma(p, w, stream, part);
         *folded = dkdv == LCA_OK && part == kDkdvCondensed;
     }

@@ -56,6 +56,6 @@ extern "C" int lca_cuda_bwd_dq_wgmma(const lca_params *p, const lca::BwdWork *w,
  * final dk, dv). */
 enum { kDkdvAll = 0, kDkdvCondensed = 1, kDkdvExactFold = 2 };
 extern "C" int lca_cuda_bwd_dkdv_wgmma_supported(const lca_params *p, int device);
-extern "C" int lca_cuda_bwd_dkdv_wgmma_folds(const lca_params *p);
+extern "C" int lca_cuda_bwd_dkdv_wgmma_folds(const lca_params *p, int device);
 extern "C" int lca_cuda_bwd_dkdv_wgmma(const lca_params *p, const lca::BwdWork *w, void *stream,
                                        int part);

@@ -605,8 +605,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) lca_dec_partial_ws_kernel(DecAr
         }
         /* S complete for the group; with S double-buffered, also: every warp of the group is
          * done reading the buffer the next tile writes */
-        if (gi == 0) named_sync(2, 128);   /* the ids as immediates: compute-sanitizer's */
-        else named_sync(3, 128);           /* racecheck misreads a barrier id in a register */
+        named_sync(2 + gi, 128);
 
         /* online softmax (every warp of the group computes the same numbers) and P as A
          * fragments: x[i][kk][e], row gq + 8 i, key 16 kk + {2tq, 2tq+1, 2tq+8, 2tq+9}[e] */
