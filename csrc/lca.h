@@ -149,8 +149,8 @@ int lca_cuda_condense_bwd(const lca_params *p, const lca_view *dkbar, const lca_
 const char *lca_cuda_last_attend_kernel(void);
 /* The dq kernel the last CUDA backward call launched: "wgmma", "mma", "simt" ("": none). */
 const char *lca_cuda_last_bwd_dq_kernel(void);
-/* 1 when the last CUDA backward's exact-key dk/dv blocks wrote the final dk, dv themselves (the
- * Hopper kernel's folded epilogue), else 0. */
+/* What the last CUDA backward's Hopper kernels finished themselves (their folded epilogues):
+ * 1 the exact keys' dk, dv (the dk/dv kernel), | 2 dq (the dq kernel); 0 none. */
 int lca_cuda_last_bwd_folded(void);
 
 #ifdef __cplusplus

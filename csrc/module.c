@@ -806,7 +806,7 @@ static PyObject *py_cuda_last_bwd_dq_kernel(PyObject *self, PyObject *noargs) {
 }
 
 static PyObject *py_cuda_last_bwd_folded(PyObject *self, PyObject *noargs) {
-    return PyBool_FromLong(lca_cuda_last_bwd_folded());
+    return PyLong_FromLong(lca_cuda_last_bwd_folded());
 }
 
 static PyObject *py_cuda_last_decode_kernel(PyObject *self, PyObject *noargs) {
@@ -843,8 +843,8 @@ static PyMethodDef methods[] = {
     {"cuda_last_bwd_dq_kernel", py_cuda_last_bwd_dq_kernel, METH_NOARGS,
      "The dq kernel the last CUDA backward launched: 'wgmma', 'mma' or 'simt' ('' before any)."},
     {"cuda_last_bwd_folded", py_cuda_last_bwd_folded, METH_NOARGS,
-     "Whether the last CUDA backward's exact-key dk/dv kernel blocks wrote the final dk, dv "
-     "(the Hopper kernel's folded epilogue)."},
+     "What the last CUDA backward's Hopper kernels wrote in final form (their folded "
+     "epilogues): 1 the exact keys' dk, dv | 2 dq; 0 none."},
     {"cuda_last_decode_kernel", py_cuda_last_decode_kernel, METH_NOARGS,
      "The partial kernel the last cuda_decode_step launched: 'bulk', 'mma' or 'simt' ('' before "
      "any)."},

@@ -123,14 +123,15 @@ def test_rows_past_the_range_never_reach_dk_dv(D):
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
-def test_folded_epilogue_is_bit_identical(case, dtype, monkeypatch):
+def test_folded_epilogues_are_bit_identical(case, dtype, monkeypatch):
     """The whole backward on Hopper (groups of 16 or more) runs the condensed entries' dk/dv
-    blocks, the condensation's backward, then the exact tokens' blocks, whose epilogue writes the
-    final dk, dv in the input dtype with the condensation's terms (_C.cuda_last_bwd_folded()).  It performs the float
-    operations of the float32 route through the workspace and the conversion kernel
-    (LCA_CUDA_DISABLE=dkdv_fold) in the same order, so every gradient is equal bit for bit; the
-    scratch and the outputs are NaN-poisoned, so a key the fold leaves unwritten, or a term read
-    before it is made, cannot pass."""
+    blocks, the condensation's backward, then the exact tokens' blocks and the dq kernel, whose
+    epilogues write the final dk, dv and dq in the input dtype with the condensation's terms
+    (_C.cuda_last_bwd_folded() 3; LCA_CUDA_DISABLE=dq_fold leaves dq to the conversion: 1).
+    They perform the float operations of the float32 route through the workspace and the
+    conversion kernel (LCA_CUDA_DISABLE=dkdv_fold: 0) in the same order, so every gradient is
+    equal bit for bit; the scratch and the outputs are NaN-poisoned, so an element a fold leaves
+    unwritten, or a term read before it is made, cannot pass."""
     from lca import _C
     monkeypatch.setenv("LCA_POISON_WORKSPACE", "1")
     B, L, H, Hkv, D, g, w, n, km, bias = case
@@ -141,13 +142,13 @@ def test_folded_epilogue_is_bit_identical(case, dtype, monkeypatch):
     dout = rand(gen, (B, L, H, 128), dtype)
     kw = dict(group_size=g, window=w, n_summary=n, key_mode=km, rep_bias=bias)
     out, lse = lca.gqa_attention(q, k, v, return_lse=True, **kw)
-    monkeypatch.delenv("LCA_CUDA_DISABLE", raising=False)
-    folded = lca.gqa_attention_backward(dout, q, k, v, out, lse, **kw)
-    hopper = torch.cuda.get_device_capability() == (9, 0)
-    assert _C.cuda_last_bwd_folded() == (hopper and g >= 16)     # the terms' staging: g >= 16
-    monkeypatch.setenv("LCA_CUDA_DISABLE", "dkdv_fold")
-    plain = lca.gqa_attention_backward(dout, q, k, v, out, lse, **kw)
-    assert not _C.cuda_last_bwd_folded()
-    for a, b, nm in zip(folded, plain, ["dq", "dk", "dv"]):
-        assert torch.isfinite(a.float()).all(), f"{nm}: unwritten elements"
-        assert torch.equal(a, b), f"{nm}: the folded epilogue differs"
+    folds = torch.cuda.get_device_capability() == (9, 0) and g >= 16   # the terms' staging
+    grads = {}
+    for off, want in [("", 3), ("dq_fold", 1), ("dkdv_fold", 0)]:
+        monkeypatch.setenv("LCA_CUDA_DISABLE", off)
+        grads[off] = lca.gqa_attention_backward(dout, q, k, v, out, lse, **kw)
+        assert _C.cuda_last_bwd_folded() == (want if folds else 0), off
+    for off in ["", "dq_fold"]:
+        for a, b, nm in zip(grads[off], grads["dkdv_fold"], ["dq", "dk", "dv"]):
+            assert torch.isfinite(a.float()).all(), f"{nm} ({off or 'all folds'}): unwritten"
+            assert torch.equal(a, b), f"{nm} ({off or 'all folds'}): differs from float32 route"

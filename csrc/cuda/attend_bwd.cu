@@ -773,10 +773,15 @@ template <typename T> struct Bwd {
         }
 #ifndef LCA_NO_SM90A
         if (folded) {                      /* the exact blocks write the final dk and dv */
-            const int s = lca_cuda_bwd_dkdv_wgmma(p, w, stream, kDkdvExactFold);
+            int s = lca_cuda_bwd_dkdv_wgmma(p, w, stream, kDkdvExactFold);
             if (s != LCA_OK) return s == LCA_BWD_NOT_HANDLED ? LCA_ERR_CUDA : s;
-            last_bwd_folded = 1;
-            finish<T, 0>(p, w, w->dq, p->dq, p->H, p->D, stream);
+            if (folded & LCA_FOLD_DQ) {    /* and the dq kernel the final dq */
+                s = lca_cuda_bwd_dq_wgmma(p, w, stream, 1);
+                if (s != LCA_OK) return s == LCA_BWD_NOT_HANDLED ? LCA_ERR_CUDA : s;
+            } else {
+                finish<T, 0>(p, w, w->dq, p->dq, p->H, p->D, stream);
+            }
+            last_bwd_folded = folded;
             return LCA_OK;
         }
 #endif

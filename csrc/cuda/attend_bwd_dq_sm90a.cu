@@ -52,13 +52,18 @@ constexpr int kRows = 128, kKeys = 64, kDV = 128, kThreads = 384;
 constexpr size_t kSmemLimit = 227 * 1024;              /* the H100/H200 opt-in limit */
 constexpr float kLog2e = 1.4426950408889634f;
 
-template <int D> struct Layout {
+/* FOLD: the dqbar rows of the (at most kTermGroups) groups a consumer warpgroup's 64 rows fall
+ * in, staged in shared memory before its main loop (groups of 16 or more) */
+constexpr int kTermGroups = 5;
+
+template <int D, bool FOLD = false> struct Layout {
     static constexpr int kQ = kRows * D, kO = kRows * kDV;  /* elements */
     static constexpr int kK = kKeys * D, kStage = kK + kKeys * kDV;
-    static constexpr int kStages =
-        (int)((kSmemLimit - 1024 - 2 * (size_t)(kQ + kO) - 16 * 8) / (2 * (size_t)kStage));
+    static constexpr size_t kTerms = FOLD ? 16 + 2 * sizeof(float) * kTermGroups * D : 0;
+    static constexpr int kStages = (int)((kSmemLimit - 1024 - 2 * (size_t)(kQ + kO) - 16 * 8 -
+                                          kTerms) / (2 * (size_t)kStage));
     static constexpr size_t kBytes =
-        2 * (size_t)(kQ + kO + kStages * kStage) + 2 * kStages * 8 + 1024;
+        2 * (size_t)(kQ + kO + kStages * kStage) + 2 * kStages * 8 + 1024 + kTerms;
     static_assert(kStages >= 2 && kBytes <= kSmemLimit, "K/V ring");
 };
 
@@ -78,13 +83,15 @@ __device__ __forceinline__ int ncond(int t, int g, int w) {
  * memory by each product; D = 128 only, the 192-wide accumulator leaves no room), bit 1 — dO
  * from registers likewise for dP = dO V^T.  An m64n64k16 product with both operands in shared
  * memory reads 4 KB in the 32 cycles it takes: the SM's whole shared-memory bandwidth. */
-template <typename T, int D, int VAR>
+/* FOLD: the final dq in the input dtype into p.dq, the condensation's term added (see the
+ * epilogue), instead of float32 into w.dq */
+template <typename T, int D, int VAR, bool FOLD>
 __global__ void __launch_bounds__(kThreads, 1)
     lca_bwd_dq_wgmma_kernel(lca_params p, BwdWork w, const __grid_constant__ TmaMaps tm) {
     constexpr bool kQRegs = VAR & 1, kORegs = VAR & 2;
     static_assert(!kQRegs || D == 128, "Q in registers: D = 128 only");
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    using Ly = Layout<D>;
+    using Ly = Layout<D, FOLD>;
     constexpr int kStages = Ly::kStages;
     extern __shared__ unsigned char smem_raw[];
     unsigned char *base = (unsigned char *)(((uintptr_t)smem_raw + 1023) & ~(uintptr_t)1023);
@@ -159,6 +166,17 @@ __global__ void __launch_bounds__(kThreads, 1)
             const int R = Rw + r;
             return row<const T>(p.dout, b, R / hg, h * hg + R % hg);
         });
+        if constexpr (FOLD) {                   /* the groups' dqbar rows (see kTermGroups) */
+            float *terms = (float *)(((uintptr_t)(empty + kStages) + 15) & ~(uintptr_t)15) +
+                           cw * kTermGroups * D;
+            const int jw0 = Rw / hg / g, m = (int)p.m;
+            for (int x = tid; x < kTermGroups * D / 4; x += 128) {
+                const int sl = x / (D / 4), c = 4 * (x - sl * (D / 4)), j = jw0 + sl;
+                if (j < m)
+                    *(float4 *)(terms + sl * D + c) = __ldg(
+                        (const float4 *)(w.dqb + (((int64_t)b * m + j) * p.Hkv + h) * D + c));
+            }
+        }
         cp_async_commit();
         cp_async_wait<0>();
         fence_async_smem();
@@ -349,6 +367,34 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     /* dq = tau dS K, each row's quad writing 8 consecutive floats an 8-column tile */
     const float scale = (float)p.scale;
+    if constexpr (FOLD) {
+        /* what bwd_finish_vec_kernel MODE 0 makes of the float32 row: from_f(tau acc + term),
+           the term (the group's dqbar, staged above) on the groups' last n rows, columns <
+           d_score, else 0 — the product rounded first (no fma), then the sum, as there: the
+           same bits */
+        const float *terms = (const float *)(((uintptr_t)(empty + kStages) + 15) &
+                                             ~(uintptr_t)15) + cw * kTermGroups * D;
+        const int jw0 = Rw / hg / g, m = (int)p.m, nsum = (int)p.n, ds = (int)p.d_score;
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            if (!live[i]) continue;
+            const int R = Rw + warp * 16 + gq + 8 * i, t = tr[i], j = t / g, ii = t - j * g;
+            const int64_t hq = h * hg + R % hg;
+            const bool on = j < m && ii >= g - nsum;
+            const float *tv = terms + (j - jw0) * D;     /* read only where on */
+            T *dst = row<T>(p.dq, b, t, hq);
+#pragma unroll
+            for (int n = 0; n < D / 8; n++) {
+                const int c = n * 8 + 2 * tq;
+                const float2 u = on ? *(const float2 *)(tv + c) : make_float2(0.0f, 0.0f);
+                const float x0 = __fadd_rn(__fmul_rn(acc[n][2 * i], scale), c < ds ? u.x : 0.0f);
+                const float x1 =
+                    __fadd_rn(__fmul_rn(acc[n][2 * i + 1], scale), c + 1 < ds ? u.y : 0.0f);
+                *(uint32_t *)(dst + c) = pack2<T>(x0, x1);
+            }
+        }
+        return;
+    }
 #pragma unroll
     for (int i = 0; i < 2; i++) {
         if (!live[i]) continue;
@@ -367,7 +413,7 @@ inline int64_t tiles(const lca_params *p) {
     return (p->L * (p->H / p->Hkv) + kRows - 1) / kRows;
 }
 
-template <typename T, int D, int VAR>
+template <typename T, int D, int VAR, bool FOLD>
 int launch(const lca_params *p, const BwdWork *w, cudaStream_t stream) {
     /* condensed rows past the last one any query sees arrive as zeros (a caller's kbar may
        hold more rows, never initialised) */
@@ -384,8 +430,8 @@ int launch(const lca_params *p, const BwdWork *w, cudaStream_t stream) {
         tm.vbar = tm.v;
     }
     if (!ok) return LCA_BWD_NOT_HANDLED;               /* the caller runs dq_kernel */
-    auto kernel = lca_bwd_dq_wgmma_kernel<T, D, VAR>;
-    const size_t smem = Layout<D>::kBytes;
+    auto kernel = lca_bwd_dq_wgmma_kernel<T, D, VAR, FOLD>;
+    const size_t smem = Layout<D, FOLD>::kBytes;
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) !=
         cudaSuccess)
         return LCA_ERR_CUDA;
@@ -415,29 +461,54 @@ extern "C" int lca_cuda_bwd_dq_wgmma_supported(const lca_params *p, int device) 
 /* LCA_DQ90_VARIANT (a tuning knob; the kernel's VAR: 0 .. 3 at D = 128, 0 or 2 at D = 192,
  * any other value the default) overrides the default variant: dO from registers, and Q too
  * at D = 128. */
-template <typename T, int D> static int launch_var(const lca_params *p, const lca::BwdWork *w,
-                                                   cudaStream_t s) {
+template <typename T, int D, bool FOLD>
+static int launch_var(const lca_params *p, const lca::BwdWork *w, cudaStream_t s) {
     using namespace lca::dq90;
     const char *env = getenv("LCA_DQ90_VARIANT");
     const int var = env && *env ? atoi(env) : -1;
     if constexpr (D == 128) {
         switch (var) {
-        case 0: return launch<T, D, 0>(p, w, s);
-        case 1: return launch<T, D, 1>(p, w, s);
-        case 2: return launch<T, D, 2>(p, w, s);
-        default: return launch<T, D, 3>(p, w, s);
+        case 0: return launch<T, D, 0, FOLD>(p, w, s);
+        case 1: return launch<T, D, 1, FOLD>(p, w, s);
+        case 2: return launch<T, D, 2, FOLD>(p, w, s);
+        default: return launch<T, D, 3, FOLD>(p, w, s);
         }
     } else {
-        return var == 0 ? launch<T, D, 0>(p, w, s) : launch<T, D, 2>(p, w, s);
+        return var == 0 ? launch<T, D, 0, FOLD>(p, w, s) : launch<T, D, 2, FOLD>(p, w, s);
     }
 }
 
+/* Whether the kernel can write the final dq itself (fold): p->dq rows on 4 bytes (packed
+ * pairs), groups of 16 or more (kTermGroups), the shared memory with the terms,
+ * LCA_CUDA_DISABLE=dq_fold not set. */
+extern "C" int lca_cuda_bwd_dq_wgmma_folds(const lca_params *p, int device) {
+    using namespace lca::dq90;
+    const lca_view &v = p->dq;
+    if (p->g < 16 || (uintptr_t)v.p % 4 || (p->B > 1 && v.sb % 2) || (p->L > 1 && v.st % 2) ||
+        (p->H > 1 && v.sh % 2))
+        return 0;
+    const size_t need = p->D == 192 ? Layout<192, true>::kBytes : Layout<128, true>::kBytes;
+    return lca::device_fits(device, need, true) && !lca::kernel_disabled("dq_fold");
+}
+
 /* LCA_OK once launched; LCA_BWD_NOT_HANDLED (nothing launched) when the driver cannot build the
- * tensor maps; LCA_ERR_CUDA when the kernel's shared memory cannot be set. */
-extern "C" int lca_cuda_bwd_dq_wgmma(const lca_params *p, const lca::BwdWork *w, void *stream) {
+ * tensor maps; LCA_ERR_CUDA when the kernel's shared memory cannot be set.  fold: the final dq
+ * into p->dq (lca_cuda_bwd_dq_wgmma_folds; after the condensation's backward, which makes the
+ * terms), else float32 into w->dq. */
+extern "C" int lca_cuda_bwd_dq_wgmma(const lca_params *p, const lca::BwdWork *w, void *stream,
+                                     int fold) {
     cudaStream_t s = (cudaStream_t)stream;
     const bool bf = p->dtype == LCA_BF16;
+    if (fold) {
+        if (p->D == 192)
+            return bf ? launch_var<__nv_bfloat16, 192, true>(p, w, s)
+                      : launch_var<__half, 192, true>(p, w, s);
+        return bf ? launch_var<__nv_bfloat16, 128, true>(p, w, s)
+                  : launch_var<__half, 128, true>(p, w, s);
+    }
     if (p->D == 192)
-        return bf ? launch_var<__nv_bfloat16, 192>(p, w, s) : launch_var<__half, 192>(p, w, s);
-    return bf ? launch_var<__nv_bfloat16, 128>(p, w, s) : launch_var<__half, 128>(p, w, s);
+        return bf ? launch_var<__nv_bfloat16, 192, false>(p, w, s)
+                  : launch_var<__half, 192, false>(p, w, s);
+    return bf ? launch_var<__nv_bfloat16, 128, false>(p, w, s)
+              : launch_var<__half, 128, false>(p, w, s);
 }

@@ -449,15 +449,21 @@ int launch(const lca_params *p, const BwdWork *w, int device, cudaStream_t strea
 #ifndef LCA_NO_SM90A
     /* on compute 9.0 the wgmma kernels (attend_bwd_dq_sm90a.cu, attend_bwd_dkdv_sm90a.cu) */
     const bool hopper = !kernel_disabled("wgmma");
-    if (hopper && lca_cuda_bwd_dq_wgmma_supported(p, device))
-        dq = lca_cuda_bwd_dq_wgmma(p, w, stream);
+    const bool dq90 = hopper && lca_cuda_bwd_dq_wgmma_supported(p, device);
+    const bool dk90 = hopper && lca_cuda_bwd_dkdv_wgmma_supported(p, device);
+    const bool dkfold = fold && dk90 && lca_cuda_bwd_dkdv_wgmma_folds(p, device);
+    bool dqfold = dkfold && dq90 && lca_cuda_bwd_dq_wgmma_folds(p, device);
+    if (dq90 && !dqfold) dq = lca_cuda_bwd_dq_wgmma(p, w, stream, 0);
     if (dq != LCA_BWD_NOT_HANDLED && dq != LCA_OK) return dq;
-    if (hopper && lca_cuda_bwd_dkdv_wgmma_supported(p, device)) {
-        const int part = fold && lca_cuda_bwd_dkdv_wgmma_folds(p, device) ? kDkdvCondensed : kDkdvAll;
-        dkdv = lca_cuda_bwd_dkdv_wgmma(p, w, stream, part);
-        *folded = dkdv == LCA_OK && part == kDkdvCondensed;
-    }
+    if (dk90) dkdv = lca_cuda_bwd_dkdv_wgmma(p, w, stream, dkfold ? kDkdvCondensed : kDkdvAll);
     if (dkdv != LCA_BWD_NOT_HANDLED && dkdv != LCA_OK) return dkdv;
+    if (dkdv == LCA_OK && dkfold) *folded = LCA_FOLD_DKDV | (dqfold ? LCA_FOLD_DQ : 0);
+    if (dqfold && !*folded) {          /* no fold after all (no tensor maps): dq in float32 */
+        dqfold = false;
+        dq = lca_cuda_bwd_dq_wgmma(p, w, stream, 0);
+        if (dq != LCA_BWD_NOT_HANDLED && dq != LCA_OK) return dq;
+    }
+    if (dqfold) dq = LCA_OK;           /* the caller launches it */
 #endif
     last_dq_kernel = dq == LCA_OK ? "wgmma" : "mma";
     if (dq != LCA_OK) kq<<<(unsigned)(dq_tiles(p) * nbh), 32 * kQWarps, sq, stream>>>(*p, *w);

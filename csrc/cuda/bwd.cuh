@@ -39,6 +39,12 @@ __device__ __forceinline__ int ncond32(int t, int g, int w) {
 /* attend_bwd_mma.cu: tensor-core dq and dk/dv kernels, and the calls they cover (on a compute
  * 9.0 device the two wgmma kernels below run instead where they apply). */
 extern "C" int lca_cuda_bwd_mma_supported(const lca_params *p, int device);
+/* fold (the whole backward): where the Hopper kernels can, launch only the condensed entries'
+ * dk/dv blocks here and set *folded: LCA_FOLD_DKDV (the caller runs the exact blocks with
+ * kDkdvExactFold after the condensation's backward) | LCA_FOLD_DQ (and then the dq kernel
+ * with fold: it is not launched here) */
+#define LCA_FOLD_DKDV 1
+#define LCA_FOLD_DQ 2
 extern "C" int lca_cuda_bwd_mma(const lca_params *p, const lca::BwdWork *w, int device,
                                 void *stream, int fold, int *folded);
 /* The dq kernel the last lca_cuda_bwd_mma call launched: "wgmma" or "mma". */
@@ -48,7 +54,11 @@ extern "C" const char *lca_cuda_bwd_mma_dq_kernel(void);
  * dq kernel for (D, Dv) = (192, 128) and (128, 128).  lca_cuda_bwd_dq_wgmma returns LCA_OK,
  * LCA_BWD_NOT_HANDLED or an error. */
 extern "C" int lca_cuda_bwd_dq_wgmma_supported(const lca_params *p, int device);
-extern "C" int lca_cuda_bwd_dq_wgmma(const lca_params *p, const lca::BwdWork *w, void *stream);
+extern "C" int lca_cuda_bwd_dq_wgmma(const lca_params *p, const lca::BwdWork *w, void *stream,
+                                     int fold);
+/* fold: the same kernel writing the final dq (the input dtype into p->dq, the condensation's
+ * term added: bwd_finish_vec_kernel MODE 0's bits) after the condensation's backward */
+extern "C" int lca_cuda_bwd_dq_wgmma_folds(const lca_params *p, int device);
 
 /* attend_bwd_dkdv_sm90a.cu (likewise): the wgmma dk/dv kernel for the same shapes when H / Hkv
  * divides 64; LCA_OK, LCA_BWD_NOT_HANDLED or an error.  part: which blocks (kDkdvAll; or
