@@ -15,8 +15,13 @@
  *   6. the float32 sums converted to the input dtype into the caller's dq, dk, dv, adding on
  *      the way the group's terms: dq through qbar, dk through the scores, the pooling (alpha
  *      dkbar, alpha dvbar) and the anchor copy (kbar[d_pool:] = k_anchor[d_pool:]).
- * Steps 3 and 4 run on tensor cores for the shapes attend_bwd_mma.cu covers (step 3 on a
- * compute 9.0 device by attend_bwd_dq_sm90a.cu's wgmma kernel for 192/128 and 128/128).  Every
+ * Steps 3 and 4 run on tensor cores for the shapes attend_bwd_mma.cu covers (on a compute 9.0
+ * device by the wgmma kernels of attend_bwd_dq_sm90a.cu and attend_bwd_dkdv_sm90a.cu for
+ * 192/128 and 128/128).  There, for the whole backward with groups of 16 or more, the folds
+ * reorder them: step 4's condensed entries, step 5, step 4's exact tokens writing the final dk,
+ * dv, then step 3 writing the final dq — step 6 inside their epilogues, the same float
+ * operations in the same order, so the same bits (LCA_CUDA_DISABLE=dkdv_fold / dq_fold keep
+ * the float32 route; _C.cuda_last_bwd_folded() says which ran).  Every
  * output element is written by exactly one thread, sums run in a fixed order: the result is
  * bit-for-bit deterministic (no atomics).  Accumulation in float32. */
 #include <algorithm>
