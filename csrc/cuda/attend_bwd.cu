@@ -716,7 +716,7 @@ template <typename T> struct Bwd {
     static int run(const lca_params *p, const BwdWork *w, Part part, int mma,
                    const lca_view *dkbar, const lca_view *dvbar, int device,
                    cudaStream_t stream) {
-        int folded = 0;                    /* the exact keys' dk/dv: after step 5 (below) */
+        int folded = 0;                    /* LCA_FOLD_*: what runs after step 5 (below) */
         last_bwd_folded = 0;
         if (part != kCondense && p->L > 0) {
             launch_delta<T>(p, w->delta, stream);

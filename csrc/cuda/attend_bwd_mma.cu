@@ -433,8 +433,9 @@ inline int64_t dkdv_blocks(const lca_params *p) {
 /* which dq kernel the last launch ran (lca_cuda_bwd_mma_dq_kernel) */
 static const char *last_dq_kernel = "";
 
-/* fold: the caller runs the condensation's backward next and then, when *folded is set, the
- * wgmma dk/dv kernel's exact blocks (kDkdvExactFold): only the condensed blocks run here */
+/* fold: the caller runs the condensation's backward next and then, as *folded says, the wgmma
+ * dk/dv kernel's exact blocks (kDkdvExactFold) and the folded dq kernel: only the condensed
+ * entries' dk/dv blocks (and dq, when it is not folded) run here */
 template <typename T, int D, int DV>
 int launch(const lca_params *p, const BwdWork *w, int device, cudaStream_t stream, int fold,
            int *folded) {
@@ -501,7 +502,8 @@ extern "C" int lca_cuda_bwd_mma(const lca_params *p, const lca::BwdWork *w, int 
     *folded = 0;
     const bool bf = p->dtype == LCA_BF16;
     if (p->D == 64)
-        return bf ? launch<__nv_bfloat16, 64, 64>(p, w, device, s, fold, folded) : launch<__half, 64, 64>(p, w, device, s, fold, folded);
+        return bf ? launch<__nv_bfloat16, 64, 64>(p, w, device, s, fold, folded)
+                  : launch<__half, 64, 64>(p, w, device, s, fold, folded);
     if (p->D == 128)
         return bf ? launch<__nv_bfloat16, 128, 128>(p, w, device, s, fold, folded)
                   : launch<__half, 128, 128>(p, w, device, s, fold, folded);
