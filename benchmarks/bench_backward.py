@@ -7,7 +7,7 @@ forward, as issue 5 asks), and with --profile the per-kernel split of one backwa
 The bf16 matrix-product ceiling is measured in the same run twice: "burst", ten 8192^3 products
 timed one by one (as bench_prefill.py and SPEC §9's 730-773 TFLOP/s), and "sustained", the
 products back to back for as long as one backward, timed in the same pattern as the backward
-(the H200's clocks fall under a long tensor-core load: a backward timed after a pause runs ~7%
+(the H200's clocks fall under a long tensor-core load: a backward timed after a pause runs 7-10%
 faster than one in a series).
 
     PYTHONPATH=. python3 benchmarks/bench_backward.py --L 8192 32768 [--profile] [--absorbed]
