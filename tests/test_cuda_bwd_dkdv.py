@@ -39,6 +39,7 @@ CASES = [  # B, L, H, Hkv, D, g, w, n, key_mode, rep_bias
     (3, 65, 2, 1, 128, 32, 5, 1, "anchor", 0.3),              # B = 3, n = 1, g = 32
     (1, 2, 4, 4, 192, 16, 8, None, "anchor", 0.0),            # L = 2 (L = 1: dq is exactly 0)
     (1, 2050, 2, 2, 192, 16, 1024, None, "anchor", 0.0),      # SPEC §9's g, w: 16 tiles a block
+    (1, 517, 8, 2, 192, 16, 64, 5, "pool", 0.2),              # hg 4 with the folds (g 16, n 5)
 ]
 
 
