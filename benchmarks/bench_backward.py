@@ -28,7 +28,8 @@ def pairs(L, g, w):
     return int((G + t - G * g + 1).sum())
 
 
-def timed(fn, reps):
+def event_times(fn, reps):
+    """CUDA-event times (ms) of reps calls of fn, each synchronised, after two warm-up calls."""
     fn()
     fn()
     torch.cuda.synchronize()
@@ -40,7 +41,11 @@ def timed(fn, reps):
         b.record()
         torch.cuda.synchronize()
         ts.append(a.elapsed_time(b))
-    return statistics.median(ts)
+    return ts
+
+
+def timed(fn, reps):
+    return statistics.median(event_times(fn, reps))
 
 
 def matmul_ceilings(t_ms, reps):

@@ -8,11 +8,14 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 
 import torch
 
-import lca
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import lca  # noqa: E402
+from bench_backward import event_times  # noqa: E402
 
 
 def main():
@@ -28,17 +31,7 @@ def main():
     q, k, v, dout = rnd(1, L, H, D), rnd(1, L, H, D), rnd(1, L, H, Dv), rnd(1, L, H, Dv)
     out, lse = lca.gqa_attention(q, k, v, return_lse=True, **kw)
     bwd = lambda: lca.gqa_attention_backward(dout, q, k, v, out, lse, **kw)  # noqa: E731
-    for _ in range(2):
-        bwd()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(a.reps):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        bwd()
-        e1.record()
-        torch.cuda.synchronize()
-        ts.append(e0.elapsed_time(e1))
+    ts = event_times(bwd, a.reps)
     print(f"L={L}: backward event time, median of {a.reps}: {statistics.median(ts):.3f} ms "
           f"({' '.join(f'{t:.2f}' for t in ts)})")
 

@@ -264,32 +264,27 @@ def finish_case(case, dtype, gen):
     of the conversion: terms on the groups' rows, none, and on zero base gradients)."""
     kind, B, L, H, Hkv, D, Dv, g, w, n, mode = case
     if kind == "gqa":
-        q, k, v = (rand(gen, (B, L, H, D), dtype), rand(gen, (B, L, Hkv, D), dtype),
-                   rand(gen, (B, L, Hkv, Dv), dtype))
-        dout = rand(gen, (B, L, H, Dv), dtype)
+        x = (rand(gen, (B, L, H, D), dtype), rand(gen, (B, L, Hkv, D), dtype),
+             rand(gen, (B, L, Hkv, Dv), dtype))
         ckw = dict(group_size=g, n_summary=n, key_mode=mode)
-        kw = dict(ckw, window=w)
-        out, lse = lca.gqa_attention(q, k, v, return_lse=True, **kw)
-        kbar, vbar, _, _ = lca.gqa_condense(q, k, v, **ckw)
-        akw = dict(group_size=g, window=w)
-        aout, alse = lca.gqa_attend(q, k, v, kbar, vbar, return_lse=True, **akw)
-        dkb, dvb = rand(gen, kbar.shape, dtype), rand(gen, vbar.shape, dtype)
-        return lambda: (lca.gqa_attention_backward(dout, q, k, v, out, lse, **kw) +
-                        lca.gqa_attend_backward(dout, q, k, v, kbar, vbar, aout, alse, **akw) +
-                        lca.gqa_condense_backward(dkb, dvb, q, k, v, **ckw))
-    q, c, r = (rand(gen, (B, L, H, D), dtype), rand(gen, (B, L, Dv), dtype),
-               rand(gen, (B, L, D - Dv), dtype))
+        fwd, cond, att = lca.gqa_attention, lca.gqa_condense, lca.gqa_attend
+        bwd, att_bwd, cond_bwd = (lca.gqa_attention_backward, lca.gqa_attend_backward,
+                                  lca.gqa_condense_backward)
+    else:
+        x = (rand(gen, (B, L, H, D), dtype), rand(gen, (B, L, Dv), dtype),
+             rand(gen, (B, L, D - Dv), dtype))
+        ckw = dict(group_size=g, n_summary=n, score=mode)
+        fwd, cond, att = lca.attention, lca.condense, lca.attend
+        bwd, att_bwd, cond_bwd = lca.attention_backward, lca.attend_backward, lca.condense_backward
     dout = rand(gen, (B, L, H, Dv), dtype)
-    ckw = dict(group_size=g, n_summary=n, score=mode)
     kw = dict(ckw, window=w)
-    out, lse = lca.attention(q, c, r, return_lse=True, **kw)
-    cb, rb, _, _ = lca.condense(q, c, r, **ckw)
+    out, lse = fwd(*x, return_lse=True, **kw)
+    ent = cond(*x, **ckw)[:2]                          # the condensed entries (kbar, vbar)
     akw = dict(group_size=g, window=w)
-    aout, alse = lca.attend(q, c, r, cb, rb, return_lse=True, **akw)
-    dcb, drb = rand(gen, cb.shape, dtype), rand(gen, rb.shape, dtype)
-    return lambda: (lca.attention_backward(dout, q, c, r, out, lse, **kw) +
-                    lca.attend_backward(dout, q, c, r, cb, rb, aout, alse, **akw) +
-                    lca.condense_backward(dcb, drb, q, c, r, **ckw))
+    aout, alse = att(*x, *ent, return_lse=True, **akw)
+    dent = [rand(gen, e.shape, dtype) for e in ent]
+    return lambda: (bwd(dout, *x, out, lse, **kw) + att_bwd(dout, *x, *ent, aout, alse, **akw) +
+                    cond_bwd(*dent, *x, **ckw))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
