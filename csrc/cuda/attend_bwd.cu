@@ -311,7 +311,9 @@ __global__ void __launch_bounds__(kCondBwdThreads) bwd_condense_kernel(lca_param
  * 256-column chunk (KC chunks), the summary query and this entry's dkbar, dvbar stay in
  * registers, every lane keeps the g values of dalpha; no shared memory, no block barrier.  For
  * 2-byte types with D, Dv, d_score multiples of 8, g <= 32, 16-byte aligned rows
- * (cond_bwd_warp_chunks checks); LCA_CUDA_DISABLE=cond_warp keeps the block kernel. */
+ * (cond_bwd_warp_chunks checks); LCA_CUDA_DISABLE=cond_warp keeps the block kernel.  GM as
+ * the forward's: 3 blocks an SM at GM = 16 and one chunk (80 registers, a few spilled), 0.65
+ * ms at 128K against 0.75-0.78. */
 template <typename T> __device__ __forceinline__ void ld8(const T *src, float (&x)[8]) {
     const uint4 u = *(const uint4 *)src;
     const T *e = (const T *)&u;
@@ -319,13 +321,15 @@ template <typename T> __device__ __forceinline__ void ld8(const T *src, float (&
     for (int i = 0; i < 8; i++) x[i] = to_f(e[i]);
 }
 
-template <typename T, int KC>
-__global__ void __launch_bounds__(256) bwd_condense_warp_kernel(lca_params p, BwdWork w) {
+template <typename T, int KC, int GM>
+__global__ void __launch_bounds__(256, GM > 16 ? 1 : KC == 1 ? 3 : 2)
+    bwd_condense_warp_kernel(lca_params p, BwdWork w, int heads_first) {
     const int lane = threadIdx.x & 31;
     const int64_t m = p.m, Hkv = p.Hkv;
     const int64_t item = (int64_t)blockIdx.x * 8 + (threadIdx.x >> 5);
     if (item >= m * Hkv * p.B) return;
-    const int64_t j = item % m, h = item / m % Hkv, b = item / (m * Hkv);
+    int64_t j, h, b;
+    cond_item(item, m, Hkv, heads_first, &j, &h, &b);
     const int64_t g = p.g, hg = p.H / Hkv, ds = p.d_score, dpool = p.d_pool, D = p.D, Dv = p.Dv;
     const int64_t t0 = j * g, e = (b * m + j) * Hkv + h;   /* this entry's index */
     const float scale = (float)p.scale, inv = 1.0f / (float)(p.n * hg);
@@ -377,9 +381,9 @@ __global__ void __launch_bounds__(256) bwd_condense_warp_kernel(lca_params p, Bw
     }
 
     /* dalpha_i = dkbar[:d_pool] . k_i[:d_pool] + dvbar . v_i, 8 rows at a time */
-    float dal[32];
+    float dal[GM];
 #pragma unroll
-    for (int i0 = 0; i0 < 32; i0 += 8) {
+    for (int i0 = 0; i0 < GM; i0 += 8) {
         float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
         if (i0 < g) {
 #pragma unroll
@@ -423,10 +427,10 @@ __global__ void __launch_bounds__(256) bwd_condense_warp_kernel(lca_params p, Bw
     const float amine = lane < g ? w.alpha[e * g + lane] : 0.0f;
     float adot = 0;
 #pragma unroll
-    for (int i = 0; i < 32; i++) adot = fmaf(__shfl_sync(0xffffffffu, amine, i), dal[i], adot);
-    float dsc[32], mine = 0;
+    for (int i = 0; i < GM; i++) adot = fmaf(__shfl_sync(0xffffffffu, amine, i), dal[i], adot);
+    float dsc[GM], mine = 0;
 #pragma unroll
-    for (int i = 0; i < 32; i++) {
+    for (int i = 0; i < GM; i++) {
         dsc[i] = scale * __shfl_sync(0xffffffffu, amine, i) * (dal[i] - adot);
         if (i == lane) mine = dsc[i];
     }
@@ -439,7 +443,7 @@ __global__ void __launch_bounds__(256) bwd_condense_warp_kernel(lca_params p, Bw
         if (c >= ds) continue;
         float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
 #pragma unroll
-        for (int i0 = 0; i0 < 32; i0 += 8) {
+        for (int i0 = 0; i0 < GM; i0 += 8) {
             if (i0 >= g) break;
             uint4 u[8];
 #pragma unroll
@@ -766,9 +770,14 @@ template <typename T> struct Bwd {
             int kc = 0;                    /* the warp kernel's chunks (2-byte types only) */
             if constexpr (sizeof(T) == 2) {
                 kc = cond_bwd_warp_chunks(p);
-                if (kc == 1) bwd_condense_warp_kernel<T, 1><<<warps, 256, 0, stream>>>(*p, *w);
-                else if (kc == 2) bwd_condense_warp_kernel<T, 2><<<warps, 256, 0, stream>>>(*p, *w);
-                else if (kc == 3) bwd_condense_warp_kernel<T, 3><<<warps, 256, 0, stream>>>(*p, *w);
+                const int hf = cond_heads_first();
+                auto *kern = p->g <= 16 ? (kc == 1   ? bwd_condense_warp_kernel<T, 1, 16>
+                                           : kc == 2 ? bwd_condense_warp_kernel<T, 2, 16>
+                                                     : bwd_condense_warp_kernel<T, 3, 16>)
+                                        : (kc == 1   ? bwd_condense_warp_kernel<T, 1, 32>
+                                           : kc == 2 ? bwd_condense_warp_kernel<T, 2, 32>
+                                                     : bwd_condense_warp_kernel<T, 3, 32>);
+                if (kc) kern<<<warps, 256, 0, stream>>>(*p, *w, hf);
             }
             if (kc == 0) {
                 const dim3 grid((unsigned)p->m, (unsigned)p->Hkv, (unsigned)p->B);

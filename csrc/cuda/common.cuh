@@ -120,14 +120,30 @@ inline int launch_row_tiles(Kernel kernel, const lca_params *p, int rows, int th
 /* LCA_CUDA_DISABLE names kernels to skip, so the tests reach every path on the same cases:
  * comma-separated names matched whole — "wgmma" the Hopper kernels of the forward and the
  * backward (the mma.sync kernels run instead), "mma" every tensor-core kernel, "dec_bulk" the
- * Hopper decode partial, "cond_warp" the warp-per-group condensation, "finish_vec" the
- * backward's vector conversion kernel (bwd_finish_vec_kernel).  Read at each call. */
+ * Hopper decode partial, "cond_warp" the warp-per-group condensation, "cond_heads_first" its
+ * item order (below), "finish_vec" the backward's vector conversion kernel
+ * (bwd_finish_vec_kernel).  Read at each call. */
 inline bool kernel_disabled(const char *kernel) {
     const char *off = getenv("LCA_CUDA_DISABLE");
     const size_t n = strlen(kernel);
     for (const char *t = off; t && *t; t = strchr(t, ',') ? strchr(t, ',') + 1 : NULL)
         if (strncmp(t, kernel, n) == 0 && (t[n] == ',' || t[n] == '\0')) return true;
     return false;
+}
+
+/* The item (group j, kv head h, batch b) of a warp in the warp-per-group condensation
+ * (condense.cu) and its backward (attend_bwd.cu): kv heads fastest, so that neighbouring warps
+ * read the rows of the same tokens, which lie side by side in (B, L, heads, D) memory, rather
+ * than rows of one head H rows apart; LCA_CUDA_DISABLE=cond_heads_first takes the groups
+ * fastest (the order up to 11-30). */
+inline int cond_heads_first() { return !kernel_disabled("cond_heads_first"); }
+
+__device__ __forceinline__ void cond_item(int64_t item, int64_t m, int64_t Hkv, int heads_first,
+                                          int64_t *j, int64_t *h, int64_t *b) {
+    *b = item / (m * Hkv);
+    const int64_t r = item - *b * m * Hkv;
+    if (heads_first) *h = r % Hkv, *j = r / Hkv;
+    else *j = r % m, *h = r / m;
 }
 
 }  // namespace lca

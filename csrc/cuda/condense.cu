@@ -92,7 +92,11 @@ __global__ void __launch_bounds__(kCondenseThreads) lca_condense_kernel(lca_para
  * stays in registers, each score is a warp sum, and every lane keeps the g scores (g <= 32) to
  * take the softmax and the anchor itself: no shared memory, no block barrier.  For 2-byte
  * types with D, Dv, d_score multiples of 8 and 16-byte aligned rows (kWarpCondense checks);
- * the block kernel above serves the rest.  LCA_CUDA_DISABLE=cond_warp selects that one. */
+ * the block kernel above serves the rest.  LCA_CUDA_DISABLE=cond_warp selects that one.
+ * GM: g rounded up to 16 or 32, the scores' registers; with GM = 16 and one column chunk (the
+ * usual g = 16, D <= 256) 80 registers, so 3 blocks (24 warps) an SM keep more rows in flight:
+ * at 128K, SPEC §9 shape, 0.70 ms (3.07 TB/s) against 1.05-1.15 ms with 32 scores (112
+ * registers, 2 blocks an SM; H200, 11-30). */
 constexpr int kCondWarps = 8;
 
 template <typename T> __device__ __forceinline__ void load8(const T *src, float (&x)[8]) {
@@ -109,13 +113,15 @@ template <typename T> __device__ __forceinline__ void store8(T *dst, const float
     *(uint4 *)dst = u;
 }
 
-template <typename T, int KC>
-__global__ void __launch_bounds__(32 * kCondWarps) lca_condense_warp_kernel(lca_params p) {
+template <typename T, int KC, int GM>
+__global__ void __launch_bounds__(32 * kCondWarps, KC == 1 && GM <= 16 ? 3 : 2)
+    lca_condense_warp_kernel(lca_params p, int heads_first) {
     const int lane = threadIdx.x & 31;
     const int64_t m = p.L / p.g;
     const int64_t item = (int64_t)blockIdx.x * kCondWarps + (threadIdx.x >> 5);
     if (item >= m * p.Hkv * p.B) return;
-    const int64_t j = item % m, h = item / m % p.Hkv, b = item / (m * p.Hkv);
+    int64_t j, h, b;
+    cond_item(item, m, p.Hkv, heads_first, &j, &h, &b);
     const int64_t g = p.g, hg = p.H / p.Hkv, ds = p.d_score, D = p.D;
     const int64_t t0 = j * g;
 
@@ -155,9 +161,9 @@ __global__ void __launch_bounds__(32 * kCondWarps) lca_condense_warp_kernel(lca_
         for (int e = 0; e < 8; e++) qb[k][e] *= inv;
 
     /* scores s_i = scale qbar . k_i[:ds], every lane holding all g of them; 8 rows at a time */
-    float s[32];
+    float s[GM];
 #pragma unroll
-    for (int i0 = 0; i0 < 32; i0 += 8) {
+    for (int i0 = 0; i0 < GM; i0 += 8) {
         float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
         if (i0 < g) {
 #pragma unroll
@@ -186,20 +192,20 @@ __global__ void __launch_bounds__(32 * kCondWarps) lca_condense_warp_kernel(lca_
     float mx = -INFINITY;
     int a = -1;
 #pragma unroll
-    for (int i = 0; i < 32; i++)
+    for (int i = 0; i < GM; i++)
         if (i < g && s[i] > mx) mx = s[i], a = i;
     if (a < 0) a = 0;                              /* all scores NaN: any anchor, NaN out */
     float sum = 0;
 #pragma unroll
-    for (int i = 0; i < 32; i++)
+    for (int i = 0; i < GM; i++)
         if (i < g) sum += s[i] = expf(s[i] - mx);
 #pragma unroll
-    for (int i = 0; i < 32; i++) s[i] = i < g ? s[i] / sum : 0.0f;   /* 0 past g: pool's rows */
+    for (int i = 0; i < GM; i++) s[i] = i < g ? s[i] / sum : 0.0f;   /* 0 past g: pool's rows */
 
     /* kbar = [sum alpha_i k_i[:d_pool]; k_anchor[d_pool:]], vbar = sum alpha_i v_i */
     auto pool = [&](const lca_view &src, int64_t c, float (&acc)[8]) {   /* += sum alpha_i x_i */
 #pragma unroll
-        for (int i0 = 0; i0 < 32; i0 += 8) {
+        for (int i0 = 0; i0 < GM; i0 += 8) {
             if (i0 >= g) break;
             uint4 u[8];
 #pragma unroll
@@ -245,7 +251,7 @@ __global__ void __launch_bounds__(32 * kCondWarps) lca_condense_warp_kernel(lca_
     if (p.alpha.p) {
         float mine = 0;                            /* lane i writes alpha_i */
 #pragma unroll
-        for (int i = 0; i < 32; i++)
+        for (int i = 0; i < GM; i++)
             if (i == lane) mine = s[i];
         if (lane < g) row<float>(p.alpha, b, j, h)[lane] = mine;
     }
@@ -266,8 +272,13 @@ inline int warp_condense_chunks(const lca_params *p) {
 
 template <typename T, int KC> int launch_warp(const lca_params *p, cudaStream_t stream) {
     const int64_t items = (p->L / p->g) * p->Hkv * p->B;
-    lca_condense_warp_kernel<T, KC>
-        <<<(unsigned)((items + kCondWarps - 1) / kCondWarps), 32 * kCondWarps, 0, stream>>>(*p);
+    const unsigned blocks = (unsigned)((items + kCondWarps - 1) / kCondWarps);
+    if (p->g <= 16)      /* (fewer registers for the scores: 3 blocks an SM instead of 2) */
+        lca_condense_warp_kernel<T, KC, 16>
+            <<<blocks, 32 * kCondWarps, 0, stream>>>(*p, cond_heads_first());
+    else
+        lca_condense_warp_kernel<T, KC, 32>
+            <<<blocks, 32 * kCondWarps, 0, stream>>>(*p, cond_heads_first());
     return LCA_OK;
 }
 
