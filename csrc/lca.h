@@ -99,6 +99,10 @@ const char *lca_cuda_last_decode_kernel(void);
 /* CPU engine (csrc/cpu). Each returns an lca_status and writes a message into err. */
 int lca_cpu_condense(const lca_params *p, char *err, int errlen);
 int lca_cpu_attend_fwd(const lca_params *p, char *err, int errlen);
+/* SPEC §5 backward into the zeroed p->dq, p->dk, p->dv.  The condensation the forward attended
+ * to is recomputed, or, with p->kbar.p set, taken as given: p->kbar, p->vbar (B, L / g, Hkv,
+ * D / Dv; with v_in_k vbar is kbar's prefix view), the forward's own (lca_cpu_condense's) —
+ * the pooling weights of the condensation's backward are recomputed either way. */
 int lca_cpu_attention_bwd(const lca_params *p, char *err, int errlen);
 /* The backward of condense alone: dL/dkbar, dL/dvbar (B, L / g, Hkv, D / Dv; dvbar unused with
  * v_in_k, dkbar then holding the value columns' gradients) accumulated through the pooling
@@ -123,7 +127,11 @@ int lca_cuda_device_count(void);
  * lca_cuda_bwd_workspace(p) bytes (rows of condensed entries: L / g, or p->m when more),
  * 256-byte aligned, allocated by the caller on the device
  * (stream-ordered: it may be reused once the work queued on `stream` is done).  Deterministic:
- * the same inputs give bit-identical gradients. */
+ * the same inputs give bit-identical gradients.  With p->alpha.p set, the forward's condensation
+ * is given instead of recomputed (skipping one condensation, ~1 ms at 128K): p->kbar, p->vbar
+ * (B, L / g, Hkv, D / Dv, unit column stride; with v_in_k vbar is kbar's prefix view),
+ * p->anchor (B, L / g, Hkv) int32 and p->alpha (B, L / g, Hkv, g) float32, both contiguous —
+ * lca_cuda_condense's outputs for these q, k, v; they are only read. */
 int64_t lca_cuda_bwd_workspace(const lca_params *p);
 int lca_cuda_attention_bwd(const lca_params *p, void *workspace, int64_t workspace_bytes,
                            int device, void *stream, char *err, int errlen);

@@ -268,15 +268,30 @@ static int entry_grad_views(const lca_params *p, int typenum, PyObject *dkbar, P
 }
 
 PyDoc_STRVAR(backward_doc, "backward(dout, q, k, v, out, lse, dq, dk, dv, g, w, n, scale, "
-             "rep_bias, d_score, d_pool, v_in_k): SPEC §5 gradients, accumulated into the "
-             "zeroed dq, dk, dv.");
+             "rep_bias, d_score, d_pool, v_in_k[, (kbar, vbar)]): SPEC §5 gradients, "
+             "accumulated into the zeroed dq, dk, dv; with (kbar, vbar), the forward's "
+             "condensation (L // g rows) is not recomputed.");
+
+/* The forward's condensed entries handed to a whole backward: kbar (B, L / g, Hkv, D) and vbar
+ * (B, L / g, Hkv, Dv), as condense wrote them (with v_in_k vbar is kbar's prefix view). */
+static int handed_entries(lca_params *p, const npy_intp *sk, const npy_intp *sv) {
+    const npy_intp m = p->g ? p->L / p->g : 0;
+    npy_intp wk[4] = {p->B, m, p->Hkv, p->D}, wv[4] = {p->B, m, p->Hkv, p->Dv};
+    if (same_shape("condensed kbar", sk, wk, 4) || same_shape("condensed vbar", sv, wv, 4))
+        return -1;
+    if (p->v_in_k && !same_view(&p->vbar, &p->kbar)) {
+        PyErr_SetString(PyExc_ValueError, "v_in_k: condensed vbar must be a prefix view of kbar");
+        return -1;
+    }
+    return 0;
+}
 
 static PyObject *py_backward(PyObject *self, PyObject *args) {
-    PyObject *dout, *q, *k, *v, *out, *lse, *dq, *dk, *dv;
+    PyObject *dout, *q, *k, *v, *out, *lse, *dq, *dk, *dv, *given = Py_None;
     lca_params p = {0};
-    if (!PyArg_ParseTuple(args, "OOOOOOOOOLLLddLLi", &dout, &q, &k, &v, &out, &lse, &dq, &dk,
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOLLLddLLi|O", &dout, &q, &k, &v, &out, &lse, &dq, &dk,
                           &dv, &p.g, &p.w, &p.n, &p.scale, &p.rep_bias, &p.d_score, &p.d_pool,
-                          &p.v_in_k))
+                          &p.v_in_k, &given))
         return NULL;
     int typenum = qkv_params(&p, q, k, v);
     if (typenum < 0 || lca_params_check(&p) || attend_views(&p, typenum, out, lse, 0))
@@ -285,6 +300,15 @@ static PyObject *py_backward(PyObject *self, PyObject *args) {
     if (view_of(dout, "dout", 4, typenum, 0, s, &p.dout) || same_shape("dout", s, wo, 4) ||
         grad_views(&p, typenum, dq, dk, dv))
         return NULL;
+    if (given != Py_None) {
+        PyObject *kbar, *vbar;
+        npy_intp sk[4], sv[4];
+        if (!PyArg_ParseTuple(given, "OO", &kbar, &vbar) ||
+            view_of(kbar, "condensed kbar", 4, typenum, 0, sk, &p.kbar) ||
+            view_of(vbar, "condensed vbar", 4, typenum, 0, sv, &p.vbar) ||
+            handed_entries(&p, sk, sv))
+            return NULL;
+    }
     char err[256] = "";
     int status;
     Py_BEGIN_ALLOW_THREADS
@@ -661,20 +685,53 @@ static PyObject *cuda_bwd_finish(int status, const char *err) {
 
 PyDoc_STRVAR(cuda_backward_doc, "cuda_backward(dtype, dout, q, k, v, out, lse, dq, dk, dv, "
              "(workspace_ptr, workspace_bytes), g, w, n, scale, rep_bias, d_score, d_pool, v_in_k, "
-             "device, stream): SPEC §5 gradients on the GPU into dq, dk, dv (lse float32).");
+             "device, stream[, (kbar, vbar, anchor, alpha)]): SPEC §5 gradients on the GPU into "
+             "dq, dk, dv (lse float32); with the forward's condensation given (anchor int32, "
+             "alpha float32, both contiguous), it is not recomputed.");
+
+/* The forward's condensation handed to a CUDA backward (lca.h, lca_cuda_attention_bwd). */
+static int cuda_handed(lca_params *p, PyObject *given) {
+    PyObject *kbar, *vbar, *anchor, *alpha;
+    npy_intp sk[4], sv[4], sa[4], sl[4];
+    if (!PyArg_ParseTuple(given, "OOOO", &kbar, &vbar, &anchor, &alpha) ||
+        desc_of(kbar, "condensed kbar", 4, sk, &p->kbar) ||
+        desc_of(vbar, "condensed vbar", 4, sv, &p->vbar) || handed_entries(p, sk, sv) ||
+        desc_of(anchor, "condensed anchor", 3, sa, &p->anchor) ||
+        desc_of(alpha, "condensed alpha", 4, sl, &p->alpha))
+        return -1;
+    const npy_intp m = p->L / p->g;
+    npy_intp wa[3] = {p->B, m, p->Hkv}, wl[4] = {p->B, m, p->Hkv, p->g};
+    if (same_shape("condensed anchor", sa, wa, 3) || same_shape("condensed alpha", sl, wl, 4))
+        return -1;
+    const int64_t Hkv = p->Hkv, g = p->g;
+    const int dense = (p->B < 2 || p->anchor.sb == m * Hkv) && (m < 2 || p->anchor.st == Hkv) &&
+                      (p->B < 2 || p->alpha.sb == m * Hkv * g) &&
+                      (m < 2 || p->alpha.st == Hkv * g) && (Hkv < 2 || p->alpha.sh == g);
+    if (!dense) {
+        PyErr_SetString(PyExc_ValueError, "condensed anchor, alpha: must be contiguous");
+        return -1;
+    }
+    if (!p->alpha.p || !p->anchor.p) {     /* (an empty array's pointer may be NULL) */
+        p->alpha.p = p->anchor.p = NULL;
+        p->kbar.p = p->vbar.p = NULL;
+    }
+    return 0;
+}
 
 static PyObject *py_cuda_backward(PyObject *self, PyObject *args) {
-    PyObject *dout, *q, *k, *v, *out, *lse, *dq, *dk, *dv;
+    PyObject *dout, *q, *k, *v, *out, *lse, *dq, *dk, *dv, *given = Py_None;
     int dtype, device;
     unsigned long long stream, ws_ptr;
     long long ws_bytes;
     lca_params p = {0};
-    if (!PyArg_ParseTuple(args, "iOOOOOOOOO(KL)LLLddLLiiK", &dtype, &dout, &q, &k, &v, &out,
+    if (!PyArg_ParseTuple(args, "iOOOOOOOOO(KL)LLLddLLiiK|O", &dtype, &dout, &q, &k, &v, &out,
                           &lse, &dq, &dk, &dv, &ws_ptr, &ws_bytes, &p.g, &p.w, &p.n, &p.scale,
-                          &p.rep_bias, &p.d_score, &p.d_pool, &p.v_in_k, &device, &stream))
+                          &p.rep_bias, &p.d_score, &p.d_pool, &p.v_in_k, &device, &stream,
+                          &given))
         return NULL;
     if (cuda_qkv(&p, dtype, q, k, v) || lca_params_check(&p) ||
-        cuda_dout_descs(&p, dout, out, lse) || cuda_grad_descs(&p, dq, dk, dv))
+        cuda_dout_descs(&p, dout, out, lse) || cuda_grad_descs(&p, dq, dk, dv) ||
+        (given != Py_None && cuda_handed(&p, given)))
         return NULL;
     char err[256] = "";
     int status;

@@ -63,6 +63,11 @@ def _is_foreign(a):
     return hasattr(a, "__dlpack__") or hasattr(a, "__cuda_array_interface__")
 
 
+def _foreign_in(a):
+    """a, or an element of a tuple / list a, is a foreign array."""
+    return _is_foreign(a) or (isinstance(a, (tuple, list)) and any(map(_is_foreign, a)))
+
+
 def _adopt(a, name):
     """A foreign array as an array the engines take, sharing its memory."""
     try:
@@ -112,7 +117,7 @@ def _caller_type(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kw):
         nonlocal sig
-        if any(_is_foreign(a) for a in args) or any(_is_foreign(a) for a in kw.values()):
+        if any(map(_foreign_in, args)) or any(map(_foreign_in, kw.values())):
             import inspect
             sig = sig or inspect.signature(fn)
             bound = sig.bind(*args, **kw)
@@ -123,6 +128,9 @@ def _caller_type(fn):
             for nm, a in bound.arguments.items():
                 if _is_foreign(a):
                     bound.arguments[nm] = _adopt(a, nm)
+                elif isinstance(a, (tuple, list)):      # condensed=(kbar, vbar, anchor, alpha)
+                    bound.arguments[nm] = tuple(_adopt(x, f"{nm}[{i}]") if _is_foreign(x)
+                                                else x for i, x in enumerate(a))
             out = fn(*bound.args, **bound.kwargs)
             ns = getattr(like, "__array_namespace__", None)
             return out if ns is None else _to_caller(out, ns().from_dlpack)
@@ -274,15 +282,79 @@ def _zero_grads(q, k, v, v_in_k):
             dk[..., :v.shape[3]] if v_in_k else np.zeros(v.shape, q.dtype))
 
 
-def _backward(fe, code, dout, q, k, v, out, lse, cfg, d_score, d_pool, v_in_k):
+def _backward(fe, code, dout, q, k, v, out, lse, cfg, d_score, d_pool, v_in_k, handed=None):
+    """handed: the forward's condensation (kbar, vbar, anchor, alpha) as _handed returns it,
+    or None to recompute it."""
     _check_grad_shapes(q, v, dout, out, lse)
     if fe:
-        return _cuda.backward(fe, code, dout, q, k, v, out, lse, cfg, d_score, d_pool, v_in_k)
+        return _cuda.backward(fe, code, dout, q, k, v, out, lse, cfg, d_score, d_pool, v_in_k,
+                              handed)
     dout, out, lse = _cpu_grad_inputs(q, dout, out, lse)
     dq, dk, dv = _zero_grads(q, k, v, v_in_k)
+    extra = () if handed is None else (tuple(handed[:2]),)   # (the CPU recomputes alpha)
     _C.backward(dout, q, k, v, out, lse, dq, dk, dv, cfg.g, cfg.w, cfg.n, cfg.scale,
-                cfg.rep_bias, d_score, d_pool, v_in_k)
+                cfg.rep_bias, d_score, d_pool, v_in_k, *extra)
     return dq, dk, dv
+
+
+_CONDENSED = "condensed"
+
+
+def _handed(fe, q, batched, condensed, cfg, widths, heads, whose):
+    """The forward's condensation given to a backward (condensed=): the 4-tuple of arrays that
+    gqa_condense / condense return (and gqa_attention / attention with return_condensed=True),
+    validated against q and returned batched, in the engine's layout: (kbar (B, m, heads,
+    width0), vbar (B, m, heads, width1), anchor (B, m, heads) int32, alpha (B, m, heads, g)),
+    m = L // g.  heads None: MLA's (B, m, width) entries, a kv-head axis of 1 added.  The
+    backward trusts them to be that forward's, as it trusts out and lse."""
+    if not isinstance(condensed, (tuple, list)) or len(condensed) != 4:
+        raise TypeError(f"{_CONDENSED}: expected the 4-tuple (entries, entries, anchor, alpha) "
+                        "the forward returns with return_condensed=True (or the condensation "
+                        f"function returns), got {type(condensed).__name__}")
+    names = [f"{_CONDENSED}[{i}]" for i in range(4)]
+    arrays = list(condensed)
+    if fe:
+        for a, nm in zip(arrays, names):
+            if _cuda.framework(a) != _cuda.framework(q) or fe.device_id(a) != fe.device_id(q):
+                raise TypeError(f"{nm}: expected a CUDA array on q's device "
+                                f"({type(q).__name__}), got {type(a).__name__}")
+        _cuda.check_same(fe, q, arrays[:2], names[:2])
+        if str(arrays[2].dtype) not in ("int32", "torch.int32"):
+            raise TypeError(f"{names[2]} (anchor): expected int32, got {arrays[2].dtype}")
+        fe.code(arrays[3], names[3])
+    else:
+        arrays[:2] = [as_array(a, nm) for a, nm in zip(arrays[:2], names[:2])]
+        same_dtype([q] + arrays[:2], ["q"] + names[:2])
+        arrays[2] = np.asarray(arrays[2])
+        if arrays[2].dtype != np.int32:
+            raise TypeError(f"{names[2]} (anchor): expected int32, got {arrays[2].dtype}")
+        arrays[3] = as_array(arrays[3], names[3])
+    mla = heads is None
+    check_rank(arrays, names, [2 + (not mla)] * 2 + [1 + (not mla), 2 + (not mla)], batched)
+    if not batched:
+        arrays = [a[None] for a in arrays]
+    if mla:
+        arrays = [a[:, :, None] for a in arrays]
+        heads = 1
+    B, m = q.shape[0], cfg.m
+    for a, nm, width, what in zip(arrays, names, list(widths) + [None, cfg.g],
+                                  list(whose) + [None, "group_size"]):
+        check_dim(nm, a.shape, 0, "batch", B, "q's batch")
+        check_dim(nm, a.shape, 1, "entries", m, "L // group_size")
+        check_dim(nm, a.shape, 2, "kv heads", heads, "k's kv heads")
+        if width is not None:
+            check_dim(nm, a.shape, 3, "width", width, what)
+    kbar, vbar, anchor, alpha = arrays
+    if mla:                     # the engine's keys [latent_bar; kpos_bar], values their prefix
+        if fe:
+            kbar = fe.cat([kbar, vbar], axis=3)
+        else:
+            kbar = np.concatenate([kbar, vbar], axis=3)
+        vbar = kbar[..., :widths[0]]
+    if fe:
+        return (fe.contiguous_last(kbar), fe.contiguous_last(vbar), fe.contiguous(anchor),
+                fe.contiguous(fe.float32(alpha)))
+    return for_engine(kbar), for_engine(vbar), anchor, alpha
 
 
 def _attend_backward(fe, code, dout, q, k, v, kbar, vbar, out, lse, cfg, v_in_k):
@@ -417,8 +489,14 @@ def condense(q, latent, kpos, *, group_size=16, n_summary=None, softmax_scale=No
     Dc = v.shape[3]
     kbar, _, anchor, alpha = _condense(fe, code, q, k, v, cfg,
                                        _score_dims(score, Dc, q.shape[3]), Dc, 1)
-    return _unbatch(batched, _contig(fe, kbar[:, :, 0, :Dc]), _contig(fe, kbar[:, :, 0, Dc:]),
-                    anchor[:, :, 0], alpha[:, :, 0])
+    return _unbatch(batched, *_mla_condensed(fe, kbar, anchor, alpha, Dc))
+
+
+def _mla_condensed(fe, kbar, anchor, alpha, Dc):
+    """The engine's MLA condensation (kbar (B, m, 1, Dc+Dr), anchor, alpha with a kv-head axis
+    of 1) as condense() returns it: latent_bar, kpos_bar, anchor, alpha."""
+    return (_contig(fe, kbar[:, :, 0, :Dc]), _contig(fe, kbar[:, :, 0, Dc:]), anchor[:, :, 0],
+            alpha[:, :, 0])
 
 
 @_caller_type
@@ -473,33 +551,44 @@ def attend_backward(dout, q, latent, kpos, latent_bar, kpos_bar, out, lse, *, gr
 
 @_caller_type
 def attention(q, latent, kpos, *, group_size=16, window=1024, n_summary=None,
-              softmax_scale=None, score="full", rep_bias=0.0, return_lse=False):
+              softmax_scale=None, score="full", rep_bias=0.0, return_lse=False,
+              return_condensed=False):
     """LCA attention for MLA in absorbed form (SPEC §2 + §3).
 
     q (B, L, H, Dc+Dr), latent (B, L, Dc), kpos (B, L, Dr) -> out (B, L, H, Dc)
-    [, lse (B, H, L)].  With window >= L this is exact causal MLA attention."""
+    [, lse (B, H, L)] [, condensed].  With window >= L this is exact causal MLA attention.
+    condensed: the condensation attended to, as condense() returns it (latent_bar, kpos_bar,
+    anchor, alpha); give it to attention_backward(condensed=) to spare recomputing it."""
     batched, fe, code, q, k, v = _mla_inputs(q, latent, kpos)
     cfg = _mla_cfg(q, dict(group_size=group_size, window=window, n_summary=n_summary,
                            softmax_scale=softmax_scale, rep_bias=rep_bias))
     Dc = v.shape[3]
-    kbar, vbar, _, _ = _condense(fe, code, q, k, v, cfg, _score_dims(score, Dc, q.shape[3]),
-                                 Dc, 1)
+    kbar, vbar, anchor, alpha = _condense(fe, code, q, k, v, cfg,
+                                          _score_dims(score, Dc, q.shape[3]), Dc, 1)
     out, lse = _unbatch(batched, *_attend(fe, code, q, k, v, kbar, vbar, cfg, 1))
-    return (out, lse) if return_lse else out
+    res = (out, lse) if return_lse else (out,)
+    if return_condensed:
+        res += (_unbatch(batched, *_mla_condensed(fe, kbar, anchor, alpha, Dc)),)
+    return res if len(res) > 1 else out
 
 
 @_caller_type
 def attention_backward(dout, q, latent, kpos, out, lse, *, group_size=16, window=1024,
-                       n_summary=None, softmax_scale=None, score="full", rep_bias=0.0):
+                       n_summary=None, softmax_scale=None, score="full", rep_bias=0.0,
+                       condensed=None):
     """Exact gradient of attention() (SPEC §5): (dq, dlatent, dkpos), through the summary
-    queries, the pooling weights and the anchor copy.  out and lse are attention()'s."""
+    queries, the pooling weights and the anchor copy.  out and lse are attention()'s;
+    condensed, when given, its return_condensed=True result (not recomputed then)."""
     batched, fe, code, q, k, v = _mla_inputs(q, latent, kpos)
     cfg = _mla_cfg(q, dict(group_size=group_size, window=window, n_summary=n_summary,
                            softmax_scale=softmax_scale, rep_bias=rep_bias))
     dout, out, lse = _backward_inputs(fe, q, dout, out, lse, batched)
     Dc = v.shape[3]
+    handed = None if condensed is None else _handed(
+        fe, q, batched, condensed, cfg, (Dc, q.shape[3] - Dc), None, ("latent's width",
+                                                                      "kpos's width"))
     dq, dk, _ = _backward(fe, code, dout, q, k, v, out, lse, cfg,
-                          _score_dims(score, Dc, q.shape[3]), Dc, 1)
+                          _score_dims(score, Dc, q.shape[3]), Dc, 1, handed)
     return _unbatch(batched, dq, _contig(fe, dk[:, :, 0, :Dc]), _contig(fe, dk[:, :, 0, Dc:]))
 
 
@@ -570,29 +659,41 @@ def gqa_attend_backward(dout, q, k, v, kbar, vbar, out, lse, *, group_size=16, w
 
 @_caller_type
 def gqa_attention(q, k, v, *, group_size=16, window=1024, n_summary=None, softmax_scale=None,
-                  key_mode="anchor", rep_bias=0.0, return_lse=False):
+                  key_mode="anchor", rep_bias=0.0, return_lse=False, return_condensed=False):
     """LCA attention for GQA/MHA (SPEC §4): q (B, L, H, D), k (B, L, Hkv, D), v (B, L, Hkv, Dv)
-    -> out (B, L, H, Dv) [, lse (B, H, L)].  Query head i uses kv head i // (H // Hkv)."""
+    -> out (B, L, H, Dv) [, lse (B, H, L)] [, condensed].  Query head i uses kv head
+    i // (H // Hkv).  condensed: the condensation attended to, as gqa_condense() returns it
+    (kbar, vbar, anchor, alpha); give it to gqa_attention_backward(condensed=) to spare
+    recomputing it (~1 ms at 128K on the H200)."""
     batched, fe, code, q, k, v = _gqa_inputs(q, k, v)
     D = q.shape[3]
     cfg = _Cfg(q.shape[1], D, group_size=group_size, window=window, n_summary=n_summary,
                softmax_scale=softmax_scale, rep_bias=rep_bias)
-    kbar, vbar, _, _ = _condense(fe, code, q, k, v, cfg, D, _gqa_pool(key_mode, D), 0)
-    out, lse = _unbatch(batched, *_attend(fe, code, q, k, v, kbar, vbar, cfg, 0))
-    return (out, lse) if return_lse else out
+    cond = _condense(fe, code, q, k, v, cfg, D, _gqa_pool(key_mode, D), 0)
+    out, lse = _unbatch(batched, *_attend(fe, code, q, k, v, cond[0], cond[1], cfg, 0))
+    res = (out, lse) if return_lse else (out,)
+    if return_condensed:
+        res += (_unbatch(batched, *cond),)
+    return res if len(res) > 1 else out
 
 
 @_caller_type
 def gqa_attention_backward(dout, q, k, v, out, lse, *, group_size=16, window=1024,
-                           n_summary=None, softmax_scale=None, key_mode="anchor", rep_bias=0.0):
-    """Exact gradient of gqa_attention() (SPEC §5): (dq, dk, dv)."""
+                           n_summary=None, softmax_scale=None, key_mode="anchor", rep_bias=0.0,
+                           condensed=None):
+    """Exact gradient of gqa_attention() (SPEC §5): (dq, dk, dv).  out and lse are
+    gqa_attention()'s; condensed, when given, its return_condensed=True result (the
+    condensation is then not recomputed: the backward trusts it, as it trusts out and lse)."""
     batched, fe, code, q, k, v = _gqa_inputs(q, k, v)
     D = q.shape[3]
     cfg = _Cfg(q.shape[1], D, group_size=group_size, window=window, n_summary=n_summary,
                softmax_scale=softmax_scale, rep_bias=rep_bias)
     dout, out, lse = _backward_inputs(fe, q, dout, out, lse, batched)
+    handed = None if condensed is None else _handed(
+        fe, q, batched, condensed, cfg, (D, v.shape[3]), k.shape[2], ("k's head dim",
+                                                                      "v's head dim"))
     return _unbatch(batched, *_backward(fe, code, dout, q, k, v, out, lse, cfg, D,
-                                        _gqa_pool(key_mode, D), 0))
+                                        _gqa_pool(key_mode, D), 0, handed))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -204,13 +204,15 @@ def _grads_and_workspace(fe, code, q, k, v, cfg, v_in_k, m=0):
     return dq, dk, dv, (fe.workspace(nbytes), nbytes)
 
 
-def backward(fe, code, dout, q, k, v, out, lse, cfg, d_score, d_pool, v_in_k):
-    """SPEC §5 gradients (dq, dk, dv) in q's dtype; with v_in_k dv is dk's prefix view."""
+def backward(fe, code, dout, q, k, v, out, lse, cfg, d_score, d_pool, v_in_k, handed=None):
+    """SPEC §5 gradients (dq, dk, dv) in q's dtype; with v_in_k dv is dk's prefix view.
+    handed: the forward's (kbar, vbar, anchor int32, alpha float32), or None to recompute."""
     dq, dk, dv, (ws, nbytes) = _grads_and_workspace(fe, code, q, k, v, cfg, v_in_k)
+    extra = () if handed is None else (tuple(fe.desc(a) for a in handed),)
     _C.cuda_backward(code, fe.desc(dout), fe.desc(q), fe.desc(k), fe.desc(v), fe.desc(out),
                      fe.desc(lse), fe.desc(dq), fe.desc(dk), fe.desc(dv), (fe.ptr(ws), nbytes),
                      cfg.g, cfg.w, cfg.n, cfg.scale, cfg.rep_bias, d_score, d_pool,
-                     int(v_in_k), fe.device_id(q), fe.stream())
+                     int(v_in_k), fe.device_id(q), fe.stream(), *extra)
     return dq, dk, dv
 
 

@@ -21,7 +21,10 @@ views of their memory (strided views included; the engine copies only a view it 
 as it does for NumPy) and results come back through torch.from_numpy; CUDA tensors (float32,
 bfloat16, float16) go through lca's CUDA intake on the current stream.  Backward calls
 lca.attention_backward / lca.gqa_attention_backward (and so on), on whichever engine the
-tensors live.
+tensors live.  attention and gqa_attention also save the forward's condensation (their ops'
+last four outputs, not differentiable: entries, anchor, alpha, as lca.condense /
+lca.gqa_condense return them) and hand it to the backward (condensed=), which then does not
+recompute it.
 
 lse dtype: the input dtype on the CPU, float32 on CUDA (as lca returns it).
 
@@ -69,10 +72,12 @@ def _np(t, name):
     return t.detach().resolve_neg().numpy()
 
 
-def _engine(q, tensors, names):
-    """The tensors as the engine takes them: NumPy views on the CPU, the tensors on CUDA."""
+def _engine(q, tensors, names, ints=()):
+    """The tensors as the engine takes them: NumPy views on the CPU, the tensors on CUDA
+    (ints: the positions of integer tensors, e.g. a condensation's anchor indices)."""
     if q.device.type == "cpu":
-        return [_np(t, nm) for t, nm in zip(tensors, names)]
+        return [t.detach().numpy() if i in ints else _np(t, nm)
+                for i, (t, nm) in enumerate(zip(tensors, names))]
     return [t.detach() for t in tensors]
 
 
@@ -126,53 +131,69 @@ def _keywords(group_size, window, n_summary, softmax_scale, rep_bias):
 # ---------------------------------------------------------------------------------------------
 # MLA, absorbed: SPEC §2 + §3
 
+def _condensed_fake(q, g, tail, widths):
+    """The fake condensation outputs: entries (..., L // g, *tail, width) for each width,
+    anchor (..., L // g, *tail) int32, alpha (..., L // g, *tail, g) (float32 on CUDA)."""
+    lead = tuple(q.shape[:-3]) + (q.shape[-3] // g,) + tuple(tail)
+    return tuple(_empty(lead + (w,), q) for w in widths) + (
+        _empty(lead, q, torch.int32), _empty(lead + (g,), q, _lse_dtype(q)))
+
+
 @torch.library.custom_op("lca::attention", mutates_args=())
 def _attention(q: Tensor, latent: Tensor, kpos: Tensor, group_size: int, window: int,
                n_summary: Optional[int], softmax_scale: Optional[float], score: str,
-               rep_bias: float) -> tuple[Tensor, Tensor]:
+               rep_bias: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     a = _engine(q, [q, latent, kpos], ["q", "latent", "kpos"])
-    out, lse = _lca.attention(*a, group_size=group_size, window=window, n_summary=n_summary,
-                              softmax_scale=softmax_scale, score=score, rep_bias=rep_bias,
-                              return_lse=True)
-    return _results((out, lse))
+    out, lse, cond = _lca.attention(*a, group_size=group_size, window=window,
+                                    n_summary=n_summary, softmax_scale=softmax_scale,
+                                    score=score, rep_bias=rep_bias, return_lse=True,
+                                    return_condensed=True)
+    return _results((out, lse) + tuple(cond))
 
 
 @_attention.register_fake
 def _(q, latent, kpos, group_size, window, n_summary, softmax_scale, score, rep_bias):
     return (_empty(tuple(q.shape[:-1]) + (latent.shape[-1],), q),
-            _empty(_lse_shape(q), q, _lse_dtype(q)))
+            _empty(_lse_shape(q), q, _lse_dtype(q))) + _condensed_fake(
+                q, group_size, (), (latent.shape[-1], kpos.shape[-1]))
 
 
 @torch.library.custom_op("lca::attention_backward", mutates_args=())
 def _attention_backward(dout: Tensor, q: Tensor, latent: Tensor, kpos: Tensor, out: Tensor,
-                        lse: Tensor, group_size: int, window: int, n_summary: Optional[int],
+                        lse: Tensor, latent_bar: Tensor, kpos_bar: Tensor, anchor: Tensor,
+                        alpha: Tensor, group_size: int, window: int, n_summary: Optional[int],
                         softmax_scale: Optional[float], score: str,
                         rep_bias: float) -> tuple[Tensor, Tensor, Tensor]:
     a = _engine(q, [dout, q, latent, kpos, out, lse],
                 ["dout", "q", "latent", "kpos", "out", "lse"])
+    cond = _engine(q, [latent_bar, kpos_bar, anchor, alpha], ["latent_bar", "kpos_bar",
+                                                               "anchor", "alpha"], ints=(2,))
     grads = _lca.attention_backward(*a, group_size=group_size, window=window,
                                     n_summary=n_summary, softmax_scale=softmax_scale,
-                                    score=score, rep_bias=rep_bias)
+                                    score=score, rep_bias=rep_bias, condensed=cond)
     return _results(grads)
 
 
 @_attention_backward.register_fake
-def _(dout, q, latent, kpos, out, lse, group_size, window, n_summary, softmax_scale, score,
-      rep_bias):
+def _(dout, q, latent, kpos, out, lse, latent_bar, kpos_bar, anchor, alpha, group_size, window,
+      n_summary, softmax_scale, score, rep_bias):
     return _empty(q.shape, q), _empty(latent.shape, latent), _empty(kpos.shape, kpos)
 
 
 def _attention_setup(ctx, inputs, output):
+    """Saved: the three inputs, out, lse and the forward's condensation (four tensors, not
+    differentiable: the backward takes them instead of recomputing the condensation)."""
     q, latent, kpos = inputs[:3]
     ctx.kw = inputs[3:]
     ctx.save_for_backward(q, latent, kpos, *output)
-    ctx.mark_non_differentiable(output[1])
+    ctx.mark_non_differentiable(*output[1:])
 
 
 def _grad_through(backward_op):
-    """The autograd formula of an op saved by _attention_setup: its backward op on the saved
-    (inputs, out, lse) and keywords; no gradient for the keywords (lse is not differentiable)."""
-    def grad(ctx, dout, dlse):
+    """The autograd formula of an op saved by _attention_setup or _given_setup: its backward
+    op on the saved tensors and keywords; no gradient for the keywords, nor from the outputs
+    past out (lse and the condensation are not differentiable)."""
+    def grad(ctx, dout, *not_differentiable):
         return tuple(backward_op(dout, *ctx.saved_tensors, *ctx.kw)) + (None,) * len(ctx.kw)
     return grad
 
@@ -188,7 +209,7 @@ def attention(q, latent, kpos, *, group_size=16, window=1024, n_summary=None,
     _check_tensors([q, latent, kpos], ["q", "latent", "kpos"])
     kw = _keywords(group_size, window, n_summary, softmax_scale, rep_bias)
     out, lse = _attention(q, latent, kpos, *kw[:4], choice_param(score, "score",
-                                                                 ("full", "latent")), kw[4])
+                                                                 ("full", "latent")), kw[4])[:2]
     return (out, lse) if return_lse else out
 
 
@@ -198,35 +219,40 @@ def attention(q, latent, kpos, *, group_size=16, window=1024, n_summary=None,
 @torch.library.custom_op("lca::gqa_attention", mutates_args=())
 def _gqa_attention(q: Tensor, k: Tensor, v: Tensor, group_size: int, window: int,
                    n_summary: Optional[int], softmax_scale: Optional[float], key_mode: str,
-                   rep_bias: float) -> tuple[Tensor, Tensor]:
+                   rep_bias: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     a = _engine(q, [q, k, v], ["q", "k", "v"])
-    out, lse = _lca.gqa_attention(*a, group_size=group_size, window=window, n_summary=n_summary,
-                                  softmax_scale=softmax_scale, key_mode=key_mode,
-                                  rep_bias=rep_bias, return_lse=True)
-    return _results((out, lse))
+    out, lse, cond = _lca.gqa_attention(*a, group_size=group_size, window=window,
+                                        n_summary=n_summary, softmax_scale=softmax_scale,
+                                        key_mode=key_mode, rep_bias=rep_bias, return_lse=True,
+                                        return_condensed=True)
+    return _results((out, lse) + tuple(cond))
 
 
 @_gqa_attention.register_fake
 def _(q, k, v, group_size, window, n_summary, softmax_scale, key_mode, rep_bias):
     return (_empty(tuple(q.shape[:-1]) + (v.shape[-1],), q),
-            _empty(_lse_shape(q), q, _lse_dtype(q)))
+            _empty(_lse_shape(q), q, _lse_dtype(q))) + _condensed_fake(
+                q, group_size, (k.shape[-2],), (k.shape[-1], v.shape[-1]))
 
 
 @torch.library.custom_op("lca::gqa_attention_backward", mutates_args=())
 def _gqa_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
-                            lse: Tensor, group_size: int, window: int, n_summary: Optional[int],
-                            softmax_scale: Optional[float], key_mode: str,
-                            rep_bias: float) -> tuple[Tensor, Tensor, Tensor]:
+                            lse: Tensor, kbar: Tensor, vbar: Tensor, anchor: Tensor,
+                            alpha: Tensor, group_size: int, window: int,
+                            n_summary: Optional[int], softmax_scale: Optional[float],
+                            key_mode: str, rep_bias: float) -> tuple[Tensor, Tensor, Tensor]:
     a = _engine(q, [dout, q, k, v, out, lse], ["dout", "q", "k", "v", "out", "lse"])
+    cond = _engine(q, [kbar, vbar, anchor, alpha], ["kbar", "vbar", "anchor", "alpha"],
+                   ints=(2,))
     grads = _lca.gqa_attention_backward(*a, group_size=group_size, window=window,
                                         n_summary=n_summary, softmax_scale=softmax_scale,
-                                        key_mode=key_mode, rep_bias=rep_bias)
+                                        key_mode=key_mode, rep_bias=rep_bias, condensed=cond)
     return _results(grads)
 
 
 @_gqa_attention_backward.register_fake
-def _(dout, q, k, v, out, lse, group_size, window, n_summary, softmax_scale, key_mode,
-      rep_bias):
+def _(dout, q, k, v, out, lse, kbar, vbar, anchor, alpha, group_size, window, n_summary,
+      softmax_scale, key_mode, rep_bias):
     return _empty(q.shape, q), _empty(k.shape, k), _empty(v.shape, v)
 
 
@@ -241,7 +267,7 @@ def gqa_attention(q, k, v, *, group_size=16, window=1024, n_summary=None, softma
     _check_tensors([q, k, v], ["q", "k", "v"])
     kw = _keywords(group_size, window, n_summary, softmax_scale, rep_bias)
     out, lse = _gqa_attention(q, k, v, *kw[:4], choice_param(key_mode, "key_mode",
-                                                             ("anchor", "pool")), kw[4])
+                                                             ("anchor", "pool")), kw[4])[:2]
     return (out, lse) if return_lse else out
 
 
@@ -500,13 +526,13 @@ def _mla_prefill_grad_absorbed(dout, q, latent, kpos, w_uk, w_uv, kw):
     qn = q[..., :Dn]
     # forward again, absorbed: q_abs[t,h] = [W_UK[h] q_nope[t,h] ; q_rope[t,h]]
     q_abs = torch.cat([torch.einsum("...hn,hcn->...hc", qn, w_uk), q[..., Dn:]], dim=-1)
-    out_lat, lse = _attention(q_abs, latent, kpos, *kw)
+    out_lat, lse, *cond = _attention(q_abs, latent, kpos, *kw)
     # out = out_lat @ W_UV[h]  ->  dout_lat, dW_UV
     dout_lat = torch.einsum("...hv,hcv->...hc", dout, w_uv)
     dw_uv = torch.einsum("nhc,nhv->hcv", out_lat.reshape(-1, H, Dc),
                          dout.reshape(-1, H, dout.shape[-1]))
     dq_abs, dlatent, dkpos = _attention_backward(dout_lat, q_abs, latent, kpos, out_lat, lse,
-                                                 *kw)
+                                                 *cond, *kw)
     # q_abs[..., :Dc] = W_UK[h] q_nope  ->  dq_nope, dW_UK
     dqc = dq_abs[..., :Dc]
     dq = torch.cat([torch.einsum("...hc,hcn->...hn", dqc, w_uk), dq_abs[..., Dc:]], dim=-1)

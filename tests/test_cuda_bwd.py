@@ -136,6 +136,97 @@ def test_backward_is_deterministic(kind):
         assert torch.equal(a, b)
 
 
+HANDED_CASES = [  # kind, dtype, B, L, H, Hkv, D, Dv, g, w, mode
+    ("gqa", "bfloat16", 1, 517, 4, 4, 192, 128, 16, 64, "anchor"),   # wgmma kernels, folds
+    ("gqa", "float16", 2, 300, 8, 2, 192, 128, 16, 40, "pool"),
+    ("gqa", "bfloat16", 1, 201, 4, 2, 64, 64, 8, 30, "anchor"),
+    ("gqa", "float32", 2, 99, 4, 2, 40, 24, 4, 9, "pool"),           # SIMT kernels
+    ("mla", "bfloat16", 1, 300, 8, 1, 576, 512, 16, 64, "full"),
+    ("mla", "float32", 2, 77, 4, 1, 96, 64, 8, 20, "latent"),
+]
+
+
+def _handed_run(case, gen):
+    kind, dt, B, L, H, Hkv, D, Dv, g, w, mode = case
+    if kind == "gqa":
+        args = (rand(gen, (B, L, H, D), dt), rand(gen, (B, L, Hkv, D), dt),
+                rand(gen, (B, L, Hkv, Dv), dt))
+        return args, dict(group_size=g, window=w, key_mode=mode), lca.gqa_attention, \
+            lca.gqa_attention_backward
+    args = (rand(gen, (B, L, H, D), dt), rand(gen, (B, L, Dv), dt), rand(gen, (B, L, D - Dv), dt))
+    return args, dict(group_size=g, window=w, score=mode), lca.attention, lca.attention_backward
+
+
+@pytest.mark.parametrize("case", HANDED_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_handed_condensation_is_bit_identical(case, monkeypatch):
+    """The backward given the forward's condensation (condensed=) skips recomputing it and
+    returns the recomputing backward's gradients bit for bit; the workspace is NaN-poisoned, so
+    an entry read from the workspace's (unwritten) condensation instead of the handed one
+    cannot pass."""
+    monkeypatch.setenv("LCA_POISON_WORKSPACE", "1")
+    gen = torch.Generator(device="cuda").manual_seed(zlib.crc32(repr(case).encode()))
+    args, kw, fwd, bwd = _handed_run(case, gen)
+    out, lse, cond = fwd(*args, return_lse=True, return_condensed=True, **kw)
+    dout = rand(gen, out.shape, case[1])
+    want = bwd(dout, *args, out, lse, **kw)
+    got = bwd(dout, *args, out, lse, condensed=cond, **kw)
+    for a, b in zip(got, want):
+        assert torch.isfinite(a.float()).all()
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("case", [HANDED_CASES[0], HANDED_CASES[3], HANDED_CASES[5]],
+                         ids=lambda c: "-".join(map(str, c)))
+def test_handed_condensation_is_used(case):
+    """Handed entries other than the recomputed ones: the gradient is the CPU engine's (float64)
+    on the same handed entries, which recomputes only the pooling weights (the same as the
+    handed ones); and handed pooling weights (alpha, anchor) other than the forward's change
+    the gradient too, so the GPU reads them rather than recomputing them."""
+    gen = torch.Generator(device="cuda").manual_seed(zlib.crc32(repr(case).encode()) + 1)
+    args, kw, fwd, bwd = _handed_run(case, gen)
+    out, lse, cond = fwd(*args, return_lse=True, return_condensed=True, **kw)
+    dout = rand(gen, out.shape, case[1])
+    moved = (cond[0] * 1.5, cond[1] - 0.25, cond[2], cond[3])
+    got = bwd(dout, *args, out, lse, condensed=moved, **kw)
+    plain = bwd(dout, *args, out, lse, **kw)
+    args64 = [to_np(x) for x in args]
+    out64, lse64 = fwd(*args64, return_lse=True, **kw)
+    moved64 = (to_np(moved[0]), to_np(moved[1]), moved[2].cpu().numpy(), to_np(moved[3]))
+    ref = bwd(to_np(dout), *args64, out64, lse64, condensed=moved64, **kw)
+    tol = 1e-4 if case[1] == "float32" else 3e-2
+    for a, b in zip(got, ref):
+        assert rel(to_np(a), b) <= tol
+    assert rel(to_np(plain[0]), ref[0]) > 3 * tol        # (the move is seen)
+    alpha = cond[3].flip(-1).contiguous()                # other weights, same entries
+    anchor = (cond[2] + 1) % kw["group_size"]
+    got_w = bwd(dout, *args, out, lse, condensed=(cond[0], cond[1], anchor, alpha), **kw)
+    assert max(rel(to_np(a), to_np(b)) for a, b in zip(got_w, plain)) > 3 * tol
+
+
+def test_handed_condensation_errors():
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    args, kw, fwd, bwd = _handed_run(HANDED_CASES[2], gen)
+    out, lse, (kbar, vbar, anchor, alpha) = fwd(*args, return_lse=True, return_condensed=True,
+                                                **kw)
+    dout = torch.randn_like(out)
+    bad = [
+        (TypeError, r"condensed\[0\]: expected a CUDA array", (kbar.cpu(), vbar, anchor, alpha)),
+        (TypeError, r"condensed\[2\] \(anchor\): expected int32", (kbar, vbar, anchor.long(),
+                                                                     alpha)),
+        (TypeError, r"condensed\[1\]: dtype", (kbar, vbar.half(), anchor, alpha)),
+        (ValueError, r"condensed\[3\]: entries is", (kbar, vbar, anchor, alpha[:, 1:])),
+    ]
+    for exc, msg, given in bad:
+        with pytest.raises(exc, match=msg):
+            bwd(dout, *args, out, lse, condensed=given, **kw)
+    # a strided alpha or anchor is taken (made contiguous on the way in)
+    wide = torch.zeros(alpha.shape[:-1] + (2 * alpha.shape[-1],), device="cuda")
+    wide[..., ::2] = alpha
+    got = bwd(dout, *args, out, lse, condensed=(kbar, vbar, anchor, wide[..., ::2]), **kw)
+    for a, b in zip(got, bwd(dout, *args, out, lse, **kw)):
+        assert torch.equal(a, b)
+
+
 def test_unbatched_strided_and_unaligned_views():
     """Unbatched inputs and rows that are not 16-byte aligned (off the tensor-core path): both
     the strided and the contiguous call held to SPEC §8 against the float64 CPU gradients."""

@@ -318,3 +318,102 @@ def test_kpos_gradient_only_through_anchors_and_scores(rng, B):
         # and the exact gradient agrees with finite differences along random directions
         fd, an = fd_directions("mla", [q, c, r], dout, kw, (dq, dc, dr), ndir=2, rng=rng)
         assert_rel(an, fd, FD_TOL)
+
+
+# ---------------------------------------------------------------------------------------------
+# the forward's condensation handed to the backward (return_condensed=True, condensed=)
+
+HANDED = [  # kind, B, L, H, Hkv (GQA) or 1, D (or Dc+Dr), Dv (or Dc), g, w, n, mode
+    ("gqa", 2, 77, 4, 2, 24, 16, 8, 16, None, "anchor"),
+    ("gqa", 1, 50, 3, 3, 16, 16, 4, 9, 2, "pool"),
+    ("gqa", 1, 7, 2, 1, 8, 8, 8, 4, None, "pool"),          # L < g: no condensed entry
+    ("mla", 2, 61, 4, 1, 24, 16, 8, 12, None, "full"),
+    ("mla", 1, 45, 2, 1, 20, 16, 4, 10, 3, "latent"),
+]
+
+
+def _handed_case(rng, case, batched=True):
+    """(forward, backward, inputs, kw) of a HANDED case, float64."""
+    kind, B, L, H, Hkv, D, Dv, g, w, n, mode = case
+    if kind == "gqa":
+        args = gqa_inputs(rng, B, L, H, Hkv, D, Dv, batched=batched)
+        kw = dict(group_size=g, window=w, n_summary=n, key_mode=mode)
+        return lca.gqa_attention, lca.gqa_attention_backward, args, kw
+    args = mla_inputs(rng, B, L, H, Dv, D - Dv, batched=batched)
+    kw = dict(group_size=g, window=w, n_summary=n, score=mode)
+    return lca.attention, lca.attention_backward, args, kw
+
+
+@pytest.mark.parametrize("case,batched", [(c, True) for c in HANDED] +
+                         [(c, False) for c in HANDED if c[1] == 1],      # (one sequence)
+                         ids=lambda c: "-".join(map(str, c)) if isinstance(c, tuple) else str(c))
+def test_handed_condensation_gives_the_same_gradients(rng, case, batched):
+    """return_condensed=True returns the condensation function's own result, and the backward
+    given it (condensed=) returns the recomputing backward's gradients bit for bit."""
+    fwd, bwd, args, kw = _handed_case(rng, case, batched)
+    out, lse, cond = fwd(*args, return_lse=True, return_condensed=True, **kw)
+    o2, l2 = fwd(*args, return_lse=True, **kw)
+    assert np.array_equal(out, o2) and np.array_equal(lse, l2)
+    only = {k: v for k, v in kw.items() if k not in ("window",)}
+    own = (lca.gqa_condense if case[0] == "gqa" else lca.condense)(*args, **only)
+    assert len(cond) == 4
+    for a, b in zip(cond, own):
+        assert a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a, b)
+    assert fwd(*args, return_condensed=True, **kw)[0].shape == out.shape
+    dout = rng.standard_normal(out.shape)
+    want = bwd(dout, *args, out, lse, **kw)
+    got = bwd(dout, *args, out, lse, condensed=cond, **kw)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("case", [HANDED[0], HANDED[1], HANDED[3]],
+                         ids=lambda c: "-".join(map(str, c)))
+def test_handed_condensation_is_used(rng, case):
+    """Handed entries that are not the recomputed ones change the gradient: it is then the
+    attention backward over the handed entries plus the condensation's backward of their
+    gradients, as the composition of the two public backwards computes it."""
+    kind = case[0]
+    fwd, bwd, args, kw = _handed_case(rng, case)
+    out, lse, cond = fwd(*args, return_lse=True, return_condensed=True, **kw)
+    dout = rng.standard_normal(out.shape)
+    moved = (1.5 * cond[0], cond[1] - 0.25, cond[2], cond[3])
+    got = bwd(dout, *args, out, lse, condensed=moved, **kw)
+    plain = bwd(dout, *args, out, lse, **kw)
+    assert rel_err(got[0], plain[0]) > 1e-3
+    attend_kw = {k: kw[k] for k in ("group_size", "window")}
+    cond_kw = {k: v for k, v in kw.items() if k != "window"}
+    if kind == "gqa":
+        *g1, dkb, dvb = lca.gqa_attend_backward(dout, *args, moved[0], moved[1], out, lse,
+                                                **attend_kw)
+        g2 = lca.gqa_condense_backward(dkb, dvb, *args, **cond_kw)
+    else:
+        *g1, dcb, drb = lca.attend_backward(dout, *args, moved[0], moved[1], out, lse,
+                                            **attend_kw)
+        g2 = lca.condense_backward(dcb, drb, *args, **cond_kw)
+    for a, b, c in zip(got, g1, g2):
+        assert_rel(a, b + c, 1e-13)
+
+
+def test_handed_condensation_errors(rng):
+    fwd, bwd, args, kw = _handed_case(rng, HANDED[0])
+    out, lse, cond = fwd(*args, return_lse=True, return_condensed=True, **kw)
+    dout = rng.standard_normal(out.shape)
+    kbar, vbar, anchor, alpha = cond
+    bad = [
+        (TypeError, "4-tuple", cond[:3]),
+        (TypeError, "4-tuple", kbar),
+        (ValueError, r"condensed\[0\]: entries is 8", (kbar[:, :-1], vbar, anchor, alpha)),
+        (ValueError, r"condensed\[1\]: width is 24 but v's head dim", (kbar, kbar, anchor, alpha)),
+        (ValueError, r"condensed\[2\]: kv heads", (kbar, vbar, anchor[:, :, :1], alpha)),
+        (ValueError, r"condensed\[3\]: width is 7 but group_size", (kbar, vbar, anchor,
+                                                                     alpha[..., :7])),
+        (ValueError, r"condensed\[3\]: expected 4 dimensions", (kbar, vbar, anchor, alpha[0])),
+        (TypeError, r"condensed\[2\] \(anchor\): expected int32", (kbar, vbar,
+                                                                   anchor.astype(np.int64), alpha)),
+        (TypeError, r"condensed\[0\]: dtype float32", (kbar.astype(np.float32), vbar, anchor,
+                                                        alpha)),
+    ]
+    for exc, msg, given in bad:
+        with pytest.raises(exc, match=msg):
+            bwd(dout, *args, out, lse, condensed=given, **kw)

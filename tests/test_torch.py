@@ -146,13 +146,16 @@ def test_mla_prefill_equals_lca(case):
     assert out.requires_grad and not lse.requires_grad
 
 
-def _spy(monkeypatch, name):
+def _spy(monkeypatch, name, keywords=None):
+    """Record (args, result) of each call of lca.<name> (and its keywords into keywords)."""
     calls = []
     real = getattr(lca, name)
 
     def spy(*args, **kw):
         res = real(*args, **kw)
         calls.append((args, res))
+        if keywords is not None:
+            keywords.append(kw)
         return res
     monkeypatch.setattr(lca, name, spy)
     return calls
@@ -162,12 +165,14 @@ def test_cpu_tensors_reach_the_engine_without_copies(monkeypatch):
     """The engine gets NumPy views of the tensors' own memory (a strided view included), and
     the results come back as tensors over the engine's arrays."""
     gen = torch.Generator().manual_seed(4)
-    fwd, bwd = _spy(monkeypatch, "attention"), _spy(monkeypatch, "attention_backward")
+    bwd_kw = []
+    fwd = _spy(monkeypatch, "attention")
+    bwd = _spy(monkeypatch, "attention_backward", bwd_kw)
     big = randn(gen, 2, 15, 3, 9)
     q = big[:, :, :2, 1:]                          # strided: heads and width sliced
     c, r = randn(gen, 2, 15, 5), randn(gen, 2, 15, 3)
     out, lse = lt.attention(q, c, r, group_size=3, window=4, return_lse=True)
-    (args, (o, l)), = fwd
+    (args, (o, l, cond)), = fwd
     for a, t in zip(args, (q, c, r)):
         assert isinstance(a, np.ndarray) and np.shares_memory(a, t.detach().numpy())
     assert args[0].strides == tuple(s * 8 for s in q.stride())
@@ -176,6 +181,9 @@ def test_cpu_tensors_reach_the_engine_without_copies(monkeypatch):
     (bargs, grads), = bwd
     for a, t in zip(bargs[1:4], (q, c, r)):
         assert np.shares_memory(a, t.detach().numpy())
+    # the forward's condensation is saved and handed to the backward, not recomputed
+    handed = bwd_kw[0]["condensed"]
+    assert len(handed) == 4 and all(np.shares_memory(a, b) for a, b in zip(handed, cond))
     assert np.shares_memory(c.grad.numpy(), grads[1])
     # the grad of q flows back through the slice into big
     assert big.grad is not None and torch.count_nonzero(big.grad[:, :, 2]) == 0
@@ -285,10 +293,10 @@ def _op_samples():
     gen = torch.Generator().manual_seed(10)
     q, c, r = mla_args(gen, 2, 11, 2, 4, 2)
     kw = (3, 4, None, None, "full", 0.2)
-    out, lse = torch.ops.lca.attention(q, c, r, *kw)
+    out, lse, *cond = torch.ops.lca.attention(q, c, r, *kw)         # + the condensation
     qg, k, v = gqa_args(gen, 1, 11, 2, 1, 4, 3)
     kwg = (3, 4, 2, 0.5, "pool", 0.0)
-    og, lg = torch.ops.lca.gqa_attention(qg, k, v, *kwg)
+    og, lg, *condg = torch.ops.lca.gqa_attention(qg, k, v, *kwg)
     pa = prefill_args(gen, 1, 11, 2, 4, 2, 3, 3)
     kwp = (3, 4, None, 0.4, "latent", 0.2)
     op, lp = torch.ops.lca.mla_prefill(*pa, *kwp)
@@ -305,9 +313,9 @@ def _op_samples():
         "attend": (q, c, r, cb, rb) + kwa,
         "attend_backward": (torch.randn_like(om), *d[:3], *da[3:], lm) + kwa,
         "attention": (q, c, r) + kw,
-        "attention_backward": (torch.randn_like(out), *d[:4], lse) + kw,
+        "attention_backward": (torch.randn_like(out), *d[:4], lse, *cond) + kw,
         "gqa_attention": (qg, k, v) + kwg,
-        "gqa_attention_backward": (torch.randn_like(og), *d[4:], lg) + kwg,
+        "gqa_attention_backward": (torch.randn_like(og), *d[4:], lg, *condg) + kwg,
         "mla_prefill": pa + kwp,
         "mla_prefill_backward": (torch.randn_like(op), *(a.detach() for a in pa), op.detach(),
                                  lp) + kwp,

@@ -892,7 +892,11 @@ int backward(const lca_params *p0, Part part, const lca_view *dkbar, const lca_v
     DeviceGuard guard(device);
     if (guard.status != cudaSuccess) return cuda_error(guard.status, "cudaSetDevice", err, errlen);
     cudaStream_t s = (cudaStream_t)stream;
-    if (part != kAttend) {      /* 1. the condensation the forward used, into the workspace */
+    if (part == kWhole && p.alpha.p) {   /* 1. the forward's condensation, given (lca.h) */
+        w.alpha = (float *)p.alpha.p;
+        w.anchor = (int32_t *)p.anchor.p;
+        if (p.v_in_k) p.vbar = p.kbar;
+    } else if (part != kAttend) {  /* 1. the condensation the forward used, into the workspace */
         const int64_t D = p.D, Dv = p.Dv, Hkv = p.Hkv;
         p.kbar = lca_view{w.kbar, m * Hkv * D, Hkv * D, D};
         p.vbar = p.v_in_k ? p.kbar : lca_view{w.vbar, m * Hkv * Dv, Hkv * Dv, Dv};
