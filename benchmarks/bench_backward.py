@@ -2,7 +2,9 @@
 non-absorbed MLA (per-head 192/128, the GQA entry with Hkv = H), or with --absorbed the absorbed
 form (Dc = 512, Dr = 64, one kv head).  CUDA-event medians, TFLOP/s on the attended pairs
 (forward 2·192 + 2·128, absorbed 2·576 + 2·512 per pair per head; backward counted as 2.5×
-forward, as issue 5 asks), and with --profile the per-kernel split of one backward.
+forward, as issue 5 asks), and with --profile the per-kernel split of one backward.  The
+backward is timed as lca.torch runs it, given the forward's condensation (condensed=), and
+once more recomputing it.
 
 The bf16 matrix-product ceiling is measured in the same run twice: "burst", ten 8192^3 products
 timed one by one (as bench_prefill.py and SPEC §9's 730-773 TFLOP/s), and "sustained", the
@@ -84,19 +86,23 @@ def main():
         kw = dict(group_size=g, window=w)
         if a.absorbed:
             q, c, r, dout = rnd(1, L, H, D), rnd(1, L, Dv), rnd(1, L, D - Dv), rnd(1, L, H, Dv)
-            out, lse = lca.attention(q, c, r, return_lse=True, **kw)
-            fwd = lambda: lca.attention(q, c, r, return_lse=True, **kw)                # noqa: E731
-            bwd = lambda: lca.attention_backward(dout, q, c, r, out, lse, **kw)        # noqa: E731
+            args, fn, fn_bwd = (q, c, r), lca.attention, lca.attention_backward
         else:
             q, k, v, dout = rnd(1, L, H, D), rnd(1, L, H, D), rnd(1, L, H, Dv), rnd(1, L, H, Dv)
-            out, lse = lca.gqa_attention(q, k, v, return_lse=True, **kw)
-            fwd = lambda: lca.gqa_attention(q, k, v, return_lse=True, **kw)            # noqa: E731
-            bwd = lambda: lca.gqa_attention_backward(dout, q, k, v, out, lse, **kw)    # noqa: E731
+            args, fn, fn_bwd = (q, k, v), lca.gqa_attention, lca.gqa_attention_backward
+        out, lse, cond = fn(*args, return_lse=True, return_condensed=True, **kw)
+        fwd = lambda: fn(*args, return_lse=True, return_condensed=True, **kw)        # noqa: E731
+        # the backward as lca.torch runs it: the forward's condensation handed over
+        bwd = lambda: fn_bwd(dout, *args, out, lse, condensed=cond, **kw)             # noqa: E731
+        bwd_rec = lambda: fn_bwd(dout, *args, out, lse, **kw)                         # noqa: E731
         tf, tb = timed(fwd, a.reps), timed(bwd, a.reps)
         fl = pairs(L, g, w) * H * (2 * D + 2 * Dv)
         tfs = 2.5 * fl / tb / 1e9
         print(f"{L:>7} {tf:8.3f} {fl / tf / 1e9:6.0f} {tb:8.3f} {tfs:6.0f} "
               f"{100 * tfs * 1e12 / PEAK:5.1f}% {tf + tb:8.3f}", flush=True)
+        tr = timed(bwd_rec, a.reps)
+        print(f"        backward recomputing the condensation (no condensed=): {tr:.3f} ms, "
+              f"{2.5 * fl / tr / 1e9:.0f} TFLOP/s", flush=True)
         burst, sustained = matmul_ceilings(tb, a.reps)
         print(f"        bf16 matmul ceiling in this run: burst {burst:.0f} TFLOP/s (backward "
               f"{100 * tfs / burst:.1f}%), sustained for {tb:.0f} ms {sustained:.0f} TFLOP/s "

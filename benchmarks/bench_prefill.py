@@ -10,7 +10,9 @@ absorbed Dc = 512 / Dr = 64, non-absorbed q/k 192, v 128; g = 16, w = 1024; B = 
   - dense causal attention, torch SDPA on its cuDNN backend.
 
 With --backward, forward+backward of the non-absorbed form too (LCA, FlexAttention, dense),
-backward counted as 2.5x the forward FLOPs; and the training path of the non-absorbed MLA
+backward counted as 2.5x the forward FLOPs (LCA's as lca.torch trains: the forward's
+condensation handed to the backward, condensed=; a note gives the time with the backward
+recomputing it); and the training path of the non-absorbed MLA
 layer, "mla_prefill fwd+bwd (lca.torch)": from q, latent, kpos, W_UK, W_UV, up-projections,
 condensation in latent space and their backward included, FLOPs counted as for the
 non-absorbed row.  FLOPs are counted on attended pairs only:
@@ -216,11 +218,19 @@ def main():
         if a.backward:
             dout = torch.randn(1, L, H, DV, device=dev, dtype=bf)
 
-            def lca_fb():
+            def lca_fb():               # as lca.torch trains: the condensation handed over
+                out, lse, cond = lca.gqa_attention(qn, kn, vn, return_lse=True,
+                                                   return_condensed=True)
+                lca.gqa_attention_backward(dout, qn, kn, vn, out, lse, condensed=cond)
+
+            def lca_fb_recomputed():    # the backward recomputing the condensation
                 out, lse = lca.gqa_attention(qn, kn, vn, return_lse=True)
                 lca.gqa_attention_backward(dout, qn, kn, vn, out, lse)
             try:
                 t_lca_fb = median_ms(lca_fb, a.reps)
+                t_rec = median_ms(lca_fb_recomputed, a.reps)
+                notes.append(f"L={L}: LCA forward+backward with the backward recomputing the "
+                             f"condensation (no condensed=): {t_rec:.2f} ms (vs {t_lca_fb:.2f})")
             except NotImplementedError as e:
                 t_lca_fb = float("nan")
                 notes.append(f"LCA forward+backward not run: {e}")
