@@ -297,9 +297,6 @@ def _backward(fe, code, dout, q, k, v, out, lse, cfg, d_score, d_pool, v_in_k, h
     return dq, dk, dv
 
 
-_CONDENSED = "condensed"
-
-
 def _handed(fe, q, batched, condensed, cfg, widths, heads, whose):
     """The forward's condensation given to a backward (condensed=): the 4-tuple of arrays that
     gqa_condense / condense return (and gqa_attention / attention with return_condensed=True),
@@ -308,10 +305,10 @@ def _handed(fe, q, batched, condensed, cfg, widths, heads, whose):
     m = L // g.  heads None: MLA's (B, m, width) entries, a kv-head axis of 1 added.  The
     backward trusts them to be that forward's, as it trusts out and lse."""
     if not isinstance(condensed, (tuple, list)) or len(condensed) != 4:
-        raise TypeError(f"{_CONDENSED}: expected the 4-tuple (entries, entries, anchor, alpha) "
+        raise TypeError("condensed: expected the 4-tuple (entries, entries, anchor, alpha) "
                         "the forward returns with return_condensed=True (or the condensation "
                         f"function returns), got {type(condensed).__name__}")
-    names = [f"{_CONDENSED}[{i}]" for i in range(4)]
+    names = [f"condensed[{i}]" for i in range(4)]
     arrays = list(condensed)
     if fe:
         for a, nm in zip(arrays, names):
