@@ -70,6 +70,8 @@ template <int D, bool FOLD = false> struct Layout {
                                           kTerms) / (2 * (size_t)kStage));
     static constexpr size_t kBytes =
         2 * (size_t)(kQ + kO + kStages * kStage) + 2 * kStages * 8 + 1024 + kTerms;
+    static constexpr size_t kTermsAt =              /* FOLD: the terms, 16-byte aligned */
+        (2 * (size_t)(kQ + kO + kStages * kStage) + 2 * kStages * 8 + 15) / 16 * 16;
     static_assert(kStages >= 2 && kBytes <= kSmemLimit, "K/V ring");
 };
 
@@ -100,6 +102,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     using Ly = Layout<D, FOLD>;
     constexpr int kStages = Ly::kStages;
     extern __shared__ unsigned char smem_raw[];
+    /* a generic base, not smem_align1024 (see there: 17.7 ms against 14.7 at 128K); this
+       kernel's generic loads lie outside its main loop (the dO fragments, the fold's terms) */
     unsigned char *base = (unsigned char *)(((uintptr_t)smem_raw + 1023) & ~(uintptr_t)1023);
     T *Qs = (T *)base, *Os = Qs + Ly::kQ;                   /* Q, dO of both consumers */
     T *St = Os + Ly::kO;                                    /* kStages x (K, V) */
@@ -173,8 +177,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             return row<const T>(p.dout, b, R / hg, h * hg + R % hg);
         });
         if constexpr (FOLD) {                   /* the groups' dqbar rows (see kTermGroups) */
-            float *terms = (float *)(((uintptr_t)(empty + kStages) + 15) & ~(uintptr_t)15) +
-                           cw * kTermGroups * D;
+            float *terms = (float *)(base + Ly::kTermsAt) + cw * kTermGroups * D;
             const int jw0 = Rw / hg / g, m = (int)p.m;
             for (int x = tid; x < kTermGroups * D / 4; x += 128) {
                 const int sl = x / (D / 4), c = 4 * (x - sl * (D / 4)), j = jw0 + sl;
@@ -378,8 +381,7 @@ __global__ void __launch_bounds__(kThreads, 1)
            the term (the group's dqbar, staged above) on the groups' last n rows, columns <
            d_score, else 0 — the product rounded first (no fma), then the sum, as there: the
            same bits */
-        const float *terms = (const float *)(((uintptr_t)(empty + kStages) + 15) &
-                                             ~(uintptr_t)15) + cw * kTermGroups * D;
+        const float *terms = (const float *)(base + Ly::kTermsAt) + cw * kTermGroups * D;
         const int jw0 = Rw / hg / g, m = (int)p.m, nsum = (int)p.n, ds = (int)p.d_score;
 #pragma unroll
         for (int i = 0; i < 2; i++) {

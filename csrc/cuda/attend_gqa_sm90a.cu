@@ -190,7 +190,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     using Ly = Layout<D, kKeys>;
     constexpr int kStages = Ly::kStages;
     extern __shared__ unsigned char smem_raw[];
-    unsigned char *base = (unsigned char *)(((uintptr_t)smem_raw + 1023) & ~(uintptr_t)1023);
+    unsigned char *base = smem_align1024(smem_raw);
     T *Qs = (T *)base;
     T *St = Qs + Ly::kQ;                                   /* kStages x (K, V) */
     uint64_t *full = (uint64_t *)(St + kStages * Ly::kStage);

@@ -148,7 +148,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
     constexpr int kNT = kDV / 2 / 8;                      /* 32 n-tiles of 8 output columns */
     extern __shared__ unsigned char smem_raw[];
-    unsigned char *base = (unsigned char *)(((uintptr_t)smem_raw + 1023) & ~(uintptr_t)1023);
+    unsigned char *base = smem_align1024(smem_raw);
     T *Qs = (T *)base;
     T *Kst = Qs + kTile;                                  /* two stages */
     T *Ps = Kst + 2 * kTile;                              /* 64 x 64, one 64-column block */

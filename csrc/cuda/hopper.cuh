@@ -15,6 +15,45 @@ __device__ __forceinline__ uint32_t smem_addr(const void *p) {
     return (uint32_t)__cvta_generic_to_shared(p);
 }
 
+/* The dynamic shared memory's first 1024-byte boundary (the 128-byte swizzle's tiles need it),
+ * reached by an offset from smem_raw and not by integer arithmetic on its address: pointers
+ * derived from it stay known as shared-memory ones, so their loads and stores compile to
+ * LDS / STS (through a uintptr_t they compile to generic LD / ST, on the long scoreboard).
+ * The price can be the wgmma descriptors: ptxas may then build them in vector registers and
+ * move each to a uniform one (R2UR) before its product — the dk/dv and dq kernels' did (dq:
+ * 169 R2UR against 60, 17.7 ms against 14.7 at 128K).  Those two keep the generic base for
+ * their descriptors and reach their other shared data through lds_* / sts_* below.  Count
+ * LDS, LD.E and R2UR in the SASS (cuobjdump --dump-sass) after a change here. */
+__device__ __forceinline__ unsigned char *smem_align1024(unsigned char *smem_raw) {
+    return smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u);
+}
+
+/* Shared-memory loads and stores by a 32-bit shared address (smem_addr), for kernels whose
+ * pointers are generic (see smem_align1024); volatile: never moved across an mbarrier wait */
+__device__ __forceinline__ float4 lds_f4(uint32_t a) {
+    float4 v;
+    asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+                 : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "r"(a));
+    return v;
+}
+__device__ __forceinline__ float2 lds_f2(uint32_t a) {
+    float2 v;
+    asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(v.x), "=f"(v.y) : "r"(a));
+    return v;
+}
+__device__ __forceinline__ float lds_f(uint32_t a) {
+    float v;
+    asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(v) : "r"(a));
+    return v;
+}
+__device__ __forceinline__ void sts_f4(uint32_t a, float4 v) {
+    asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(a), "f"(v.x), "f"(v.y),
+                 "f"(v.z), "f"(v.w) : "memory");
+}
+__device__ __forceinline__ void sts_f(uint32_t a, float v) {
+    asm volatile("st.shared.f32 [%0], %1;\n" ::"r"(a), "f"(v) : "memory");
+}
+
 /* element offset of 16-byte chunk c (of 8 elements) of row r in a 64-row tile in the 128-byte
  * swizzled layout (64-column blocks of 128-byte rows, chunk c ^ (r & 7) within a row) */
 __device__ __forceinline__ int sw(int r, int c) {
