@@ -141,14 +141,20 @@ def frontend(x):
     return _Torch(x) if framework(x) == "torch" else _Cupy(x)
 
 
-def check_same(fe, q, others, names):
-    """Every array on q's framework, device and dtype."""
+def check_place(fe, q, others, names):
+    """Every array of q's framework, on q's device (any dtype)."""
     for a, nm in zip(others, names):
         if framework(a) != framework(q):
             raise TypeError(f"{nm}: expected a CUDA array like q ({type(q).__name__}), got "
                             f"{type(a).__name__}")
         if fe.device_id(a) != fe.device_id(q):
             raise ValueError(f"{nm}: on device {fe.device_id(a)}, q on {fe.device_id(q)}")
+
+
+def check_same(fe, q, others, names):
+    """Every array on q's framework, device and dtype."""
+    check_place(fe, q, others, names)
+    for a, nm in zip(others, names):
         if a.dtype != q.dtype:
             raise TypeError(f"{nm}: dtype {a.dtype} differs from q's {q.dtype}")
     return fe.code(q, "q")
@@ -182,11 +188,7 @@ def check_grad_inputs(fe, q, dout, out, lse):
     """dout and out: like q (framework, device, dtype); lse: same framework and device, any
     float dtype (the kernels read it in float32)."""
     check_same(fe, q, [dout, out], ["dout", "out"])
-    if framework(lse) != framework(q):
-        raise TypeError(f"lse: expected a CUDA array like q ({type(q).__name__}), got "
-                        f"{type(lse).__name__}")
-    if fe.device_id(lse) != fe.device_id(q):
-        raise ValueError(f"lse: on device {fe.device_id(lse)}, q on {fe.device_id(q)}")
+    check_place(fe, q, [lse], ["lse"])
     if lse.dtype not in fe.codes:
         raise TypeError(f"lse: expected float32, float16 or bfloat16, got {lse.dtype}")
     return fe.contiguous_last(dout), fe.contiguous_last(out), fe.contiguous_last(fe.float32(lse))
