@@ -641,9 +641,7 @@ __global__ void __launch_bounds__(32 * kConvWarps)
 template <typename T>
 inline int finish_chunks(const lca_params *p, const lca_view &dst, int64_t Hn, int64_t W) {
     if (W % 4 || W > 1024 || kernel_disabled("finish_vec")) return 0;
-    if ((uintptr_t)dst.p % (4 * sizeof(T)) || (p->B > 1 && dst.sb % 4) ||
-        (p->L > 1 && dst.st % 4) || (Hn > 1 && dst.sh % 4))
-        return 0;
+    if (!rows_on(dst, p->B, p->L, Hn, 4 * sizeof(T), sizeof(T))) return 0;
     const int kc = W <= 128 ? 1 : W <= 256 ? 2 : W <= 512 ? 4 : 8;
     const int64_t per = kConvWarps * finish_rows(kc);  /* rows a block */
     if ((p->B * p->L * Hn + per - 1) / per > 2147483647) return 0;

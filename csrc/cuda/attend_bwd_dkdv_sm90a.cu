@@ -556,12 +556,8 @@ extern "C" int lca_cuda_bwd_dkdv_wgmma_folds(const lca_params *p, int device) {
     if (p->g < 16) return 0;
     const size_t need = p->D == 192 ? Layout<192>::kFoldBytes : Layout<128>::kFoldBytes;
     if (!lca::device_fits(device, need, true)) return 0;
-    const lca_view *vs[] = {&p->dk, &p->dv};
-    for (const lca_view *v : vs)
-        if ((uintptr_t)v->p % 4 || (p->B > 1 && v->sb % 2) || (p->L > 1 && v->st % 2) ||
-            (p->Hkv > 1 && v->sh % 2))
-            return 0;
-    return !lca::kernel_disabled("dkdv_fold");
+    return lca::rows_on(p->dk, p->B, p->L, p->Hkv, 4, 2) &&
+           lca::rows_on(p->dv, p->B, p->L, p->Hkv, 4, 2) && !lca::kernel_disabled("dkdv_fold");
 }
 
 extern "C" int lca_cuda_bwd_dkdv_wgmma(const lca_params *p, const lca::BwdWork *w, void *stream,

@@ -486,15 +486,22 @@ static int launch_var(const lca_params *p, const lca::BwdWork *w, cudaStream_t s
     }
 }
 
+template <bool FOLD>
+static int launch_dtype(const lca_params *p, const lca::BwdWork *w, cudaStream_t s) {
+    const bool bf = p->dtype == LCA_BF16;
+    if (p->D == 192)
+        return bf ? launch_var<__nv_bfloat16, 192, FOLD>(p, w, s)
+                  : launch_var<__half, 192, FOLD>(p, w, s);
+    return bf ? launch_var<__nv_bfloat16, 128, FOLD>(p, w, s)
+              : launch_var<__half, 128, FOLD>(p, w, s);
+}
+
 /* Whether the kernel can write the final dq itself (fold): p->dq rows on 4 bytes (packed
  * pairs), groups of 16 or more (kTermGroups), the shared memory with the terms,
  * LCA_CUDA_DISABLE=dq_fold not set. */
 extern "C" int lca_cuda_bwd_dq_wgmma_folds(const lca_params *p, int device) {
     using namespace lca::dq90;
-    const lca_view &v = p->dq;
-    if (p->g < 16 || (uintptr_t)v.p % 4 || (p->B > 1 && v.sb % 2) || (p->L > 1 && v.st % 2) ||
-        (p->H > 1 && v.sh % 2))
-        return 0;
+    if (p->g < 16 || !lca::rows_on(p->dq, p->B, p->L, p->H, 4, 2)) return 0;
     const size_t need = p->D == 192 ? Layout<192, true>::kBytes : Layout<128, true>::kBytes;
     return lca::device_fits(device, need, true) && !lca::kernel_disabled("dq_fold");
 }
@@ -506,17 +513,5 @@ extern "C" int lca_cuda_bwd_dq_wgmma_folds(const lca_params *p, int device) {
 extern "C" int lca_cuda_bwd_dq_wgmma(const lca_params *p, const lca::BwdWork *w, void *stream,
                                      int fold) {
     cudaStream_t s = (cudaStream_t)stream;
-    const bool bf = p->dtype == LCA_BF16;
-    if (fold) {
-        if (p->D == 192)
-            return bf ? launch_var<__nv_bfloat16, 192, true>(p, w, s)
-                      : launch_var<__half, 192, true>(p, w, s);
-        return bf ? launch_var<__nv_bfloat16, 128, true>(p, w, s)
-                  : launch_var<__half, 128, true>(p, w, s);
-    }
-    if (p->D == 192)
-        return bf ? launch_var<__nv_bfloat16, 192, false>(p, w, s)
-                  : launch_var<__half, 192, false>(p, w, s);
-    return bf ? launch_var<__nv_bfloat16, 128, false>(p, w, s)
-              : launch_var<__half, 128, false>(p, w, s);
+    return fold ? launch_dtype<true>(p, w, s) : launch_dtype<false>(p, w, s);
 }

@@ -85,6 +85,15 @@ template <size_t N> inline bool rows_aligned16(const lca_view *const (&vs)[N]) {
     return true;
 }
 
+/* Host: whether every row of v (extents B, L, Hn) starts on `bytes` bytes, for elements of
+ * `esize` bytes (a stride over an extent of 1 is never used, so not checked). */
+inline bool rows_on(const lca_view &v, int64_t B, int64_t L, int64_t Hn, size_t bytes,
+                    size_t esize) {
+    const int64_t E = (int64_t)(bytes / esize);
+    return (uintptr_t)v.p % bytes == 0 && (B < 2 || v.sb % E == 0) && (L < 2 || v.st % E == 0) &&
+           (Hn < 2 || v.sh % E == 0);
+}
+
 /* Host: whether `device` gives a block `need` bytes of shared memory (its opt-in limit) and,
  * with hopper, is compute capability 9.0 (what the sm_90a kernels run on).  False, with the
  * CUDA error cleared, when the attributes cannot be read. */
