@@ -228,6 +228,12 @@ class _Cfg:
         self.m = L // self.g
 
 
+def _forward_result(out, lse, condensed):
+    """out, or (out[, lse][, condensed]): those of lse and condensed that are not None."""
+    res = (out,) + tuple(x for x in (lse, condensed) if x is not None)
+    return res if len(res) > 1 else out
+
+
 def _unbatch(batched, *arrays):
     return arrays if batched else tuple(a[0] for a in arrays)
 
@@ -563,10 +569,9 @@ def attention(q, latent, kpos, *, group_size=16, window=1024, n_summary=None,
     kbar, vbar, anchor, alpha = _condense(fe, code, q, k, v, cfg,
                                           _score_dims(score, Dc, q.shape[3]), Dc, 1)
     out, lse = _unbatch(batched, *_attend(fe, code, q, k, v, kbar, vbar, cfg, 1))
-    res = (out, lse) if return_lse else (out,)
-    if return_condensed:
-        res += (_unbatch(batched, *_mla_condensed(fe, kbar, anchor, alpha, Dc)),)
-    return res if len(res) > 1 else out
+    cond = (_unbatch(batched, *_mla_condensed(fe, kbar, anchor, alpha, Dc))
+            if return_condensed else None)
+    return _forward_result(out, lse if return_lse else None, cond)
 
 
 @_caller_type
@@ -668,10 +673,8 @@ def gqa_attention(q, k, v, *, group_size=16, window=1024, n_summary=None, softma
                softmax_scale=softmax_scale, rep_bias=rep_bias)
     cond = _condense(fe, code, q, k, v, cfg, D, _gqa_pool(key_mode, D), 0)
     out, lse = _unbatch(batched, *_attend(fe, code, q, k, v, cond[0], cond[1], cfg, 0))
-    res = (out, lse) if return_lse else (out,)
-    if return_condensed:
-        res += (_unbatch(batched, *cond),)
-    return res if len(res) > 1 else out
+    return _forward_result(out, lse if return_lse else None,
+                           _unbatch(batched, *cond) if return_condensed else None)
 
 
 @_caller_type
